@@ -1,0 +1,37 @@
+# Everything the README and CI run. `make train` and `make test` create .venv if missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install train test test-all bench lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Main job: DP-SGD on the built-in digits data (prints accuracy, epsilon, examples/s).
+train: $(STAMP)
+	$(VENV)/bin/jaxdp train --config configs/digits.py
+
+## Test suite (fast, CPU only). Slow checks: `make test-all`.
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+## Throughput benchmark: non-private vs private vs naive loop, ratios in one process.
+bench: $(STAMP)
+	$(PY) benchmarks/bench_core.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check jaxdp tests benchmarks configs
+	$(VENV)/bin/ruff format --check jaxdp tests benchmarks configs
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,30 @@
+"""jaxdp: fast differentially private training in JAX.
+
+Public API (everything else is an implementation detail):
+
+* :func:`clipped_grad` — sum of per-example clipped gradients of any batch loss.
+* :func:`add_noise`, :func:`privatize` — Gaussian noise, as a function and as an
+  optax ``GradientTransformation`` that yields the noisy average.
+* :class:`PrivacyPlan` — the frozen object tying sampler, clipping, noise and
+  accounting together.
+* :class:`PoissonSampler` — Poisson sampling with static padded shapes + masks.
+"""
+
+from jaxdp.clipping import ClippedGradAux, ClippedGradFn, clipped_grad, per_example_norms
+from jaxdp.noise import PrivatizeState, add_noise, privatize
+from jaxdp.plan import PrivacyPlan
+from jaxdp.sampling import PoissonSampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClippedGradAux",
+    "ClippedGradFn",
+    "PoissonSampler",
+    "PrivacyPlan",
+    "PrivatizeState",
+    "add_noise",
+    "clipped_grad",
+    "per_example_norms",
+    "privatize",
+]

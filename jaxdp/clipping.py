@@ -1,0 +1,342 @@
+"""Clipped per-example gradients: ``vmap`` of ``grad``, clipped, masked, summed.
+
+The one function users need is :func:`clipped_grad`. It turns an ordinary batch
+loss ``loss_fn(params, *batch)`` into a function that returns the **sum** of the
+per-example gradients, each clipped to L2 norm at most ``l2_clip_norm``. The
+result has L2 sensitivity ``l2_clip_norm`` under add/remove-one adjacency, which
+is what :func:`jaxdp.privatize` adds noise for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+__all__ = ["ClippedGradAux", "ClippedGradFn", "clipped_grad", "per_example_norms"]
+
+
+class ClippedGradAux(NamedTuple):
+    """What :func:`clipped_grad` reports beside the clipped sum.
+
+    Attributes:
+      loss: per-example loss values, shape ``(batch,)`` (masked examples included,
+        as computed; weight them with the mask yourself).
+      norms: per-example gradient L2 norms *before* clipping, shape ``(batch,)``,
+        or ``None`` unless ``return_norms=True``. Non-finite gradients report
+        ``inf`` or ``nan`` here.
+      aux: the per-example auxiliary output of ``loss_fn`` (leading axis = batch)
+        when ``has_aux=True``, else ``None``.
+      num_clipped: number of unmasked examples whose gradient was scaled down.
+      num_nonfinite: number of unmasked examples whose gradient had a NaN or inf;
+        they are dropped from the sum (they contribute exactly zero).
+    """
+
+    loss: jax.Array
+    norms: jax.Array | None
+    aux: Any
+    num_clipped: jax.Array
+    num_nonfinite: jax.Array
+
+
+def _check_clip_norm(l2_clip_norm: float) -> float:
+    try:
+        value = float(l2_clip_norm)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"l2_clip_norm={l2_clip_norm!r} must be a Python number (the clipping bound C); "
+            "pass e.g. l2_clip_norm=1.0."
+        ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"l2_clip_norm={l2_clip_norm!r} is not a finite positive number. The clipping "
+            "bound C sets the sensitivity of the gradient sum, so it must satisfy 0 < C < inf; "
+            "pass e.g. l2_clip_norm=1.0."
+        )
+    return value
+
+
+def _sq_norm_per_example(leaf: jax.Array) -> jax.Array:
+    """Squared L2 norm of each example's slice of ``leaf`` (complex: |re|^2 + |im|^2)."""
+    leaf = jnp.abs(leaf) if jnp.iscomplexobj(leaf) else leaf
+    leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+    return jnp.sum(jnp.square(leaf), axis=tuple(range(1, leaf.ndim)))
+
+
+def per_example_norms(per_example_grads: PyTree) -> jax.Array:
+    """L2 norm of each example's gradient over all leaves of a batched pytree.
+
+    Args:
+      per_example_grads: pytree whose leaves have a leading example axis.
+
+    Returns:
+      ``(batch,)`` float array. Complex leaves count real and imaginary parts.
+    """
+    leaves = jax.tree_util.tree_leaves(per_example_grads)
+    if not leaves:
+        raise ValueError("per_example_grads has no leaves: there is nothing to take the norm of.")
+    return jnp.sqrt(sum(_sq_norm_per_example(leaf) for leaf in leaves))
+
+
+def _normalise_argnums(batch_argnums: int | Sequence[int] | None, num_args: int) -> tuple[int, ...]:
+    if batch_argnums is None:
+        return tuple(range(1, num_args + 1))
+    nums = (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
+    for n in nums:
+        if not isinstance(n, int) or n < 1 or n > num_args:
+            raise ValueError(
+                f"batch_argnums={batch_argnums!r} names argument {n!r}, but loss_fn was called "
+                f"with params plus {num_args} argument(s): valid batch argnums are 1..{num_args} "
+                "(0 is params, which is never batched)."
+            )
+    return nums
+
+
+class ClippedGradFn:
+    """Callable returned by :func:`clipped_grad`; knows its own sensitivity.
+
+    Call it as ``fn(params, *batch, example_mask=None)``; it returns
+    ``(grad_sum, aux)`` where ``grad_sum`` has the structure of ``params`` and
+    ``aux`` is a :class:`ClippedGradAux`.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Any],
+        *,
+        l2_clip_norm: float,
+        batch_argnums: int | Sequence[int] | None,
+        has_aux: bool,
+        microbatch_size: int | None,
+        return_norms: bool,
+        per_layer: bool,
+    ):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn={loss_fn!r} is not callable; pass loss_fn(params, *batch).")
+        self.loss_fn = loss_fn
+        self.l2_clip_norm = _check_clip_norm(l2_clip_norm)
+        if microbatch_size is not None and (
+            not isinstance(microbatch_size, int) or isinstance(microbatch_size, bool) or microbatch_size < 1
+        ):
+            raise ValueError(
+                f"microbatch_size={microbatch_size!r} must be a positive int (examples per chunk) "
+                "or None to process the whole batch at once."
+            )
+        self.batch_argnums = batch_argnums
+        self.has_aux = bool(has_aux)
+        self.microbatch_size = microbatch_size
+        self.return_norms = bool(return_norms)
+        self.per_layer = bool(per_layer)
+
+    @property
+    def l2_sensitivity(self) -> float:
+        """L2 sensitivity of the returned sum under add/remove-one adjacency (= C)."""
+        return self.l2_clip_norm
+
+    # -- one example -------------------------------------------------------
+    def _single_example(self, params, batched_nums, args):
+        """Loss, aux and gradient of ``loss_fn`` on one example (a batch of one)."""
+
+        def loss_on_one(p):
+            call_args = [a[None] if (i + 1) in batched_nums else a for i, a in enumerate(args)]
+            out = self.loss_fn(p, *call_args)
+            if self.has_aux:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise TypeError(
+                        "has_aux=True but loss_fn did not return a (loss, aux) pair; return "
+                        "(loss, aux) or set has_aux=False."
+                    )
+                loss, aux = out
+            else:
+                loss, aux = out, None
+            loss = jnp.asarray(loss)
+            if loss.shape not in ((), (1,)):
+                raise ValueError(
+                    f"loss_fn returned shape {loss.shape} on a batch of one example; it must return "
+                    "a scalar (e.g. the mean loss over the batch)."
+                )
+            return jnp.reshape(loss, ()), aux
+
+        (loss, aux), grad = jax.value_and_grad(loss_on_one, has_aux=True)(params)
+        return loss, aux, grad
+
+    # -- one chunk of examples --------------------------------------------
+    def _chunk(self, params, batched_nums, args, mask):
+        in_axes = (None, *[0 if (i + 1) in batched_nums else None for i in range(len(args))])
+
+        def one(p, *a):
+            return self._single_example(p, batched_nums, a)
+
+        loss, aux, grads = jax.vmap(one, in_axes=in_axes)(params, *args)
+        leaves, treedef = jax.tree_util.tree_flatten(grads)
+        leaf_sq = [_sq_norm_per_example(leaf) for leaf in leaves]
+        norms = jnp.sqrt(sum(leaf_sq))
+        clip = self.l2_clip_norm
+        finite = jnp.isfinite(norms)
+        if self.per_layer:
+            # Each of the K leaves gets budget C / sqrt(K): the total stays <= C.
+            budget = clip / math.sqrt(len(leaves))
+            factors = [jnp.minimum(1.0, budget / jnp.maximum(jnp.sqrt(s), 1e-30)) for s in leaf_sq]
+            clipped_any = sum((f < 1.0).astype(jnp.int32) for f in factors) > 0
+        else:
+            factor = jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-30))
+            factors = [factor] * len(leaves)
+            clipped_any = factor < 1.0
+        keep = finite & (mask > 0)
+        summed = []
+        for leaf, f in zip(leaves, factors):
+            w = jnp.where(keep, f, 0.0).astype(leaf.real.dtype)
+            shape = (-1,) + (1,) * (leaf.ndim - 1)
+            # `where` (not a multiply) so a NaN/inf gradient of a dropped example
+            # contributes exactly zero instead of NaN.
+            contrib = jnp.where(keep.reshape(shape), leaf * w.reshape(shape), jnp.zeros((), leaf.dtype))
+            summed.append(jnp.sum(contrib, axis=0))
+        grad_sum = jax.tree_util.tree_unflatten(treedef, summed)
+        unmasked = mask > 0
+        stats = (
+            jnp.sum(clipped_any & finite & unmasked).astype(jnp.int32),
+            jnp.sum(~finite & unmasked).astype(jnp.int32),
+        )
+        return grad_sum, loss, aux, norms, stats
+
+    def __call__(self, params: PyTree, *batch: Any, example_mask: Any = None):
+        if not batch:
+            raise TypeError("the clipped gradient function needs a batch: call fn(params, *batch).")
+        batched_nums = _normalise_argnums(self.batch_argnums, len(batch))
+        sizes = {jax.tree_util.tree_leaves(batch[n - 1])[0].shape[0] for n in batched_nums}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"batched arguments {batched_nums} have different leading (example) sizes {sorted(sizes)}; "
+                "every batched argument needs the same number of examples."
+            )
+        (size,) = sizes
+        if example_mask is None:
+            mask = jnp.ones((size,), jnp.float32)
+        else:
+            mask = jnp.asarray(example_mask)
+            if mask.shape != (size,):
+                raise ValueError(
+                    f"example_mask has shape {mask.shape}, expected ({size},): one 0/1 weight per example."
+                )
+        if self.microbatch_size is None or self.microbatch_size >= size:
+            grad_sum, loss, aux, norms, (n_clip, n_bad) = self._chunk(params, batched_nums, batch, mask)
+        else:
+            grad_sum, loss, aux, norms, (n_clip, n_bad) = self._scan(params, batched_nums, batch, mask, size)
+        return grad_sum, ClippedGradAux(
+            loss=loss,
+            norms=norms if self.return_norms else None,
+            aux=aux,
+            num_clipped=n_clip,
+            num_nonfinite=n_bad,
+        )
+
+    def _scan(self, params, batched_nums, batch, mask, size):
+        m = self.microbatch_size
+        chunks = -(-size // m)
+        pad = chunks * m - size
+
+        def split(x):
+            # Pad with copies of the first example (masked out below), then chunk.
+            if pad:
+                x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)], axis=0)
+            return x.reshape((chunks, m) + x.shape[1:])
+
+        args = list(batch)
+        for n in batched_nums:
+            args[n - 1] = jax.tree_util.tree_map(split, args[n - 1])
+        mask_c = jnp.concatenate([mask, jnp.zeros((pad,), mask.dtype)]).reshape(chunks, m)
+
+        def body(acc, xs):
+            chunk_batched, chunk_mask = xs
+            chunk_args = list(args)
+            for n, v in zip(batched_nums, chunk_batched):
+                chunk_args[n - 1] = v
+            g, loss, aux, norms, stats = self._chunk(params, batched_nums, chunk_args, chunk_mask)
+            acc = jax.tree_util.tree_map(jnp.add, acc, g)
+            return acc, (loss, aux, norms, stats)
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        xs = (tuple(args[n - 1] for n in batched_nums), mask_c)
+        grad_sum, (loss, aux, norms, stats) = jax.lax.scan(body, zeros, xs)
+
+        def unchunk(x):
+            return x.reshape((chunks * m,) + x.shape[2:])[:size]
+
+        loss, aux, norms = jax.tree_util.tree_map(unchunk, (loss, aux, norms))
+        stats = tuple(jnp.sum(s) for s in stats)
+        return grad_sum, loss, aux, norms, stats
+
+
+def clipped_grad(
+    loss_fn: Callable[..., Any],
+    *,
+    l2_clip_norm: float,
+    batch_argnums: int | Sequence[int] | None = None,
+    has_aux: bool = False,
+    microbatch_size: int | None = None,
+    return_norms: bool = False,
+    per_layer: bool = False,
+) -> ClippedGradFn:
+    """Sum of per-example clipped gradients of an ordinary batch loss.
+
+    ``loss_fn(params, *batch)`` is your usual loss over a batch whose leading axis
+    is examples. The returned function evaluates it on every example as a batch of
+    one (``jax.vmap`` of ``jax.grad``), clips each example's gradient to L2 norm at
+    most ``l2_clip_norm`` and returns the sum over examples. It is pure and
+    ``jax.jit``-able; ``params`` may be any pytree (Flax NNX ``State``, Equinox
+    modules, dicts).
+
+    Args:
+      loss_fn: ``loss_fn(params, *batch) -> scalar`` (or ``(scalar, aux)`` with
+        ``has_aux=True``).
+      l2_clip_norm: the clipping bound C, a finite number > 0.
+      batch_argnums: which positional arguments after ``params`` carry the
+        example axis (1-based, as in ``loss_fn``'s signature). ``None`` (default)
+        means all of them; the others are passed unbatched to every example.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; per-example ``aux`` is returned.
+      microbatch_size: process the batch in chunks of this many examples inside
+        ``lax.scan`` to bound memory. Same result to float tolerance. A batch that
+        is not a multiple is padded internally with masked examples.
+      return_norms: also return per-example gradient norms before clipping.
+      per_layer: clip each parameter leaf separately to ``C / sqrt(K)`` for K
+        leaves, so the whole per-example gradient still has norm ``<= C``.
+
+    Returns:
+      ``fn(params, *batch, example_mask=None) -> (grad_sum, ClippedGradAux)``.
+      ``fn.l2_sensitivity`` is C.
+
+    Raises:
+      ValueError/TypeError: for a clip norm that is not finite and positive, a bad
+        ``microbatch_size``, or inconsistent batch sizes / mask shapes.
+
+    Guarantees:
+      * every example's clipped gradient has L2 norm ``<= C`` (up to float rounding);
+      * an example with ``example_mask == 0`` contributes exactly zero, whatever
+        its data (NaN included);
+      * an example whose gradient has a NaN or inf is dropped (contributes zero)
+        and counted in ``aux.num_nonfinite``;
+      * a zero gradient stays zero (no division by zero).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxdp
+      >>> def loss(w, x, y):
+      ...     return jnp.mean((x @ w - y) ** 2)
+      >>> fn = jaxdp.clipped_grad(loss, l2_clip_norm=1.0)
+      >>> g, aux = fn(jnp.zeros(3), jnp.ones((4, 3)), jnp.ones(4))
+      >>> bool(jnp.linalg.norm(g) <= 4.0 + 1e-5)
+      True
+    """
+    return ClippedGradFn(
+        loss_fn,
+        l2_clip_norm=l2_clip_norm,
+        batch_argnums=batch_argnums,
+        has_aux=has_aux,
+        microbatch_size=microbatch_size,
+        return_norms=return_norms,
+        per_layer=per_layer,
+    )

@@ -1,0 +1,91 @@
+"""Python config files (``get_config(arg)``) and command-line overrides.
+
+A config file defines ``get_config(arg=None) -> ml_collections.ConfigDict``;
+``path.py:arg`` passes ``arg`` (e.g. ``configs/digits.py:smoke``). Overrides are
+``key.sub=value`` (or ``--config.key.sub=value``); an unknown key or a value of
+the wrong type is an error that names it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import ml_collections
+
+__all__ = ["ConfigError", "apply_overrides", "load_config"]
+
+
+class ConfigError(ValueError):
+    """Bad config file, key or value (the CLI prints it on one line, exit code 2)."""
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Load ``path.py`` or ``path.py:arg`` and return its locked ``get_config(arg)``."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found; pass e.g. --config configs/digits.py")
+    module_spec = importlib.util.spec_from_file_location("_jaxdp_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"config file {path!r} is not a Python file; configs are .py files with get_config().")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config(arg=None) function.")
+    config = module.get_config(arg or None) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() in {path!r} returned {type(config).__name__}, not an ml_collections.ConfigDict.")
+    config.lock()
+    return config
+
+
+def _parse_value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply ``key.sub=value`` overrides in order; unknown keys and bad types raise ConfigError."""
+    for item in overrides:
+        text = item[len("--config.") :] if item.startswith("--config.") else item.lstrip("-")
+        key, sep, raw = text.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. privacy.l2_clip_norm=0.5).")
+        parent = config
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(parent, ml_collections.ConfigDict) or part not in parent:
+                scope = ".".join(parts[:i]) or "<top level>"
+                known = ", ".join(sorted(parent.keys())) if isinstance(parent, ml_collections.ConfigDict) else "none"
+                raise ConfigError(f"unknown config key {key!r}: {part!r} is not under {scope} (known: {known}).")
+            if i < len(parts) - 1:
+                parent = parent[part]
+        leaf = parts[-1]
+        old = parent[leaf]
+        value = _parse_value(raw)
+        if isinstance(old, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"config key {key!r} is a bool; got {raw!r} (use true or false).")
+        elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(old, (tuple, list)) and isinstance(value, (int, float)):
+            value = (value,)
+        elif old is not None and not isinstance(value, type(old)):
+            if isinstance(old, str):
+                value = raw
+            else:
+                raise ConfigError(f"config key {key!r} expects {type(old).__name__} (now {old!r}); got {raw!r}.")
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        with parent.unlocked():
+            parent[leaf] = value
+    return config

@@ -1,0 +1,6 @@
+"""DP-compatible Flax NNX models and the check that refuses cross-example layers."""
+
+from jaxdp.models._nets import CNN, MLP, make_model
+from jaxdp.models._validate import check_dp_compatible
+
+__all__ = ["CNN", "MLP", "check_dp_compatible", "make_model"]

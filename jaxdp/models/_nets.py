@@ -1,0 +1,86 @@
+"""Small DP-compatible networks (no BatchNorm) written with Flax NNX."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class MLP(nnx.Module):
+    """Flatten, ``len(hidden)`` tanh layers, then a linear classifier.
+
+    Args:
+      in_features: number of input features after flattening.
+      num_classes: number of output logits.
+      hidden: widths of the hidden layers.
+      rngs: ``nnx.Rngs`` for initialisation (keyword-only).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, hidden: Sequence[int] = (64,), rngs: nnx.Rngs):
+        widths = [in_features, *hidden]
+        self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
+        self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape((x.shape[0], -1))
+        for layer in self.hidden:
+            x = jnp.tanh(layer(x))
+        return self.head(x)
+
+
+class CNN(nnx.Module):
+    """Small tanh CNN: [conv3x3 -> tanh -> avg-pool 2]* -> linear head.
+
+    Uses no normalisation at all, so nothing mixes examples. Input is NHWC.
+
+    Args:
+      input_shape: ``(height, width, channels)`` of one example.
+      num_classes: number of output logits.
+      features: channels of each conv block.
+      rngs: ``nnx.Rngs`` for initialisation (keyword-only).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        *,
+        features: Sequence[int] = (16, 32),
+        rngs: nnx.Rngs,
+    ):
+        h, w, c = input_shape
+        convs = []
+        for f in features:
+            convs.append(nnx.Conv(c, f, kernel_size=(3, 3), padding="SAME", rngs=rngs))
+            c, h, w = f, h // 2, w // 2
+        if h < 1 or w < 1:
+            raise ValueError(
+                f"input_shape={tuple(input_shape)} is too small for {len(features)} pooling blocks; "
+                "use fewer `features` or a larger input."
+            )
+        self.convs = nnx.List(convs)
+        self.head = nnx.Linear(h * w * c, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for conv in self.convs:
+            x = jnp.tanh(conv(x))
+            x = nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        return self.head(x.reshape((x.shape[0], -1)))
+
+
+def make_model(name: str, *, input_shape: Sequence[int], num_classes: int, seed: int, **kwargs) -> nnx.Module:
+    """Build a model by config name (``"mlp"`` or ``"cnn"``)."""
+    rngs = nnx.Rngs(seed)
+    if name == "mlp":
+        in_features = 1
+        for d in input_shape:
+            in_features *= int(d)
+        return MLP(in_features, num_classes, rngs=rngs, **kwargs)
+    if name == "cnn":
+        if len(input_shape) != 3:
+            raise ValueError(f"model 'cnn' needs (height, width, channels) inputs, got input_shape={tuple(input_shape)}.")
+        return CNN(input_shape, num_classes, rngs=rngs, **kwargs)
+    raise ValueError(f"model={name!r} is not a known model; choose 'mlp' or 'cnn'.")

@@ -1,0 +1,131 @@
+"""Gaussian noise for clipped gradient sums, as plain functions and optax transforms."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+__all__ = ["PrivatizeState", "add_noise", "privatize"]
+
+
+def _check_nonneg(name: str, value: Any, fix: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}={value!r} must be a Python number; {fix}") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0; {fix}")
+    return v
+
+
+def add_noise(key: jax.Array, tree: PyTree, stddev: float | jax.Array) -> PyTree:
+    """Add independent ``N(0, stddev^2)`` noise to every coordinate of every leaf.
+
+    Complex leaves get ``N(0, stddev^2)`` on the real part **and** independently on
+    the imaginary part (not ``jax.random.normal``'s complex convention, which has
+    variance 1/2 per part and would add too little noise).
+
+    Args:
+      key: a JAX PRNG key; the same key gives the same noise.
+      tree: pytree of float or complex arrays.
+      stddev: standard deviation per real coordinate (e.g. ``sigma * C``).
+
+    Returns:
+      ``tree`` plus noise, same structure, shapes and dtypes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxdp
+      >>> noisy = jaxdp.add_noise(jax.random.key(0), {"w": jnp.zeros(3)}, 1.0)
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if not leaves:
+        return tree
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for k, leaf in zip(keys, leaves):
+        leaf = jnp.asarray(leaf)
+        if jnp.iscomplexobj(leaf):
+            real_dtype = leaf.real.dtype
+            kr, ki = jax.random.split(k)
+            re = jax.random.normal(kr, leaf.shape, real_dtype)
+            im = jax.random.normal(ki, leaf.shape, real_dtype)
+            noise = jax.lax.complex(re, im)
+        elif jnp.issubdtype(leaf.dtype, jnp.floating):
+            noise = jax.random.normal(k, leaf.shape, leaf.dtype)
+        else:
+            raise TypeError(
+                f"add_noise got a leaf of dtype {leaf.dtype}; only float and complex leaves can "
+                "carry Gaussian noise. Cast integer leaves to float, or keep them out of the tree."
+            )
+        out.append(leaf + (stddev * noise).astype(leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class PrivatizeState(NamedTuple):
+    """State of :func:`privatize`: the noise key, split once per step."""
+
+    key: jax.Array
+
+
+def privatize(
+    *,
+    l2_clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: int,
+    key: jax.Array | int,
+) -> optax.GradientTransformation:
+    """Turn a sum of clipped per-example gradients into a noisy average.
+
+    ``update(grad_sum, state)`` returns ``(grad_sum + N(0, (σC)^2 I)) / B`` with
+    ``σ = noise_multiplier``, ``C = l2_clip_norm`` and ``B = expected_batch_size``,
+    the *public* expected batch size (never the realised one, which would leak
+    the sampled batch size). Noise is drawn once per call from a key carried in
+    the state, so chaining any optax optimizer after it gives DP-SGD, DP-Adam, ...
+
+    Args:
+      l2_clip_norm: C, the sensitivity of the incoming sum.
+      noise_multiplier: σ >= 0; the noise standard deviation is σC. σ = 0 turns
+        noise off (no privacy; for tests and audits).
+      expected_batch_size: B > 0, divides the noisy sum.
+      key: PRNG key (or int seed) for the noise.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import optax, jaxdp
+      >>> tx = optax.chain(
+      ...     jaxdp.privatize(l2_clip_norm=1.0, noise_multiplier=1.1,
+      ...                     expected_batch_size=256, key=0),
+      ...     optax.sgd(0.5))
+    """
+    clip = _check_nonneg("l2_clip_norm", l2_clip_norm, "pass the clipping bound C used by clipped_grad.")
+    if clip == 0:
+        raise ValueError("l2_clip_norm=0 makes every gradient zero; pass the clipping bound C > 0.")
+    sigma = _check_nonneg("noise_multiplier", noise_multiplier, "pass sigma >= 0 (e.g. 1.0).")
+    if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) or expected_batch_size < 1:
+        raise ValueError(
+            f"expected_batch_size={expected_batch_size!r} must be a positive int: the public expected "
+            "batch size (sampling rate x dataset size) that the noisy sum is divided by."
+        )
+    stddev = sigma * clip
+
+    def init_fn(params):
+        del params
+        k = jax.random.key(key) if isinstance(key, int) else key
+        return PrivatizeState(key=k)
+
+    def update_fn(updates, state, params=None):
+        del params
+        new_key, noise_key = jax.random.split(state.key)
+        noisy = add_noise(noise_key, updates, stddev) if stddev > 0 else updates
+        mean = jax.tree_util.tree_map(lambda g: g / expected_batch_size, noisy)
+        return mean, PrivatizeState(key=new_key)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,158 @@
+"""The frozen privacy plan: sampler + clipping + noise + accounting event, in one object.
+
+Everything that changes the privacy claim lives here and nowhere else; the
+training loop and every experiment build their pieces from a plan, so the
+sampler that draws batches, the clipping bound, the noise and the ``DpEvent``
+that is accounted for cannot drift apart. Performance settings (microbatch size,
+physical batch size, sharding, dtype) are arguments of the builder methods and
+never change the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dp_accounting
+import jax
+import optax
+
+from jaxdp.accounting import rdp_epsilon
+from jaxdp.clipping import ClippedGradFn, _check_clip_norm, clipped_grad
+from jaxdp.noise import privatize
+from jaxdp.sampling import PoissonSampler
+
+__all__ = ["PrivacyPlan"]
+
+_SAMPLINGS = ("poisson",)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+    """What a private run promises, fixed before the first step.
+
+    Attributes:
+      dataset_size: N, the number of training examples.
+      batch_size: expected batch size B (Poisson: sampling rate q = B / N).
+      l2_clip_norm: C, per-example clipping bound.
+      noise_multiplier: σ; the noise on the gradient sum has stddev σC.
+      num_steps: number of noisy steps the run will take.
+      per_layer: clip each parameter leaf to C/sqrt(K) instead of the whole
+        gradient to C (same total sensitivity C).
+      sampling: the batch sampler; only ``"poisson"`` is accounted for here.
+
+    Example:
+      >>> plan = PrivacyPlan(dataset_size=60000, batch_size=256, l2_clip_norm=1.0,
+      ...                    noise_multiplier=1.1, num_steps=2340)
+      >>> round(plan.epsilon(1e-5), 1) < 5
+      True
+    """
+
+    dataset_size: int
+    batch_size: int
+    l2_clip_norm: float
+    noise_multiplier: float
+    num_steps: int
+    per_layer: bool = False
+    sampling: str = "poisson"
+
+    def __post_init__(self):
+        def positive_int(name, value):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int.")
+
+        positive_int("dataset_size", self.dataset_size)
+        positive_int("batch_size", self.batch_size)
+        if self.batch_size > self.dataset_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the dataset ({self.dataset_size} examples); "
+                f"choose batch_size <= {self.dataset_size}."
+            )
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 0:
+            raise ValueError(f"num_steps={self.num_steps!r} must be an int >= 0.")
+        object.__setattr__(self, "l2_clip_norm", _check_clip_norm(self.l2_clip_norm))
+        try:
+            sigma = float(self.noise_multiplier)
+        except (TypeError, ValueError):
+            sigma = math.nan
+        if not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(
+                f"noise_multiplier={self.noise_multiplier!r} must be a finite number >= 0 "
+                "(0 means no noise and no privacy)."
+            )
+        object.__setattr__(self, "noise_multiplier", sigma)
+        if self.sampling not in _SAMPLINGS:
+            raise ValueError(
+                f"sampling={self.sampling!r} is not supported by the privacy plan; use one of {_SAMPLINGS}."
+            )
+
+    @property
+    def sampling_rate(self) -> float:
+        """q = B / N."""
+        return self.batch_size / self.dataset_size
+
+    @property
+    def l2_sensitivity(self) -> float:
+        """Sensitivity of the clipped sum (add/remove one example)."""
+        return self.l2_clip_norm
+
+    # -- builders ----------------------------------------------------------
+    def clipped_grad(
+        self,
+        loss_fn: Callable[..., Any],
+        *,
+        batch_argnums: int | Sequence[int] | None = None,
+        has_aux: bool = False,
+        microbatch_size: int | None = None,
+        return_norms: bool = False,
+    ) -> ClippedGradFn:
+        """The plan's clipped-gradient function (performance knobs only as arguments)."""
+        return clipped_grad(
+            loss_fn,
+            l2_clip_norm=self.l2_clip_norm,
+            batch_argnums=batch_argnums,
+            has_aux=has_aux,
+            microbatch_size=microbatch_size,
+            return_norms=return_norms,
+            per_layer=self.per_layer,
+        )
+
+    def privatizer(self, key: jax.Array | int) -> optax.GradientTransformation:
+        """The plan's noise transform: noisy sum divided by the expected batch size."""
+        return privatize(
+            l2_clip_norm=self.l2_clip_norm,
+            noise_multiplier=self.noise_multiplier,
+            expected_batch_size=self.batch_size,
+            key=key,
+        )
+
+    def sampler(self, *, seed: int, physical_batch_size: int | None = None, multiple_of: int = 1) -> PoissonSampler:
+        """The batch sampler the accounting assumes."""
+        return PoissonSampler(
+            dataset_size=self.dataset_size,
+            sampling_rate=self.sampling_rate,
+            physical_batch_size=physical_batch_size,
+            seed=seed,
+            multiple_of=multiple_of,
+        )
+
+    # -- accounting ----------------------------------------------------------
+    def dp_event(self, steps: int | None = None) -> dp_accounting.DpEvent:
+        """The dp-accounting description of ``steps`` (default: all) steps of this plan."""
+        steps = self.num_steps if steps is None else steps
+        if self.noise_multiplier == 0:
+            return dp_accounting.NonPrivateDpEvent()
+        one_step = dp_accounting.PoissonSampledDpEvent(
+            self.sampling_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        )
+        return dp_accounting.SelfComposedDpEvent(one_step, steps)
+
+    def epsilon(self, delta: float, steps: int | None = None) -> float:
+        """ε spent after ``steps`` steps at ``delta`` (RDP accountant); inf without noise."""
+        if self.noise_multiplier == 0:
+            return math.inf
+        if (self.num_steps if steps is None else steps) == 0:
+            return 0.0
+        return rdp_epsilon(self.dp_event(steps), delta)

@@ -1,0 +1,105 @@
+"""Poisson sampling with static padded shapes and masks.
+
+Every example joins each step independently with probability ``q``. The realised
+batch has a random size, but jitted steps need a fixed shape, so a draw is laid
+out as one or more *chunks* of ``physical_batch_size`` indices plus a 0/1 mask.
+A draw larger than one chunk is **not truncated** (truncation would change the
+privacy analysis): it spills into further chunks whose clipped sums are added
+before the noise. The buffer is sized so that spilling is rare (see
+:func:`default_physical_batch_size`), which only costs an extra chunk of compute.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+__all__ = ["PoissonSampler", "default_physical_batch_size"]
+
+
+def default_physical_batch_size(expected_batch_size: int, sampling_rate: float, multiple_of: int = 1) -> int:
+    """Expected size plus four binomial standard deviations, rounded up to ``multiple_of``.
+
+    A draw exceeds it with probability about 3e-5 per step (normal tail at 4σ);
+    such a draw is processed as two chunks, never truncated.
+    """
+    std = math.sqrt(expected_batch_size * (1.0 - sampling_rate))
+    size = math.ceil(expected_batch_size + 4.0 * std)
+    return max(multiple_of, -(-size // multiple_of) * multiple_of)
+
+
+class PoissonSampler:
+    """Independent Bernoulli(``sampling_rate``) inclusion of every example, every step.
+
+    Draws are a deterministic function of ``(seed, step)``, so a resumed run sees
+    exactly the batches an uninterrupted run would, and every host of a
+    multi-host run draws the same global batch.
+
+    Args:
+      dataset_size: N, number of examples.
+      sampling_rate: q in (0, 1].
+      physical_batch_size: fixed chunk shape; default
+        :func:`default_physical_batch_size`.
+      seed: integer seed of the sampling randomness.
+      multiple_of: round the default chunk size up to this (e.g. device count).
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset_size: int,
+        sampling_rate: float,
+        physical_batch_size: int | None = None,
+        seed: int = 0,
+        multiple_of: int = 1,
+    ):
+        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
+            raise ValueError(f"dataset_size={dataset_size!r} must be a positive int (number of examples).")
+        if not (isinstance(sampling_rate, (int, float)) and 0.0 < sampling_rate <= 1.0):
+            raise ValueError(
+                f"sampling_rate={sampling_rate!r} must lie in (0, 1]: it is the probability that each "
+                "example joins a step (expected batch size / dataset size)."
+            )
+        self.dataset_size = dataset_size
+        self.sampling_rate = float(sampling_rate)
+        expected = max(1, round(dataset_size * self.sampling_rate))
+        if physical_batch_size is None:
+            physical_batch_size = default_physical_batch_size(expected, self.sampling_rate, multiple_of)
+        if (
+            isinstance(physical_batch_size, bool)
+            or not isinstance(physical_batch_size, int)
+            or physical_batch_size < 1
+            or physical_batch_size % multiple_of
+        ):
+            raise ValueError(
+                f"physical_batch_size={physical_batch_size!r} must be a positive int divisible by "
+                f"{multiple_of} (the number of devices the batch is split over)."
+            )
+        self.physical_batch_size = physical_batch_size
+        self.seed = int(seed)
+
+    def draw(self, step: int) -> np.ndarray:
+        """Indices of the examples sampled at ``step`` (sorted, variable length)."""
+        rng = np.random.default_rng([self.seed, int(step)])
+        return np.flatnonzero(rng.random(self.dataset_size) < self.sampling_rate)
+
+    def chunks(self, indices: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Lay a draw out as fixed-shape ``(indices, mask)`` chunks.
+
+        Padding positions hold index 0 and mask 0. An empty draw still yields one
+        all-masked chunk, so the step (and its noise) still happens.
+        """
+        p = self.physical_batch_size
+        n_chunks = max(1, -(-len(indices) // p))
+        padded = np.zeros(n_chunks * p, dtype=np.int64)
+        mask = np.zeros(n_chunks * p, dtype=np.float32)
+        padded[: len(indices)] = indices
+        mask[: len(indices)] = 1.0
+        return [(padded[i * p : (i + 1) * p], mask[i * p : (i + 1) * p]) for i in range(n_chunks)]
+
+    def steps(self, start: int, stop: int) -> Iterator[tuple[int, list[tuple[np.ndarray, np.ndarray]]]]:
+        """Yield ``(step, chunks)`` for ``step`` in ``[start, stop)``."""
+        for step in range(start, stop):
+            yield step, self.chunks(self.draw(step))
