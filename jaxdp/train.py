@@ -78,6 +78,7 @@ def make_private_step(
     *,
     noise_key: jax.Array | int,
     microbatch_size: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ):
     """Build the jitted pieces of a DP-SGD step from a plan.
 
@@ -86,9 +87,13 @@ def make_private_step(
       ``step(state, acc, x, y, mask) -> (state, metrics)`` adds the clipped sum of
       this chunk to ``acc`` (``None`` for a one-chunk draw), adds the noise once
       and updates; ``accumulate(params, acc, x, y, mask) -> (acc, metrics)`` is
-      for the earlier chunks of a draw that spilled over one chunk.
+      for the earlier chunks of a draw that spilled over one chunk. With a
+      ``mesh``, each device clips its own shard of the batch and the sums are
+      reduced across devices (:func:`jaxdp.distributed.data_parallel`).
     """
     grad_fn = plan.clipped_grad(loss_fn, microbatch_size=microbatch_size)
+    if mesh is not None:
+        grad_fn = distributed.data_parallel(grad_fn, mesh)
     tx = optax.chain(plan.privatizer(noise_key), optimizer)
 
     def chunk(params, acc, x, y, mask):
@@ -225,15 +230,15 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss_fn = classification_loss(graphdef, rest)
     optimizer = make_optimizer(config.optimizer.name, config.optimizer.learning_rate, config.optimizer.momentum)
+    mesh = distributed.make_mesh()
     tx, step_fn, accumulate_fn = make_private_step(
         plan,
         loss_fn,
         optimizer,
         noise_key=jax.random.key(config.seed + 1),
         microbatch_size=config.microbatch_size or None,
+        mesh=mesh,
     )
-
-    mesh = distributed.make_mesh()
     n_dev = mesh.devices.size
     sampler = plan.sampler(
         seed=config.seed + 2, physical_batch_size=config.physical_batch_size or None, multiple_of=n_dev

@@ -74,6 +74,18 @@ class CNN(nnx.Module):
 def make_model(name: str, *, input_shape: Sequence[int], num_classes: int, seed: int, **kwargs) -> nnx.Module:
     """Build a model by config name (``"mlp"`` or ``"cnn"``)."""
     rngs = nnx.Rngs(seed)
+    try:
+        return _build(name, input_shape, num_classes, rngs, kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ValueError(
+            f"model.kwargs={kwargs} do not fit model {name!r} ({e}); 'mlp' takes hidden=(...), "
+            "'cnn' takes features=(...)."
+        ) from None
+
+
+def _build(name, input_shape, num_classes, rngs, kwargs):
     if name == "mlp":
         in_features = 1
         for d in input_shape:

@@ -1,0 +1,55 @@
+"""Shared fixtures: small NNX models as (loss_fn, params) pairs and random data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxdp.models import CNN, MLP
+
+
+def nnx_loss(model):
+    """Split an NNX model into (loss_fn(params, x, y), params)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(p, x, y):
+        logits = nnx.merge(graphdef, p, rest)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return loss_fn, params
+
+
+@pytest.fixture
+def mlp_problem():
+    rng = np.random.default_rng(0)
+    model = MLP(12, 5, hidden=(16, 8), rngs=nnx.Rngs(0))
+    loss_fn, params = nnx_loss(model)
+    x = jnp.asarray(rng.normal(size=(10, 12)) * 3, jnp.float32)
+    y = jnp.asarray(rng.integers(0, 5, size=10), jnp.int32)
+    return loss_fn, params, x, y
+
+
+@pytest.fixture
+def cnn_problem():
+    rng = np.random.default_rng(1)
+    model = CNN((8, 8, 2), 4, features=(4, 6), rngs=nnx.Rngs(1))
+    loss_fn, params = nnx_loss(model)
+    x = jnp.asarray(rng.normal(size=(7, 8, 8, 2)) * 2, jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, size=7), jnp.int32)
+    return loss_fn, params, x, y
+
+
+def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    for u, v in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
+
+
+def tree_equal(a, b):
+    return all(
+        np.array_equal(np.asarray(u), np.asarray(v))
+        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )

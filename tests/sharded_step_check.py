@@ -1,0 +1,94 @@
+"""Run by test_distributed.py in a fresh process with 8 forced CPU devices.
+
+Prints one JSON line of measured differences; the test asserts on them.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import nnx_loss  # noqa: E402
+
+import jaxdp  # noqa: E402
+from jaxdp import distributed  # noqa: E402
+from jaxdp.models import CNN, MLP  # noqa: E402
+from jaxdp.train import TrainState, make_private_step  # noqa: E402
+
+
+def max_diff(a, b):
+    return max(
+        float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
+
+
+def run(model, x, y, mask, num_devices, microbatch_size=None):
+    loss_fn, params = nnx_loss(model)
+    plan = jaxdp.PrivacyPlan(dataset_size=1000, batch_size=24, l2_clip_norm=0.5, noise_multiplier=1.3, num_steps=2)
+    mesh = distributed.make_mesh(num_devices)
+    tx, step, _ = make_private_step(
+        plan, loss_fn, optax.sgd(0.1), noise_key=jax.random.key(42), microbatch_size=microbatch_size, mesh=mesh
+    )
+    state = distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))
+    for _ in range(2):
+        batch = distributed.shard_batch(mesh, (x, y, mask))
+        state, _ = step(state, None, *batch)
+    shards = len(batch[0].addressable_shards)
+    replicated = all(leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leaves(state.params))
+    return state.params, shards, replicated, (loss_fn, params, plan)
+
+
+def main():
+    assert len(jax.devices()) == 8, jax.devices()
+    rng = np.random.default_rng(0)
+    out = {}
+    mask = (rng.random(32) < 0.8).astype(np.float32)
+    cases = {
+        "mlp": (MLP(12, 5, hidden=(16,), rngs=nnx.Rngs(0)), rng.normal(size=(32, 12)).astype(np.float32) * 3),
+        "cnn": (CNN((8, 8, 1), 4, features=(4, 8), rngs=nnx.Rngs(1)), rng.normal(size=(32, 8, 8, 1)).astype(np.float32)),
+    }
+    y = rng.integers(0, 4, size=32).astype(np.int32)
+    for name, (model, x) in cases.items():
+        p1, s1, _, (loss_fn, params0, plan) = run(model, x, y, mask, 1)
+        p8, s8, rep8, _ = run(model, x, y, mask, 8)
+        p8m, _, _, _ = run(model, x, y, mask, 8, microbatch_size=2)
+        # Explicit one-step formula: noise drawn once from the key the privatizer holds.
+        grad_fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm=0.5)
+        g, _ = grad_fn(params0, x, y, example_mask=mask)
+        _, noise_key = jax.random.split(jax.random.key(42))
+        noisy = jaxdp.add_noise(noise_key, g, 1.3 * 0.5)
+        expected1 = jax.tree_util.tree_map(lambda p, n: p - 0.1 * n / 24, params0, noisy)
+        q1, _, _, _ = run_one_step(model, x, y, mask)
+        out[name] = {
+            "shards_1": s1,
+            "shards_8": s8,
+            "params_replicated_8": rep8,
+            "diff_8_vs_1": max_diff(p8, p1),
+            "diff_8_microbatched_vs_1": max_diff(p8m, p1),
+            "diff_8_one_step_vs_formula": max_diff(q1, expected1),
+            "param_scale": max(float(np.max(np.abs(np.asarray(v)))) for v in jax.tree_util.tree_leaves(p1)),
+        }
+    print(json.dumps(out))
+
+
+def run_one_step(model, x, y, mask):
+    loss_fn, params = nnx_loss(model)
+    plan = jaxdp.PrivacyPlan(dataset_size=1000, batch_size=24, l2_clip_norm=0.5, noise_multiplier=1.3, num_steps=1)
+    mesh = distributed.make_mesh(8)
+    tx, step, _ = make_private_step(plan, loss_fn, optax.sgd(0.1), noise_key=jax.random.key(42), mesh=mesh)
+    state = distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))
+    state, _ = step(state, None, *distributed.shard_batch(mesh, (x, y, mask)))
+    return state.params, None, None, None
+
+
+if __name__ == "__main__":
+    main()

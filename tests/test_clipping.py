@@ -1,0 +1,188 @@
+"""clipped_grad against a slow per-example python loop, and its guarantees."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import nnx_loss, tree_allclose, tree_equal
+from flax import nnx
+
+import jaxdp
+from jaxdp.models import MLP
+
+
+_GRADS = {}
+
+
+def _grad(loss_fn):
+    """One jitted single-example gradient per loss (the loop stays a loop; only faster)."""
+    if loss_fn not in _GRADS:
+        _GRADS[loss_fn] = jax.jit(jax.grad(loss_fn))
+    return _GRADS[loss_fn]
+
+
+def reference_clipped_sum(loss_fn, params, x, y, clip, per_layer=False, mask=None):
+    """The obviously-correct version: one example at a time, in numpy."""
+    total = None
+    norms = []
+    for i in range(x.shape[0]):
+        g = _grad(loss_fn)(params, x[i : i + 1], y[i : i + 1])
+        leaves, treedef = jax.tree_util.tree_flatten(g)
+        leaves = [np.asarray(v, np.float64) for v in leaves]
+        norm = math.sqrt(sum(float(np.sum(v**2)) for v in leaves))
+        norms.append(norm)
+        if per_layer:
+            budget = clip / math.sqrt(len(leaves))
+            leaves = [v * min(1.0, budget / max(np.linalg.norm(v), 1e-30)) for v in leaves]
+        else:
+            leaves = [v * min(1.0, clip / max(norm, 1e-30)) for v in leaves]
+        if mask is not None and mask[i] == 0:
+            leaves = [np.zeros_like(v) for v in leaves]
+        total = leaves if total is None else [t + v for t, v in zip(total, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, total), np.asarray(norms)
+
+
+@pytest.mark.parametrize("problem", ["mlp_problem", "cnn_problem"])
+@pytest.mark.parametrize("microbatch_size", [None, 3, 4])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_equals_per_example_loop(problem, microbatch_size, per_layer, request):
+    loss_fn, params, x, y = request.getfixturevalue(problem)
+    clip = 0.7
+    fn = jax.jit(
+        jaxdp.clipped_grad(
+            loss_fn, l2_clip_norm=clip, microbatch_size=microbatch_size, per_layer=per_layer, return_norms=True
+        )
+    )
+    got, aux = fn(params, x, y)
+    want, want_norms = reference_clipped_sum(loss_fn, params, x, y, clip, per_layer=per_layer)
+    tree_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(aux.norms), want_norms, rtol=1e-4)
+    assert aux.loss.shape == (x.shape[0],)
+    # The problems are built so that clipping is active for some examples.
+    assert int(aux.num_clipped) > 0
+
+
+def test_microbatching_matches_whole_batch(mlp_problem):
+    loss_fn, params, x, y = mlp_problem
+    mask = jnp.asarray([1, 1, 0, 1, 1, 1, 0, 1, 1, 1], jnp.float32)
+    whole = jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, return_norms=True)
+    for m in (1, 3, 5, 10, 64):
+        chunked = jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, return_norms=True, microbatch_size=m)
+        (g1, a1), (g2, a2) = whole(params, x, y, example_mask=mask), chunked(params, x, y, example_mask=mask)
+        tree_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a1.norms, a2.norms, rtol=1e-6)
+        assert int(a1.num_clipped) == int(a2.num_clipped)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_each_clipped_gradient_is_within_bound(seed, per_layer):
+    """Random model, random data, random C: every example's clipped gradient has norm <= C."""
+    rng = np.random.default_rng(seed)
+    hidden = tuple(int(h) for h in rng.integers(2, 40, size=rng.integers(1, 3)))
+    model = MLP(6, 3, hidden=hidden, rngs=nnx.Rngs(seed))
+    loss_fn, params = nnx_loss(model)
+    n = 9
+    x = jnp.asarray(rng.normal(size=(n, 6)) * 10 ** rng.uniform(-1, 2), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, size=n), jnp.int32)
+    clip = float(10 ** rng.uniform(-3, 2))
+    fn = jax.jit(jaxdp.clipped_grad(loss_fn, l2_clip_norm=clip, per_layer=per_layer, return_norms=True))
+    for i in range(n):
+        one_hot = jnp.zeros(n).at[i].set(1.0)
+        g, aux = fn(params, x, y, example_mask=one_hot)
+        norm = float(jaxdp.per_example_norms(jax.tree_util.tree_map(lambda v: v[None], g))[0])
+        assert norm <= clip * (1 + 1e-6), (i, norm, clip)
+        # Unclipped examples keep their gradient exactly (up to rounding).
+        if float(aux.norms[i]) < (clip / math.sqrt(len(jax.tree_util.tree_leaves(g))) if per_layer else clip):
+            np.testing.assert_allclose(norm, float(aux.norms[i]), rtol=1e-5)
+
+
+def test_masked_examples_contribute_exactly_zero(mlp_problem):
+    loss_fn, params, x, y = mlp_problem
+    mask = jnp.asarray([1, 0, 1, 1, 0, 1, 1, 1, 1, 0], jnp.float32)
+    fn = jax.jit(jaxdp.clipped_grad(loss_fn, l2_clip_norm=0.5))
+    g_a, aux_a = fn(params, x, y, example_mask=mask)
+    # Whatever sits in the masked slots (huge values, NaN) changes nothing, bit for bit.
+    garbage = x.at[1].set(1e30).at[4].set(jnp.nan).at[9].set(-7.0)
+    g_b, aux_b = fn(params, garbage, y, example_mask=mask)
+    assert tree_equal(g_a, g_b)
+    assert int(aux_b.num_nonfinite) == 0  # masked NaN examples are not counted as dropped
+    # ...and equals the sum over the unmasked examples only.
+    keep = np.flatnonzero(np.asarray(mask))
+    want, _ = reference_clipped_sum(loss_fn, params, x[keep], y[keep], 0.5)
+    tree_allclose(g_a, want, rtol=1e-4, atol=1e-6)
+    # An all-masked batch gives exactly zero.
+    g0, _ = fn(params, x, y, example_mask=jnp.zeros(10))
+    assert all(not np.any(np.asarray(v)) for v in jax.tree_util.tree_leaves(g0))
+
+
+def test_nonfinite_example_is_dropped_and_counted(mlp_problem):
+    loss_fn, params, x, y = mlp_problem
+    fn = jax.jit(jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, return_norms=True))
+    bad = x.at[3, 0].set(jnp.nan).at[6, 2].set(jnp.inf)
+    g, aux = fn(params, bad, y)
+    assert int(aux.num_nonfinite) == 2
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree_util.tree_leaves(g))
+    assert not np.isfinite(float(aux.norms[3]))
+    mask = jnp.ones(10).at[3].set(0).at[6].set(0)
+    g_masked, _ = fn(params, x, y, example_mask=mask)
+    assert tree_equal(g, g_masked)
+
+
+def test_zero_gradient_stays_zero():
+    def loss(w, x):
+        return jnp.mean(x @ w) * 0.0
+
+    g, aux = jaxdp.clipped_grad(loss, l2_clip_norm=1.0, return_norms=True)(jnp.ones(3), jnp.ones((4, 3)))
+    assert np.array_equal(np.asarray(g), np.zeros(3))
+    assert int(aux.num_nonfinite) == 0 and int(aux.num_clipped) == 0
+
+
+def test_plain_dict_params_unbatched_args_and_aux():
+    def loss(p, x, scale):
+        pred = x @ p["w"] + p["b"]
+        return jnp.mean(scale * pred**2), pred
+
+    params = {"w": jnp.ones(3), "b": jnp.zeros(())}
+    x = jnp.arange(12.0).reshape(4, 3)
+    fn = jaxdp.clipped_grad(loss, l2_clip_norm=1e6, batch_argnums=1, has_aux=True)
+    g, aux = fn(params, x, 2.0)
+    # Huge C: no clipping, so the sum is the sum of per-example gradients = 4 x grad of the mean.
+    exact = jax.grad(lambda p: loss(p, x, 2.0)[0])(params)
+    tree_allclose(g, jax.tree_util.tree_map(lambda v: 4 * v, exact), rtol=1e-6)
+    assert aux.aux.shape == (4, 1)
+
+
+def test_no_recompile_for_new_masks_and_data(mlp_problem):
+    loss_fn, params, x, y = mlp_problem
+    fn = jax.jit(jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0))
+    for seed in range(4):
+        mask = jnp.asarray(np.random.default_rng(seed).integers(0, 2, 10), jnp.float32)
+        fn(params, x + seed, y, example_mask=mask)
+    assert fn._cache_size() == 1
+
+
+def test_sensitivity_is_reported(mlp_problem):
+    loss_fn = mlp_problem[0]
+    assert jaxdp.clipped_grad(loss_fn, l2_clip_norm=2.5).l2_sensitivity == 2.5
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.inf, math.nan])
+def test_bad_clip_norm_is_refused(bad, mlp_problem):
+    with pytest.raises(ValueError, match="l2_clip_norm"):
+        jaxdp.clipped_grad(mlp_problem[0], l2_clip_norm=bad)
+
+
+def test_bad_arguments_name_themselves(mlp_problem):
+    loss_fn, params, x, y = mlp_problem
+    with pytest.raises(ValueError, match="microbatch_size"):
+        jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, microbatch_size=0)
+    fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0)
+    with pytest.raises(ValueError, match="example_mask"):
+        fn(params, x, y, example_mask=jnp.ones(3))
+    with pytest.raises(ValueError, match="leading"):
+        fn(params, x, y[:4])
+    with pytest.raises(ValueError, match="batch_argnums"):
+        jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, batch_argnums=5)(params, x, y)

@@ -1,0 +1,41 @@
+"""Sharded (8 forced CPU devices) == unsharded, and the noise is added once."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(__file__)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "sharded_step_check.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_eight_devices_equal_one(measured, model):
+    m = measured[model]
+    assert m["shards_1"] == 1 and m["shards_8"] == 8  # the batch really was split 8 ways
+    assert m["params_replicated_8"]
+    tol = 1e-5 * max(1.0, m["param_scale"])
+    assert m["diff_8_vs_1"] < tol, m
+    assert m["diff_8_microbatched_vs_1"] < tol, m
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_noise_is_added_once_across_devices(measured, model):
+    """params - lr * (clipped_sum + N(0, (σC)^2) from the state's key) / B, exactly once."""
+    m = measured[model]
+    assert m["diff_8_one_step_vs_formula"] < 1e-5 * max(1.0, m["param_scale"]), m

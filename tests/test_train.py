@@ -1,0 +1,125 @@
+"""The main job end to end: config -> private training -> metrics, and the CLI's errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import nnx_loss
+from flax import nnx
+
+import jaxdp
+from jaxdp import distributed
+from jaxdp.cli import main
+from jaxdp.config import ConfigError, apply_overrides, load_config
+from jaxdp.models import MLP
+from jaxdp.train import TrainState, make_private_step, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "digits.py")
+
+
+def test_default_run_lands_in_accuracy_band_and_spends_the_budget(tmp_path):
+    """The exact `make train` config (seed 0).
+
+    Upper edges catch noise silently switched off: without noise the same recipe
+    fits the training set to ~0.995 (next test); with it, ~0.95.
+    """
+    config = apply_overrides(load_config(DIGITS), [f"workdir={tmp_path}"])
+    summary = train(config, progress=False)
+    assert 0.90 <= summary["test_accuracy"] <= 0.975, summary
+    assert 0.90 <= summary["train_accuracy"] <= 0.98, summary
+    assert 2.9 <= summary["epsilon"] <= 3.0, summary
+    assert summary["steps"] == 120 and summary["nonfinite_dropped"] == 0
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(1, 41))
+    eps = [r["epsilon"] for r in lines]
+    assert all(a < b for a, b in zip(eps, eps[1:]))  # spent budget grows every epoch
+    assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_noise_off_trains_better_than_private(tmp_path):
+    """Sanity of the band above: the same recipe without noise fits the training set far better."""
+    config = apply_overrides(load_config(DIGITS), [f"workdir={tmp_path}", "privacy.noise_multiplier=0.0"])
+    summary = train(config, progress=False)
+    assert summary["train_accuracy"] >= 0.985 and summary["epsilon"] == float("inf"), summary
+
+
+def test_cli_smoke_writes_metrics_and_summary(tmp_path, capsys):
+    cnn = os.path.join(ROOT, "configs", "digits_cnn.py")
+    assert main(["train", "--config", f"{cnn}:smoke", "--no-progress", f"workdir={tmp_path}"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert summary["model"] == "cnn" and summary["steps"] == 6
+    assert 0 < summary["epsilon"] < 3 and summary["examples_per_sec"] > 0
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["no_such_key=1"], "unknown config key 'no_such_key'"),
+        (["privacy.clip=1"], "'clip' is not under privacy"),
+        (["privacy.l2_clip_norm=-1.0"], "privacy.l2_clip_norm=-1.0"),
+        (["batch_size=5000"], "batch_size=5000 is larger than the training set (1437 examples)"),
+        (["epochs=abc"], "config key 'epochs' expects int"),
+        (["dataset=imagenet"], "dataset='imagenet' is not available"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(args, message, capsys, tmp_path):
+    assert main(["train", "--config", DIGITS, "--no-progress", f"workdir={tmp_path}", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert err.startswith("jaxdp: error:")
+
+
+def test_cli_missing_config_file_real_process():
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxdp.cli", "train", "--config", "configs/nope.py"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "jaxdp: error: config file 'configs/nope.py' not found; pass e.g. --config configs/digits.py"
+
+
+def test_overrides_cast_types():
+    config = apply_overrides(
+        load_config(DIGITS), ["privacy.noise_multiplier=2", "--config.privacy.per_layer=true", "model.kwargs.hidden=32"]
+    )
+    assert config.privacy.noise_multiplier == 2.0 and isinstance(config.privacy.noise_multiplier, float)
+    assert config.privacy.per_layer is True and config.model.kwargs.hidden == (32,)
+    with pytest.raises(ConfigError, match="privacy.per_layer"):
+        apply_overrides(load_config(DIGITS), ["privacy.per_layer=2"])
+
+
+def test_step_does_not_recompile_and_spilled_draws_are_exact():
+    """One compiled step for every draw; a draw split over two chunks equals one big chunk."""
+    loss_fn, params = nnx_loss(MLP(12, 5, hidden=(8,), rngs=nnx.Rngs(0)))
+    plan = jaxdp.PrivacyPlan(dataset_size=200, batch_size=20, l2_clip_norm=1.0, noise_multiplier=1.0, num_steps=5)
+    mesh = distributed.make_mesh(1)
+    tx, step, accumulate = make_private_step(plan, loss_fn, optax.sgd(0.1), noise_key=jax.random.key(0), mesh=mesh)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 12)).astype(np.float32)
+    y = rng.integers(0, 5, 200).astype(np.int32)
+    state0 = distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))
+    sampler = plan.sampler(seed=0, physical_batch_size=16)
+    state = state0
+    for s in range(5):
+        (idx, mask), *rest = sampler.chunks(sampler.draw(s))[-1:]
+        state, _ = step(state, None, *distributed.shard_batch(mesh, (x[idx], y[idx], mask)))
+    assert step._cache_size() == 1
+
+    idx = np.arange(24)
+    one, _ = step(state0, None, x[idx], y[idx], np.ones(24, np.float32))
+    acc, _ = accumulate(state0.params, None, x[idx[:12]], y[idx[:12]], np.ones(12, np.float32))
+    two, _ = step(state0, acc, x[idx[12:]], y[idx[12:]], np.ones(12, np.float32))
+    for u, v in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(two.params)):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
