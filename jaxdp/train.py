@@ -274,7 +274,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
                 sampler.steps(first, first + steps_per_epoch),
                 total=steps_per_epoch,
                 desc=f"epoch {epoch}/{config.epochs}",
-                disable=not progress,
+                disable=not (progress and sys.stderr.isatty()),  # a bar only where one can be drawn
                 leave=False,
                 file=sys.stderr,
             )

@@ -31,14 +31,19 @@ def mlp_problem():
     return loss_fn, params, x, y
 
 
-@pytest.fixture
-def cnn_problem():
+def make_cnn_problem(conv="dp"):
+    """The small CNN (``conv``: "dp" = DPConv, "nnx" = nnx.Conv) on random data."""
     rng = np.random.default_rng(1)
-    model = CNN((8, 8, 2), 4, features=(4, 6), rngs=nnx.Rngs(1))
+    model = CNN((8, 8, 2), 4, features=(4, 6), conv=conv, rngs=nnx.Rngs(1))
     loss_fn, params = nnx_loss(model)
     x = jnp.asarray(rng.normal(size=(7, 8, 8, 2)) * 2, jnp.float32)
     y = jnp.asarray(rng.integers(0, 4, size=7), jnp.int32)
     return loss_fn, params, x, y
+
+
+@pytest.fixture
+def cnn_problem():
+    return make_cnn_problem("dp")
 
 
 def tree_allclose(a, b, rtol=1e-5, atol=1e-6):

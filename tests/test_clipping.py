@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import nnx_loss, tree_allclose, tree_equal
+from conftest import make_cnn_problem, nnx_loss, tree_allclose, tree_equal
 from flax import nnx
 
 import jaxdp
@@ -44,11 +44,14 @@ def reference_clipped_sum(loss_fn, params, x, y, clip, per_layer=False, mask=Non
     return jax.tree_util.tree_unflatten(treedef, total), np.asarray(norms)
 
 
-@pytest.mark.parametrize("problem", ["mlp_problem", "cnn_problem"])
+@pytest.mark.parametrize("problem", ["mlp", "cnn-dp", "cnn-nnx"])
 @pytest.mark.parametrize("microbatch_size", [None, 3, 4])
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_equals_per_example_loop(problem, microbatch_size, per_layer, request):
-    loss_fn, params, x, y = request.getfixturevalue(problem)
+    if problem == "mlp":
+        loss_fn, params, x, y = request.getfixturevalue("mlp_problem")
+    else:
+        loss_fn, params, x, y = make_cnn_problem(problem.removeprefix("cnn-"))
     clip = 0.7
     fn = jax.jit(
         jaxdp.clipped_grad(

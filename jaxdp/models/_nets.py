@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdp.models._conv import DPConv
+
 
 class MLP(nnx.Module):
     """Flatten, ``len(hidden)`` tanh layers, then a linear classifier.
@@ -34,12 +36,16 @@ class MLP(nnx.Module):
 class CNN(nnx.Module):
     """Small tanh CNN: [conv3x3 -> tanh -> avg-pool 2]* -> linear head.
 
-    Uses no normalisation at all, so nothing mixes examples. Input is NHWC.
+    Uses no normalisation at all, so nothing mixes examples. Input is NHWC. The
+    convolutions are :class:`DPConv` (same values as ``nnx.Conv``, faster
+    per-example gradients).
 
     Args:
       input_shape: ``(height, width, channels)`` of one example.
       num_classes: number of output logits.
       features: channels of each conv block.
+      conv: ``"dp"`` (:class:`DPConv`, default) or ``"nnx"`` (``nnx.Conv``); same
+        function and parameter layout, different speed of per-example gradients.
       rngs: ``nnx.Rngs`` for initialisation (keyword-only).
     """
 
@@ -49,12 +55,18 @@ class CNN(nnx.Module):
         num_classes: int,
         *,
         features: Sequence[int] = (16, 32),
+        conv: str = "dp",
         rngs: nnx.Rngs,
     ):
         h, w, c = input_shape
+        if conv not in ("dp", "nnx"):
+            raise ValueError(f"conv={conv!r} must be 'dp' (DPConv) or 'nnx' (nnx.Conv).")
         convs = []
         for f in features:
-            convs.append(nnx.Conv(c, f, kernel_size=(3, 3), padding="SAME", rngs=rngs))
+            if conv == "dp":
+                convs.append(DPConv(c, f, kernel_size=(3, 3), rngs=rngs))
+            else:
+                convs.append(nnx.Conv(c, f, kernel_size=(3, 3), padding="SAME", rngs=rngs))
             c, h, w = f, h // 2, w // 2
         if h < 1 or w < 1:
             raise ValueError(
