@@ -138,7 +138,9 @@ def main():
     print(header)
     rows = [bench_model(m, args.batch, args.repeats, args.iters, args.naive_examples) for m in args.models]
     print()
-    print("| model | params | batch | non-private ex/s | jaxdp private ex/s | naive loop ex/s | private / non-private | private / naive | compile s (np / p) |")
+    print(
+        "| model | params | batch | non-private ex/s | jaxdp private ex/s | naive loop ex/s | private / non-private | private / naive | compile s (np / p) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(

@@ -47,12 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             train(config, progress=not args.no_progress)
-        except (ConfigError, ValueError) as e:
-            # Setup errors (bad values caught by the plan, models, datasets) are
-            # one line; anything else is a bug and keeps its traceback.
-            if getattr(e, "__jaxdp_setup__", True) and isinstance(e, ConfigError | ValueError):
-                return _fail(str(e))
-            raise
+        except ConfigError as e:
+            # Bad values found before the first step are one line; an error
+            # during training is a bug and keeps its traceback.
+            return _fail(str(e))
     return 0
 
 

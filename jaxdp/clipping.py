@@ -49,8 +49,7 @@ def _check_clip_norm(l2_clip_norm: float) -> float:
         value = float(l2_clip_norm)
     except (TypeError, ValueError):
         raise TypeError(
-            f"l2_clip_norm={l2_clip_norm!r} must be a Python number (the clipping bound C); "
-            "pass e.g. l2_clip_norm=1.0."
+            f"l2_clip_norm={l2_clip_norm!r} must be a Python number (the clipping bound C); pass e.g. l2_clip_norm=1.0."
         ) from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(
@@ -189,7 +188,7 @@ class ClippedGradFn:
             clipped_any = factor < 1.0
         keep = finite & (mask > 0)
         summed = []
-        for leaf, f in zip(leaves, factors):
+        for leaf, f in zip(leaves, factors, strict=True):
             w = jnp.where(keep, f, 0.0).astype(leaf.real.dtype)
             shape = (-1,) + (1,) * (leaf.ndim - 1)
             # `where` (not a multiply) so a NaN/inf gradient of a dropped example
@@ -254,7 +253,7 @@ class ClippedGradFn:
         def body(acc, xs):
             chunk_batched, chunk_mask = xs
             chunk_args = list(args)
-            for n, v in zip(batched_nums, chunk_batched):
+            for n, v in zip(batched_nums, chunk_batched, strict=True):
                 chunk_args[n - 1] = v
             g, loss, aux, norms, stats = self._chunk(params, batched_nums, chunk_args, chunk_mask)
             acc = jax.tree_util.tree_map(jnp.add, acc, g)

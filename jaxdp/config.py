@@ -36,7 +36,9 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path!r} defines no get_config(arg=None) function.")
     config = module.get_config(arg or None) if arg else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"get_config() in {path!r} returned {type(config).__name__}, not an ml_collections.ConfigDict.")
+        raise ConfigError(
+            f"get_config() in {path!r} returned {type(config).__name__}, not an ml_collections.ConfigDict."
+        )
     config.lock()
     return config
 

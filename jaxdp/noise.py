@@ -48,7 +48,7 @@ def add_noise(key: jax.Array, tree: PyTree, stddev: float | jax.Array) -> PyTree
         return tree
     keys = jax.random.split(key, len(leaves))
     out = []
-    for k, leaf in zip(keys, leaves):
+    for k, leaf in zip(keys, leaves, strict=True):
         leaf = jnp.asarray(leaf)
         if jnp.iscomplexobj(leaf):
             real_dtype = leaf.real.dtype

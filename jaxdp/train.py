@@ -189,12 +189,21 @@ def _evaluate(predict, params, x: np.ndarray, y: np.ndarray, batch: int = 1024) 
     return correct / len(x)
 
 
-def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
-    """Run private training from a config; returns (and prints) the summary.
+class _Run(NamedTuple):
+    dataset: Any
+    plan: PrivacyPlan
+    steps_per_epoch: int
+    graphdef: Any
+    rest: Any
+    mesh: Any
+    sampler: Any
+    state: TrainState
+    step_fn: Any
+    accumulate_fn: Any
 
-    Writes ``metrics.jsonl`` (one line per epoch) and ``summary.json`` under
-    ``config.workdir``.
-    """
+
+def _setup(config: ml_collections.ConfigDict) -> _Run:
+    """Everything before the first step. Bad values surface here as ConfigError."""
     distributed.initialize(
         config.distributed.coordinator_address, config.distributed.num_processes, config.distributed.process_id
     )
@@ -244,6 +253,27 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
         seed=config.seed + 2, physical_batch_size=config.physical_batch_size or None, multiple_of=n_dev
     )
     state = distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))
+
+    return _Run(dataset, plan, steps_per_epoch, graphdef, rest, mesh, sampler, state, step_fn, accumulate_fn)
+
+
+def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
+    """Run private training from a config; returns (and prints) the summary.
+
+    Writes ``metrics.jsonl`` (one line per epoch) and ``summary.json`` under
+    ``config.workdir``.
+    """
+    try:
+        run = _setup(config)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a bad value caught by the plan, model, sampler or dataset
+        raise ConfigError(str(e)) from e
+    dataset, plan, steps_per_epoch = run.dataset, run.plan, run.steps_per_epoch
+    graphdef, rest, mesh, sampler, state = run.graphdef, run.rest, run.mesh, run.sampler, run.state
+    step_fn, accumulate_fn = run.step_fn, run.accumulate_fn
+    n_train, n_dev = len(dataset.x_train), mesh.devices.size
+    num_steps, delta = plan.num_steps, config.privacy.delta
 
     @jax.jit
     def predict(p, x):

@@ -49,7 +49,7 @@ def cnn_problem():
 def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     assert len(la) == len(lb)
-    for u, v in zip(la, lb):
+    for u, v in zip(la, lb, strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
 
 

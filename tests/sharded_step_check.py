@@ -54,7 +54,10 @@ def main():
     mask = (rng.random(32) < 0.8).astype(np.float32)
     cases = {
         "mlp": (MLP(12, 5, hidden=(16,), rngs=nnx.Rngs(0)), rng.normal(size=(32, 12)).astype(np.float32) * 3),
-        "cnn": (CNN((8, 8, 1), 4, features=(4, 8), rngs=nnx.Rngs(1)), rng.normal(size=(32, 8, 8, 1)).astype(np.float32)),
+        "cnn": (
+            CNN((8, 8, 1), 4, features=(4, 8), rngs=nnx.Rngs(1)),
+            rng.normal(size=(32, 8, 8, 1)).astype(np.float32),
+        ),
     }
     y = rng.integers(0, 4, size=32).astype(np.int32)
     for name, (model, x) in cases.items():

@@ -12,7 +12,6 @@ from flax import nnx
 import jaxdp
 from jaxdp.models import MLP
 
-
 _GRADS = {}
 
 
@@ -40,7 +39,7 @@ def reference_clipped_sum(loss_fn, params, x, y, clip, per_layer=False, mask=Non
             leaves = [v * min(1.0, clip / max(norm, 1e-30)) for v in leaves]
         if mask is not None and mask[i] == 0:
             leaves = [np.zeros_like(v) for v in leaves]
-        total = leaves if total is None else [t + v for t, v in zip(total, leaves)]
+        total = leaves if total is None else [t + v for t, v in zip(total, leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, total), np.asarray(norms)
 
 

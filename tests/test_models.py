@@ -82,12 +82,12 @@ def test_dpconv_matches_nnx_conv_values_and_gradients():
         gdef_o, p_o = nnx.split(ours)
         gdef_r, p_r = nnx.split(ref)
 
-        def per_example(gdef, p):
+        def per_example(gdef, p, x=x):
             return jax.vmap(jax.grad(lambda p_, xi: loss(nnx.merge(gdef, p_), xi[None])), in_axes=(None, 0))(p, x)
 
         np.testing.assert_allclose(
             per_example(gdef_o, p_o)["kernel"][...], per_example(gdef_r, p_r)["kernel"][...], rtol=1e-4, atol=1e-5
         )
-        gx_o = jax.grad(lambda xb: loss(ours, xb))(x)
-        gx_r = jax.grad(lambda xb: loss(ref, xb))(x)
+        gx_o = jax.grad(lambda xb, m=ours: loss(m, xb))(x)
+        gx_r = jax.grad(lambda xb, m=ref: loss(m, xb))(x)
         np.testing.assert_allclose(gx_o, gx_r, rtol=1e-4, atol=1e-5)

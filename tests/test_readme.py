@@ -7,7 +7,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_readme_snippet_runs():
-    text = open(os.path.join(ROOT, "README.md")).read()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
     match = re.search(r"<!-- tested: primitives -->\s*```python\n(.*?)```", text, re.S)
     assert match, "README lost its tested primitives snippet"
     code = match.group(1)

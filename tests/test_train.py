@@ -39,7 +39,7 @@ def test_default_run_lands_in_accuracy_band_and_spends_the_budget(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == list(range(1, 41))
     eps = [r["epsilon"] for r in lines]
-    assert all(a < b for a, b in zip(eps, eps[1:]))  # spent budget grows every epoch
+    assert all(a < b for a, b in zip(eps, eps[1:], strict=False))  # spent budget grows every epoch
     assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
 
 
@@ -87,7 +87,10 @@ def test_cli_missing_config_file_real_process():
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == "jaxdp: error: config file 'configs/nope.py' not found; pass e.g. --config configs/digits.py"
+    assert (
+        proc.stderr.strip()
+        == "jaxdp: error: config file 'configs/nope.py' not found; pass e.g. --config configs/digits.py"
+    )
 
 
 def test_overrides_cast_types():
@@ -121,5 +124,5 @@ def test_step_does_not_recompile_and_spilled_draws_are_exact():
     one, _ = step(state0, None, x[idx], y[idx], np.ones(24, np.float32))
     acc, _ = accumulate(state0.params, None, x[idx[:12]], y[idx[:12]], np.ones(12, np.float32))
     two, _ = step(state0, acc, x[idx[12:]], y[idx[12:]], np.ones(12, np.float32))
-    for u, v in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(two.params)):
+    for u, v in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(two.params), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)

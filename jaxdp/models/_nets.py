@@ -23,7 +23,7 @@ class MLP(nnx.Module):
 
     def __init__(self, in_features: int, num_classes: int, *, hidden: Sequence[int] = (64,), rngs: nnx.Rngs):
         widths = [in_features, *hidden]
-        self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
+        self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:], strict=True)])
         self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -105,6 +105,8 @@ def _build(name, input_shape, num_classes, rngs, kwargs):
         return MLP(in_features, num_classes, rngs=rngs, **kwargs)
     if name == "cnn":
         if len(input_shape) != 3:
-            raise ValueError(f"model 'cnn' needs (height, width, channels) inputs, got input_shape={tuple(input_shape)}.")
+            raise ValueError(
+                f"model 'cnn' needs (height, width, channels) inputs, got input_shape={tuple(input_shape)}."
+            )
         return CNN(input_shape, num_classes, rngs=rngs, **kwargs)
     raise ValueError(f"model={name!r} is not a known model; choose 'mlp' or 'cnn'.")
