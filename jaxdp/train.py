@@ -295,20 +295,20 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     steady_examples, steady_time = 0.0, 0.0
     history = []
-    with open(metrics_path, "w") as log:
+    bar = tqdm(
+        total=num_steps,
+        desc="private training",
+        unit="step",
+        disable=not (progress and sys.stderr.isatty()),  # a bar only where one can be drawn
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    with open(metrics_path, "w") as log, bar:
         for epoch in range(1, config.epochs + 1):
             first = (epoch - 1) * steps_per_epoch
             t0 = time.perf_counter()
             epoch_metrics = []
-            bar = tqdm(
-                sampler.steps(first, first + steps_per_epoch),
-                total=steps_per_epoch,
-                desc=f"epoch {epoch}/{config.epochs}",
-                disable=not (progress and sys.stderr.isatty()),  # a bar only where one can be drawn
-                leave=False,
-                file=sys.stderr,
-            )
-            for _, chunks in bar:
+            for _, chunks in sampler.steps(first, first + steps_per_epoch):
                 acc = None
                 for i, (idx, mask) in enumerate(chunks):
                     xb, yb, mb = distributed.shard_batch(mesh, (x_train[idx], y_train[idx], mask))
@@ -317,6 +317,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
                     else:
                         state, m = step_fn(state, acc, xb, yb, mb)
                     epoch_metrics.append(m)
+                bar.update(1)
             epoch_metrics = jax.device_get(epoch_metrics)  # waits for the epoch's steps
             elapsed = time.perf_counter() - t0
             totals = {k: float(sum(m[k] for m in epoch_metrics)) for k in epoch_metrics[0]}
@@ -339,6 +340,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
             history.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
+            bar.set_postfix(epoch=epoch, eps=f"{record['epsilon']:.3f}", test_acc=f"{record['test_accuracy']:.3f}")
             if progress:
                 tqdm.write(
                     f"epoch {epoch:3d} | loss {record['loss']:.4f} | train acc {record['train_accuracy']:.4f} "

@@ -80,6 +80,11 @@ def main():
             "diff_8_one_step_vs_formula": max_diff(q1, expected1),
             "param_scale": max(float(np.max(np.abs(np.asarray(v)))) for v in jax.tree_util.tree_leaves(p1)),
         }
+    try:
+        distributed.shard_batch(distributed.make_mesh(8), np.zeros((9, 2)))
+        out["uneven_batch_error"] = ""
+    except ValueError as e:
+        out["uneven_batch_error"] = str(e)
     print(json.dumps(out))
 
 

@@ -39,3 +39,15 @@ def test_noise_is_added_once_across_devices(measured, model):
     """params - lr * (clipped_sum + N(0, (σC)^2) from the state's key) / B, exactly once."""
     m = measured[model]
     assert m["diff_8_one_step_vs_formula"] < 1e-5 * max(1.0, m["param_scale"]), m
+
+
+def test_initialize_is_a_no_op_without_coordinator_and_checks_values():
+    from jaxdp import distributed
+
+    distributed.initialize("", 0, -1)  # single host: nothing to start
+    with pytest.raises(ValueError, match="num_processes=2 and distributed.process_id=5"):
+        distributed.initialize("10.0.0.1:1234", 2, 5)
+
+
+def test_uneven_batch_is_refused(measured):
+    assert measured["uneven_batch_error"].startswith("batch of 9 examples cannot be split evenly over 8 devices")
