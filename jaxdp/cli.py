@@ -1,4 +1,8 @@
-"""``jaxdp`` command line: ``jaxdp train --config configs/NAME.py[:arg] [key=value ...]``."""
+"""``jaxdp`` command line.
+
+jaxdp train --config configs/NAME.py[:arg] [key=value ...]
+jaxdp account --sampling-rate Q (--noise-multiplier S | --target-epsilon E | --target-tpr T) --steps N
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,28 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="path to a config .py file, optionally path.py:arg")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+    account = sub.add_parser(
+        "account",
+        help="epsilon per accountant and membership-inference risk of a (planned) run",
+        description="e.g. jaxdp account --sampling-rate 0.004267 --noise-multiplier 1.1 --steps 14062",
+    )
+    rate = account.add_mutually_exclusive_group(required=True)
+    rate.add_argument("--sampling-rate", type=float, help="Poisson sampling rate q")
+    rate.add_argument("--batch-size", type=int, help="expected batch size (with --dataset-size)")
+    account.add_argument("--dataset-size", type=int, help="N, with --batch-size or --epochs")
+    noise = account.add_mutually_exclusive_group(required=True)
+    noise.add_argument("--noise-multiplier", type=float, help="sigma")
+    noise.add_argument("--target-epsilon", type=float, help="calibrate sigma to this epsilon")
+    noise.add_argument("--target-tpr", type=float, help="calibrate sigma to this membership-inference TPR at --fpr")
+    length = account.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int)
+    length.add_argument("--epochs", type=float, help="epochs of dataset_size / batch_size steps")
+    account.add_argument("--delta", type=float, default=1e-5)
+    account.add_argument("--fpr", type=float, default=0.01, help="FPR for --target-tpr (default 0.01)")
+    account.add_argument("--calibrate-with", default="rdp", help="accountant used for calibration (default rdp)")
+    account.add_argument("--accountants", default="rdp,pld,gdp", help="comma-separated accountants to report")
+    account.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
@@ -32,12 +58,22 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
-    overrides = list(args.overrides)
+    overrides = list(getattr(args, "overrides", []))
     for item in unknown:
+        if args.command != "train":
+            parser.error(f"unrecognised argument {item!r}")
         if item.startswith("--config."):
             overrides.append(item)
         else:
             parser.error(f"unrecognised argument {item!r}; overrides look like key=value or --config.key=value")
+    if args.command == "account":
+        from jaxdp.accounting import report
+
+        try:
+            print(report.run(args))
+        except ValueError as e:
+            return _fail(str(e))
+        return 0
     if args.command == "train":
         try:
             config = apply_overrides(load_config(args.config), overrides)

@@ -74,7 +74,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         leaf = parts[-1]
         old = parent[leaf]
         value = _parse_value(raw)
-        if isinstance(old, bool):
+        if value is None:
+            pass  # None is "unset" for any key; the run's validation says whether that is allowed
+        elif isinstance(old, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"config key {key!r} is a bool; got {raw!r} (use true or false).")
         elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):

@@ -19,7 +19,9 @@ import dp_accounting
 import jax
 import optax
 
-from jaxdp.accounting import rdp_epsilon
+from jaxdp.accounting import Accountant, available_accountants, make_accountant
+from jaxdp.accounting._base import check_delta
+from jaxdp.accounting._dp_accounting import dp_event as _dp_event
 from jaxdp.clipping import ClippedGradFn, _check_clip_norm, clipped_grad
 from jaxdp.noise import privatize
 from jaxdp.sampling import PoissonSampler
@@ -42,6 +44,8 @@ class PrivacyPlan:
       per_layer: clip each parameter leaf to C/sqrt(K) instead of the whole
         gradient to C (same total sensitivity C).
       sampling: the batch sampler; only ``"poisson"`` is accounted for here.
+      accountant: name of the registered accountant that reports ε (``"rdp"``,
+        ``"pld"``, ``"gdp"`` or your own).
 
     Example:
       >>> plan = PrivacyPlan(dataset_size=60000, batch_size=256, l2_clip_norm=1.0,
@@ -57,6 +61,7 @@ class PrivacyPlan:
     num_steps: int
     per_layer: bool = False
     sampling: str = "poisson"
+    accountant: str = "rdp"
 
     def __post_init__(self):
         def positive_int(name, value):
@@ -86,6 +91,11 @@ class PrivacyPlan:
         if self.sampling not in _SAMPLINGS:
             raise ValueError(
                 f"sampling={self.sampling!r} is not supported by the privacy plan; use one of {_SAMPLINGS}."
+            )
+        if self.accountant not in available_accountants():
+            raise ValueError(
+                f"accountant={self.accountant!r} is not registered; choose one of "
+                f"{', '.join(available_accountants())} or register your own."
             )
 
     @property
@@ -144,15 +154,24 @@ class PrivacyPlan:
         steps = self.num_steps if steps is None else steps
         if self.noise_multiplier == 0:
             return dp_accounting.NonPrivateDpEvent()
-        one_step = dp_accounting.PoissonSampledDpEvent(
-            self.sampling_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        return _dp_event(self.sampling_rate, self.noise_multiplier, steps)
+
+    def make_accountant(self) -> Accountant:
+        """A fresh accountant (the plan's ``accountant``) for this plan's mechanism."""
+        if self.noise_multiplier == 0:
+            raise ValueError("noise_multiplier=0: a run without noise has no privacy to account for (epsilon = inf).")
+        return make_accountant(
+            self.accountant,
+            sampling_rate=self.sampling_rate,
+            noise_multiplier=self.noise_multiplier,
+            sampling=self.sampling,
         )
-        return dp_accounting.SelfComposedDpEvent(one_step, steps)
 
     def epsilon(self, delta: float, steps: int | None = None) -> float:
-        """ε spent after ``steps`` steps at ``delta`` (RDP accountant); inf without noise."""
+        """ε spent after ``steps`` (default: all) steps at ``delta``; inf without noise."""
         if self.noise_multiplier == 0:
             return math.inf
-        if (self.num_steps if steps is None else steps) == 0:
+        steps = self.num_steps if steps is None else steps
+        if steps == 0:
             return 0.0
-        return rdp_epsilon(self.dp_event(steps), delta)
+        return self.make_accountant().epsilon_for(check_delta(delta), steps)

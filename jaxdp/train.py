@@ -27,8 +27,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxdp import accounting, distributed
 from jaxdp import data as data_lib
-from jaxdp import distributed
 from jaxdp.config import ConfigError
 from jaxdp.models import check_dp_compatible, make_model
 from jaxdp.plan import PrivacyPlan
@@ -162,10 +162,17 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
     )
     sigma = config.privacy.noise_multiplier
     need(
-        isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0,
+        sigma is None or (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0),
         "privacy.noise_multiplier",
         sigma,
-        "sigma must be a finite number >= 0",
+        "sigma must be None (calibrate to privacy.target_epsilon) or a finite number >= 0",
+    )
+    target = config.privacy.target_epsilon
+    need(
+        target is None or (isinstance(target, (int, float)) and math.isfinite(target) and target > 0),
+        "privacy.target_epsilon",
+        target,
+        "the target must be None (no target) or a finite number > 0 (e.g. 3.0)",
     )
     delta = config.privacy.delta
     need(isinstance(delta, float) and 0 < delta < 1, "privacy.delta", delta, "delta must lie in (0, 1)")
@@ -187,6 +194,76 @@ def _evaluate(predict, params, x: np.ndarray, y: np.ndarray, batch: int = 1024) 
         pred = np.asarray(predict(params, xb))[:n]
         correct += int(np.sum(pred == y[start : start + n]))
     return correct / len(x)
+
+
+def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_epoch: int) -> PrivacyPlan:
+    """The run's privacy plan: σ calibrated to ``privacy.target_epsilon``, or given and budget-capped.
+
+    * ``noise_multiplier`` None, ``target_epsilon`` set: σ is the smallest that
+      spends at most the target over all planned steps (printed).
+    * both set: σ as given; if the target would be exceeded, the plan keeps only
+      the steps that fit and the run stops there with a message.
+    * ``target_epsilon`` None: σ as given (0 = no noise, no privacy), ε reported.
+    """
+    p = config.privacy
+    planned = config.epochs * steps_per_epoch
+    q = config.batch_size / dataset_size
+    delta = p.delta
+    name = p.accountant
+    if name not in accounting.available_accountants():
+        raise ConfigError(
+            f"privacy.accountant={name!r} is not registered; choose one of "
+            f"{', '.join(accounting.available_accountants())}."
+        )
+    probe = accounting.make_accountant(name, sampling_rate=q, noise_multiplier=1.0)
+    if not probe.is_upper_bound:
+        raise ConfigError(
+            f"privacy.accountant={name!r} is an approximation, not an upper bound on epsilon, so a training "
+            "run cannot rely on it; use 'rdp' or 'pld' (compare accountants with `jaxdp account`)."
+        )
+    target, sigma = p.target_epsilon, p.noise_multiplier
+    steps = planned
+    if sigma is None:
+        if target is None:
+            raise ConfigError(
+                "privacy.target_epsilon and privacy.noise_multiplier are both None; set a target epsilon "
+                "(sigma is then calibrated) or a noise multiplier."
+            )
+        t0 = time.perf_counter()
+        sigma = accounting.calibrate_noise_multiplier(target, delta, q, planned, accountant=name)
+        print(
+            f"jaxdp: calibrated sigma={sigma:.4f}: the smallest noise with epsilon <= {target} at delta={delta:g} "
+            f"over {planned} steps (q={q:.4f}, {name}; took {time.perf_counter() - t0:.2f} s)",
+            flush=True,
+        )
+    elif target is not None:
+        if sigma == 0:
+            raise ConfigError(
+                f"privacy.noise_multiplier=0 adds no noise, so privacy.target_epsilon={target} cannot be met; "
+                "set privacy.noise_multiplier=None to calibrate it, or privacy.target_epsilon=None for a "
+                "non-private run."
+            )
+        steps = accounting.max_steps(target, delta, q, sigma, accountant=name, limit=planned)
+        if steps == 0:
+            raise ConfigError(
+                f"privacy.noise_multiplier={sigma} spends more than privacy.target_epsilon={target} in a single "
+                "step; raise the noise multiplier or the target."
+            )
+        if steps < planned:
+            print(
+                f"jaxdp: budget: sigma={sigma} reaches epsilon={target} after {steps} of the {planned} planned "
+                "steps; the run will stop there.",
+                flush=True,
+            )
+    return PrivacyPlan(
+        dataset_size=dataset_size,
+        batch_size=config.batch_size,
+        l2_clip_norm=float(p.l2_clip_norm),
+        noise_multiplier=float(sigma),
+        num_steps=steps,
+        per_layer=bool(p.per_layer),
+        accountant=name,
+    )
 
 
 class _Run(NamedTuple):
@@ -211,23 +288,7 @@ def _setup(config: ml_collections.ConfigDict) -> _Run:
     n_train = len(dataset.x_train)
     validate_config(config, n_train)
     steps_per_epoch = max(1, round(n_train / config.batch_size))
-    num_steps = config.epochs * steps_per_epoch
-    plan = PrivacyPlan(
-        dataset_size=n_train,
-        batch_size=config.batch_size,
-        l2_clip_norm=float(config.privacy.l2_clip_norm),
-        noise_multiplier=float(config.privacy.noise_multiplier),
-        num_steps=num_steps,
-        per_layer=bool(config.privacy.per_layer),
-    )
-    delta = config.privacy.delta
-    if delta > 1.0 / n_train:
-        print(
-            f"warning: privacy.delta={delta} is larger than 1/N = 1/{n_train}; such a delta allows "
-            "leaking a few examples outright. Use delta well below 1/N.",
-            file=sys.stderr,
-        )
-
+    plan = make_plan(config, n_train, steps_per_epoch)
     model = make_model(
         config.model.name,
         input_shape=dataset.input_shape,
@@ -274,6 +335,12 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     step_fn, accumulate_fn = run.step_fn, run.accumulate_fn
     n_train, n_dev = len(dataset.x_train), mesh.devices.size
     num_steps, delta = plan.num_steps, config.privacy.delta
+    if delta > 1.0 / n_train:
+        print(
+            f"warning: privacy.delta={delta} is larger than 1/N = 1/{n_train}; such a delta allows "
+            "leaking a few examples outright. Use delta well below 1/N.",
+            file=sys.stderr,
+        )
 
     @jax.jit
     def predict(p, x):
@@ -303,12 +370,18 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
         file=sys.stderr,
         dynamic_ncols=True,
     )
+    # The accountant is stepped once per noisy step, on the host, in the loop
+    # that issues the steps: what it reports is what was run.
+    accountant = plan.make_accountant() if plan.noise_multiplier > 0 else None
+    planned_steps = config.epochs * steps_per_epoch
+    num_epochs = -(-num_steps // steps_per_epoch)
     with open(metrics_path, "w") as log, bar:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(1, num_epochs + 1):
             first = (epoch - 1) * steps_per_epoch
+            last_step = min(first + steps_per_epoch, num_steps)
             t0 = time.perf_counter()
             epoch_metrics = []
-            for _, chunks in sampler.steps(first, first + steps_per_epoch):
+            for _, chunks in sampler.steps(first, last_step):
                 acc = None
                 for i, (idx, mask) in enumerate(chunks):
                     xb, yb, mb = distributed.shard_batch(mesh, (x_train[idx], y_train[idx], mask))
@@ -317,21 +390,22 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
                     else:
                         state, m = step_fn(state, acc, xb, yb, mb)
                     epoch_metrics.append(m)
+                if accountant is not None:
+                    accountant.step()
                 bar.update(1)
             epoch_metrics = jax.device_get(epoch_metrics)  # waits for the epoch's steps
             elapsed = time.perf_counter() - t0
             totals = {k: float(sum(m[k] for m in epoch_metrics)) for k in epoch_metrics[0]}
-            if epoch > 1 or config.epochs == 1:
+            if epoch > 1 or num_epochs == 1:
                 steady_examples += totals["examples"]
                 steady_time += elapsed
-            steps_done = epoch * steps_per_epoch
             record = {
                 "epoch": epoch,
-                "step": steps_done,
+                "step": last_step,
                 "loss": totals["loss_sum"] / max(totals["examples"], 1.0),
                 "train_accuracy": _evaluate(predict, state.params, x_train, y_train),
                 "test_accuracy": _evaluate(predict, state.params, dataset.x_test, dataset.y_test),
-                "epsilon": plan.epsilon(delta, steps_done),
+                "epsilon": accountant.epsilon(delta) if accountant is not None else math.inf,
                 "delta": delta,
                 "examples_per_sec": totals["examples"] / elapsed,
                 "fraction_clipped": totals["clipped"] / max(totals["examples"], 1.0),
@@ -348,7 +422,22 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
                     f"| {record['examples_per_sec']:,.0f} ex/s",
                     file=sys.stdout,
                 )
+    if num_steps < planned_steps:
+        print(
+            f"jaxdp: stopped after {num_steps} of {planned_steps} planned steps: one more step would spend more "
+            f"than privacy.target_epsilon={config.privacy.target_epsilon}.",
+            flush=True,
+        )
     last = history[-1]
+    risk = {}
+    if accountant is not None:
+        r = accounting.attack_risk(accountant, delta=delta)
+        risk = {
+            "mu_clt": r.mu_clt,
+            "advantage": r.advantage,
+            "tpr_at_fpr_0.01": r.tpr_at_fpr[0.01],
+            "tpr_at_fpr_0.001": r.tpr_at_fpr[0.001],
+        }
     summary = {
         "dataset": config.dataset,
         "model": config.model.name,
@@ -356,9 +445,13 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
         "train_accuracy": last["train_accuracy"],
         "epsilon": last["epsilon"],
         "delta": delta,
+        "target_epsilon": config.privacy.target_epsilon,
+        "accountant": plan.accountant,
         "noise_multiplier": plan.noise_multiplier,
         "l2_clip_norm": plan.l2_clip_norm,
         "steps": num_steps,
+        "planned_steps": planned_steps,
+        "attack_risk": risk,
         "examples_per_sec": steady_examples / steady_time if steady_time else last["examples_per_sec"],
         "nonfinite_dropped": sum(r["nonfinite_dropped"] for r in history),
         "devices": n_dev,

@@ -1,6 +1,7 @@
 """The main job end to end: config -> private training -> metrics, and the CLI's errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,8 +35,12 @@ def test_default_run_lands_in_accuracy_band_and_spends_the_budget(tmp_path):
     summary = train(config, progress=False)
     assert 0.90 <= summary["test_accuracy"] <= 0.975, summary
     assert 0.90 <= summary["train_accuracy"] <= 0.98, summary
-    assert 2.9 <= summary["epsilon"] <= 3.0, summary
-    assert summary["steps"] == 120 and summary["nonfinite_dropped"] == 0
+    # sigma was calibrated: the whole budget is spent, never more.
+    assert 2.99 <= summary["epsilon"] <= 3.0, summary
+    assert summary["noise_multiplier"] == pytest.approx(5.9716, rel=1e-3)
+    assert summary["steps"] == summary["planned_steps"] == 120 and summary["nonfinite_dropped"] == 0
+    risk = summary["attack_risk"]
+    assert 0.01 < risk["tpr_at_fpr_0.01"] < math.exp(3.0) * 0.01 + 1e-5 and 0 < risk["advantage"] < 1
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == list(range(1, 41))
     eps = [r["epsilon"] for r in lines]
@@ -45,9 +50,34 @@ def test_default_run_lands_in_accuracy_band_and_spends_the_budget(tmp_path):
 
 def test_noise_off_trains_better_than_private(tmp_path):
     """Sanity of the band above: the same recipe without noise fits the training set far better."""
-    config = apply_overrides(load_config(DIGITS), [f"workdir={tmp_path}", "privacy.noise_multiplier=0.0"])
+    config = apply_overrides(
+        load_config(DIGITS), [f"workdir={tmp_path}", "privacy.target_epsilon=None", "privacy.noise_multiplier=0.0"]
+    )
     summary = train(config, progress=False)
     assert summary["train_accuracy"] >= 0.985 and summary["epsilon"] == float("inf"), summary
+
+
+def test_budget_stops_the_run_cleanly(tmp_path, capsys):
+    """A given sigma too small for the target: the run stops before exceeding it, and says so."""
+    config = apply_overrides(load_config(DIGITS), [f"workdir={tmp_path}", "privacy.noise_multiplier=2.5", "epochs=6"])
+    summary = train(config, progress=False)
+    out = capsys.readouterr().out
+    assert summary["steps"] < summary["planned_steps"] == 18
+    assert summary["epsilon"] <= 3.0
+    # One more step would have gone over: the cap is tight, not just safe.
+    plan_next = jaxdp.PrivacyPlan(
+        dataset_size=1437, batch_size=512, l2_clip_norm=1.0, noise_multiplier=2.5, num_steps=summary["steps"] + 1
+    )
+    assert plan_next.epsilon(1e-5) > 3.0
+    assert f"stopped after {summary['steps']} of 18 planned steps" in out
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == summary["steps"]
+
+
+def test_large_delta_is_warned_about(tmp_path, capsys):
+    config = apply_overrides(load_config(f"{DIGITS}:smoke"), [f"workdir={tmp_path}", "privacy.delta=0.001"])
+    train(config, progress=False)
+    assert "privacy.delta=0.001 is larger than 1/N = 1/1437" in capsys.readouterr().err
 
 
 def test_cli_smoke_writes_metrics_and_summary(tmp_path, capsys):
@@ -69,6 +99,11 @@ def test_cli_smoke_writes_metrics_and_summary(tmp_path, capsys):
         (["batch_size=5000"], "batch_size=5000 is larger than the training set (1437 examples)"),
         (["epochs=abc"], "config key 'epochs' expects int"),
         (["dataset=imagenet"], "dataset='imagenet' is not available"),
+        (["privacy.accountant=gdp"], "privacy.accountant='gdp' is an approximation"),
+        (["privacy.accountant=foo"], "privacy.accountant='foo' is not registered"),
+        (["privacy.target_epsilon=None"], "are both None"),
+        (["privacy.target_epsilon=-1.0"], "privacy.target_epsilon=-1.0 is invalid"),
+        (["privacy.noise_multiplier=0.0"], "privacy.target_epsilon=3.0 cannot be met"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(args, message, capsys, tmp_path):
@@ -95,9 +130,9 @@ def test_cli_missing_config_file_real_process():
 
 def test_overrides_cast_types():
     config = apply_overrides(
-        load_config(DIGITS), ["privacy.noise_multiplier=2", "--config.privacy.per_layer=true", "model.kwargs.hidden=32"]
+        load_config(DIGITS), ["privacy.l2_clip_norm=2", "--config.privacy.per_layer=true", "model.kwargs.hidden=32"]
     )
-    assert config.privacy.noise_multiplier == 2.0 and isinstance(config.privacy.noise_multiplier, float)
+    assert config.privacy.l2_clip_norm == 2.0 and isinstance(config.privacy.l2_clip_norm, float)
     assert config.privacy.per_layer is True and config.model.kwargs.hidden == (32,)
     with pytest.raises(ConfigError, match="privacy.per_layer"):
         apply_overrides(load_config(DIGITS), ["privacy.per_layer=2"])
@@ -126,3 +161,39 @@ def test_step_does_not_recompile_and_spilled_draws_are_exact():
     two, _ = step(state0, acc, x[idx[12:]], y[idx[12:]], np.ones(12, np.float32))
     for u, v in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(two.params), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_account_command_table_and_json(capsys):
+    args = ["account", "--sampling-rate", str(256 / 60000), "--noise-multiplier", "1.1", "--steps", "14062"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "| rdp | 2.5966 |" in table and "| pld | 2.38" in table and "gdp (CLT approx.)" in table
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    by_name = {r["accountant"]: r for r in result["accountants"]}
+    assert by_name["rdp"]["epsilon"] == pytest.approx(2.5966, rel=2e-3)
+    assert by_name["pld"]["epsilon"] == pytest.approx(2.3817, rel=1e-2)
+    assert by_name["rdp"]["tpr_at_fpr_0.01"] >= by_name["pld"]["tpr_at_fpr_0.01"]
+
+
+def test_account_command_calibrates(capsys):
+    args = ["account", "--batch-size", "100", "--dataset-size", "10000", "--target-epsilon", "3", "--steps", "10000"]
+    assert main([*args, "--json", "--accountants", "rdp"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["noise_multiplier"] == pytest.approx(1.6619, rel=5e-3)
+    assert result["accountants"][0]["epsilon"] <= 3.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sampling-rate", "2", "--noise-multiplier", "1", "--steps", "3"], "--sampling-rate=2.0 must lie in (0, 1]"),
+        (["--sampling-rate", "0.1", "--noise-multiplier", "-1", "--steps", "3"], "--noise-multiplier=-1.0"),
+        (["--sampling-rate", "0.1", "--noise-multiplier", "1", "--steps", "3", "--delta", "2"], "delta=2.0"),
+        (["--batch-size", "10", "--noise-multiplier", "1", "--steps", "3"], "--batch-size needs --dataset-size"),
+    ],
+)
+def test_account_command_bad_input(args, message, capsys):
+    assert main(["account", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

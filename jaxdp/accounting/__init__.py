@@ -1,33 +1,56 @@
-"""Privacy accounting through Google's dp-accounting.
+"""Privacy accounting: pluggable accountants, calibration and attack-risk reports.
 
-This first piece only turns the plan's ``DpEvent`` into an epsilon with the RDP
-accountant; the pluggable accountant registry and calibration build on it.
+Accountants are picked by name (``rdp``, ``pld``, ``gdp``, or one you register
+with :func:`register_accountant`). ``rdp`` and ``pld`` are Google's
+dp-accounting; ``gdp`` is the CLT approximation (reporting only).
+
+Example:
+  >>> acc = make_accountant("pld", sampling_rate=256 / 60000, noise_multiplier=1.1)
+  >>> acc.compose(14062).epsilon(1e-5)  # doctest: +SKIP
+  2.3817
 """
 
-from __future__ import annotations
+from jaxdp.accounting._base import Accountant, available_accountants, make_accountant, register_accountant
+from jaxdp.accounting._calibrate import calibrate_noise_multiplier, max_epochs, max_steps
+from jaxdp.accounting._dp_accounting import PldAccountant, RdpAccountant, dp_event
+from jaxdp.accounting._gdp import GdpAccountant, gdp_delta, gdp_epsilon, gdp_mu
+from jaxdp.accounting._risk import AttackRisk, attack_risk, calibrate_noise_multiplier_for_attack_risk, tpr_at_fpr
 
-import math
+__all__ = [
+    "Accountant",
+    "AttackRisk",
+    "GdpAccountant",
+    "PldAccountant",
+    "RdpAccountant",
+    "attack_risk",
+    "available_accountants",
+    "calibrate_noise_multiplier",
+    "calibrate_noise_multiplier_for_attack_risk",
+    "dp_event",
+    "gdp_delta",
+    "gdp_epsilon",
+    "gdp_mu",
+    "make_accountant",
+    "max_epochs",
+    "max_steps",
+    "register_accountant",
+    "rdp_epsilon",
+    "tpr_at_fpr",
+]
 
-import dp_accounting
-from dp_accounting import rdp
 
-__all__ = ["RDP_ORDERS", "rdp_epsilon"]
+def rdp_epsilon(event, delta: float) -> float:
+    """ε of any dp-accounting ``DpEvent`` at ``delta`` with the RDP accountant."""
+    import math
 
-# Integer Renyi orders (plus a few large ones). dp-accounting's default list also
-# has fractional orders below 2 whose series often fail to converge (and log a
-# warning each time) for large sampling rates; they are excluded anyway.
-RDP_ORDERS: tuple[float, ...] = tuple(range(2, 257)) + (320, 512, 1024)
+    from dp_accounting import rdp
 
+    from jaxdp.accounting._base import check_delta
+    from jaxdp.accounting._dp_accounting import _quiet_absl
 
-def rdp_epsilon(event: dp_accounting.DpEvent, delta: float) -> float:
-    """Epsilon of ``event`` at ``delta`` with dp-accounting's RDP accountant.
-
-    Raises:
-      ValueError: if ``delta`` is not in (0, 1).
-    """
-    if not (0.0 < float(delta) < 1.0):
-        raise ValueError(f"delta={delta!r} must lie in (0, 1); typical values are below 1/dataset_size.")
-    accountant = rdp.RdpAccountant(orders=list(RDP_ORDERS))
-    accountant.compose(event)
-    eps = accountant.get_epsilon(delta)
+    delta = check_delta(delta)
+    accountant = rdp.RdpAccountant()
+    with _quiet_absl():
+        accountant.compose(event)
+        eps = accountant.get_epsilon(delta)
     return math.inf if eps is None else float(eps)

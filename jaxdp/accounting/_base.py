@@ -1,0 +1,177 @@
+"""The accountant protocol and the registry that picks accountants by name."""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, ClassVar
+
+__all__ = ["Accountant", "available_accountants", "make_accountant", "register_accountant"]
+
+SAMPLINGS = ("poisson",)
+
+_REGISTRY: dict[str, type[Accountant]] = {}
+
+
+def _positive_finite(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    ok = math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}={value!r} must be a finite number {bound}.")
+    return v
+
+
+def check_delta(delta: Any) -> float:
+    try:
+        d = float(delta)
+    except (TypeError, ValueError):
+        d = math.nan
+    if not 0.0 < d < 1.0:
+        raise ValueError(f"delta={delta!r} must lie in (0, 1); use a value well below 1/dataset_size (e.g. 1e-5).")
+    return d
+
+
+class Accountant(abc.ABC):
+    """Tracks the privacy spent by T steps of one Poisson-subsampled Gaussian mechanism.
+
+    Every step uses sampling rate q and noise multiplier σ (the mechanism of a
+    :class:`jaxdp.PrivacyPlan`), so the state is just the step count: saving and
+    restoring it is exact.
+
+    Subclasses implement :meth:`epsilon` and :meth:`delta` for a given number of
+    steps and set ``is_upper_bound`` (``False`` for approximations such as the
+    CLT-based ``gdp``, which training refuses to rely on).
+
+    Args:
+      sampling_rate: q in (0, 1].
+      noise_multiplier: σ > 0.
+      sampling: the sampler that produced the batches. Only ``"poisson"`` has an
+        amplification analysis here; anything else is refused, so a run never
+        claims more than its sampler gives.
+    """
+
+    name: ClassVar[str] = ""
+    is_upper_bound: ClassVar[bool] = True
+
+    def __init__(self, *, sampling_rate: float, noise_multiplier: float, sampling: str = "poisson"):
+        q = _positive_finite("sampling_rate", sampling_rate)
+        if q > 1:
+            raise ValueError(f"sampling_rate={sampling_rate!r} must lie in (0, 1].")
+        self.sampling_rate = q
+        self.noise_multiplier = _positive_finite("noise_multiplier", noise_multiplier)
+        if sampling not in SAMPLINGS:
+            raise ValueError(
+                f"sampling={sampling!r} cannot be accounted for: only Poisson sampling ('poisson') gets "
+                "amplification by subsampling here. Shuffled fixed-size batches need a different analysis "
+                "(dp-accounting's sampling-without-replacement event assumes independent draws per step, "
+                "which shuffling is not); use Poisson sampling for private runs."
+            )
+        self.sampling = sampling
+        self._steps = 0
+
+    # -- composition -------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Steps composed so far."""
+        return self._steps
+
+    def compose(self, steps: int) -> Accountant:
+        """Record ``steps`` more steps of the mechanism."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps={steps!r} must be an int >= 0.")
+        self._steps += steps
+        return self
+
+    def step(self) -> Accountant:
+        """Record one step."""
+        return self.compose(1)
+
+    # -- queries ---------------------------------------------------------------
+    @abc.abstractmethod
+    def epsilon_for(self, delta: float, steps: int) -> float:
+        """ε after ``steps`` steps at ``delta`` (does not change the state)."""
+
+    @abc.abstractmethod
+    def delta_for(self, epsilon: float, steps: int) -> float:
+        """δ after ``steps`` steps at ``epsilon`` (does not change the state)."""
+
+    def epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta`` (0 before the first step)."""
+        delta = check_delta(delta)
+        return 0.0 if self._steps == 0 else float(self.epsilon_for(delta, self._steps))
+
+    def delta(self, epsilon: float) -> float:
+        """δ spent so far at ``epsilon`` (0 before the first step)."""
+        epsilon = _positive_finite("epsilon", epsilon, allow_zero=True)
+        return 0.0 if self._steps == 0 else float(self.delta_for(epsilon, self._steps))
+
+    # -- state -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume: the mechanism and the step count."""
+        return {
+            "name": self.name,
+            "sampling_rate": self.sampling_rate,
+            "noise_multiplier": self.noise_multiplier,
+            "sampling": self.sampling,
+            "steps": self._steps,
+        }
+
+    def load_state_dict(self, state: dict) -> Accountant:
+        """Restore the step count; refuses a state of a different mechanism."""
+        mine = self.state_dict()
+        for key in ("name", "sampling_rate", "noise_multiplier", "sampling"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"accountant state has {key}={state.get(key)!r} but this accountant has {mine[key]!r}; "
+                    "restore into an accountant built for the same mechanism."
+                )
+        steps = state.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"accountant state has steps={steps!r}; expected an int >= 0.")
+        self._steps = steps
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(sampling_rate={self.sampling_rate}, noise_multiplier={self.noise_multiplier}, "
+            f"sampling={self.sampling!r}, steps={self._steps})"
+        )
+
+
+def register_accountant(name: str, cls: type[Accountant]) -> type[Accountant]:
+    """Make ``cls`` available by ``name`` in configs, the CLI and calibration.
+
+    Example:
+      >>> class MyAccountant(jaxdp.accounting.Accountant):
+      ...     def epsilon_for(self, delta, steps): ...
+      ...     def delta_for(self, epsilon, steps): ...
+      >>> jaxdp.accounting.register_accountant("mine", MyAccountant)
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Accountant)):
+        raise TypeError(f"{cls!r} is not a subclass of jaxdp.accounting.Accountant.")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"accountant name {name!r} must be a non-empty string.")
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+
+
+def available_accountants() -> list[str]:
+    """Registered accountant names."""
+    return sorted(_REGISTRY)
+
+
+def make_accountant(
+    name: str, *, sampling_rate: float, noise_multiplier: float, sampling: str = "poisson", **options
+) -> Accountant:
+    """Build a registered accountant by name (``options`` go to its constructor)."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"accountant={name!r} is not registered; choose one of {', '.join(available_accountants())} "
+            "or register your own with jaxdp.accounting.register_accountant(name, cls)."
+        )
+    return _REGISTRY[name](sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, sampling=sampling, **options)

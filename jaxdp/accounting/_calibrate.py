@@ -1,0 +1,171 @@
+"""Noise calibration (target ε or target attack risk) and the inverse helpers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from scipy import optimize
+
+from jaxdp.accounting._base import _positive_finite, check_delta, make_accountant
+from jaxdp.accounting._gdp import gdp_epsilon, gdp_mu
+
+__all__ = ["calibrate_noise_multiplier", "max_epochs", "max_steps"]
+
+
+def _check_common(sampling_rate, steps):
+    q = _positive_finite("sampling_rate", sampling_rate)
+    if q > 1:
+        raise ValueError(f"sampling_rate={sampling_rate!r} must lie in (0, 1].")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be an int >= 1.")
+    return q
+
+
+def smallest_sigma(value: Callable[[float], float], target: float, *, guess: float, rtol: float, what: str) -> float:
+    """Smallest σ (to relative ``rtol``) with ``value(σ) <= target``; ``value`` must fall as σ grows.
+
+    Brent's method on log σ from a bracket around ``guess`` (a few evaluations of
+    the accountant instead of a full bisection), then a guard that the returned
+    σ really meets the target.
+    """
+    if not (math.isfinite(guess) and guess > 0):
+        guess = 1.0
+
+    def f(log_sigma):
+        return value(math.exp(log_sigma)) - target
+
+    lo, hi = math.log(guess) - 0.2, math.log(guess) + 0.2
+    f_lo, f_hi = f(lo), f(hi)
+    while f_hi > 0:  # not enough noise yet at hi
+        lo, f_lo = hi, f_hi
+        hi += 0.7
+        if hi > math.log(1e5):
+            raise ValueError(f"no noise multiplier up to 1e5 reaches {what}; loosen the target or take fewer steps.")
+        f_hi = f(hi)
+    while f_lo <= 0:  # lo already meets the target: go lower
+        hi, f_hi = lo, f_lo
+        lo -= 0.7
+        if lo < math.log(1e-4):
+            return math.exp(hi)
+        f_lo = f(lo)
+    root = optimize.brentq(f, lo, hi, xtol=rtol / 4, rtol=1e-12)
+    sigma = math.exp(root) * (1 + rtol / 2)
+    while value(sigma) > target:
+        sigma *= 1 + rtol / 2
+    return sigma
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sampling_rate: float,
+    steps: int,
+    *,
+    accountant: str = "rdp",
+    rtol: float = 1e-4,
+    sampling: str = "poisson",
+) -> float:
+    """Smallest noise multiplier σ whose run spends at most ``target_epsilon``.
+
+    Root-finding in log σ (Brent) over the named accountant's ε(δ) after ``steps``
+    steps, started from the CLT (gdp) estimate.
+
+    Returns:
+      σ such that ε(σ) <= target_epsilon, and σ / (1 + rtol) does not meet the
+      target (so σ is the smallest to relative tolerance ``rtol``, default 1e-4).
+
+    Raises:
+      ValueError: for non-positive or non-finite targets, δ outside (0, 1), a
+        sampling rate outside (0, 1], steps < 1, or an unreachable target.
+
+    Example:
+      >>> round(calibrate_noise_multiplier(3.0, 1e-5, 0.01, 10000), 3)
+      1.662
+    """
+    eps = _positive_finite("target_epsilon", target_epsilon)
+    delta = check_delta(delta)
+    q = _check_common(sampling_rate, steps)
+
+    def epsilon(sigma):
+        acc = make_accountant(accountant, sampling_rate=q, noise_multiplier=sigma, sampling=sampling)
+        return acc.epsilon_for(delta, steps)
+
+    return smallest_sigma(
+        epsilon,
+        eps,
+        guess=_clt_guess(eps, delta, q, steps),
+        rtol=rtol,
+        what=f"epsilon={eps} at delta={delta} in {steps} steps",
+    )
+
+
+def _clt_guess(target_epsilon: float, delta: float, q: float, steps: int) -> float:
+    """σ at which the CLT (gdp) reaches the target: a cheap starting point, not a result."""
+
+    def meets(sigma):
+        try:
+            return gdp_epsilon(gdp_mu(q, sigma, steps), delta) <= target_epsilon
+        except (OverflowError, ValueError, ZeroDivisionError):
+            return False  # σ so small that μ overflows: far from meeting any target
+
+    lo, hi = 1e-2, 1e3
+    if meets(lo) or not meets(hi):
+        return 1.0
+    for _ in range(40):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+    return hi
+
+
+def max_steps(
+    target_epsilon: float,
+    delta: float,
+    sampling_rate: float,
+    noise_multiplier: float,
+    *,
+    accountant: str = "rdp",
+    limit: int = 10**8,
+    sampling: str = "poisson",
+) -> int:
+    """Largest number of steps (at most ``limit``) whose ε stays <= ``target_epsilon``.
+
+    0 if even one step exceeds the target.
+    """
+    eps = _positive_finite("target_epsilon", target_epsilon)
+    delta = check_delta(delta)
+    acc = make_accountant(
+        accountant, sampling_rate=_check_common(sampling_rate, 1), noise_multiplier=noise_multiplier, sampling=sampling
+    )
+
+    def ok(t):
+        return acc.epsilon_for(delta, t) <= eps
+
+    if not ok(1):
+        return 0
+    if ok(limit):
+        return limit
+    lo, hi = 1, min(2, limit)
+    while ok(hi):
+        lo, hi = hi, min(hi * 2, limit)
+    while hi - lo > 1:  # ok(lo) and not ok(hi)
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def max_epochs(
+    target_epsilon: float,
+    delta: float,
+    dataset_size: int,
+    batch_size: int,
+    noise_multiplier: float,
+    *,
+    accountant: str = "rdp",
+) -> float:
+    """Epochs (of ``dataset_size / batch_size`` steps) allowed within ``target_epsilon``."""
+    steps = max_steps(target_epsilon, delta, batch_size / dataset_size, noise_multiplier, accountant=accountant)
+    return steps * batch_size / dataset_size
