@@ -204,3 +204,14 @@ def test_risk_grid_is_fine_enough():
     e = deltas_fine_grid
     fine_tpr = float(np.min(np.minimum(fine + np.exp(e) * 0.01, 1 - np.exp(-e) * (1 - fine - 0.01))))
     assert _risk.tpr_at_fpr(acc, 0.01) == pytest.approx(fine_tpr, rel=5e-3)
+
+
+def test_pld_matches_dp_accounting_pld_accountant_on_dp_events():
+    """Our pld (the PLD library directly) equals dp-accounting's PLDAccountant fed the plan's DpEvent."""
+    from dp_accounting import pld
+
+    ref = pld.PLDAccountant()
+    ref.compose(accounting.dp_event(0.02, 0.9, 300))
+    ours = make_accountant("pld", sampling_rate=0.02, noise_multiplier=0.9).compose(300)
+    assert ours.epsilon(1e-6) == pytest.approx(ref.get_epsilon(1e-6), rel=1e-9)
+    assert ours.delta(1.5) == pytest.approx(ref.get_delta(1.5), rel=1e-9)
