@@ -12,7 +12,8 @@ import ml_collections
 
 def get_config(arg=None):
     config = ml_collections.ConfigDict()
-    config.dataset = "digits"
+    config.dataset = "digits"  # built-in; or a prepared TFDS dataset (mnist, cifar10, ...) under data_dir
+    config.data_dir = ""  # TFDS data_dir ("" = TFDS default); unused for built-in datasets
     config.seed = 0
     config.workdir = "runs/digits"
 

@@ -284,7 +284,7 @@ def _setup(config: ml_collections.ConfigDict) -> _Run:
     distributed.initialize(
         config.distributed.coordinator_address, config.distributed.num_processes, config.distributed.process_id
     )
-    dataset = data_lib.load(config.dataset)
+    dataset = data_lib.load(config.dataset, config.data_dir or None)
     n_train = len(dataset.x_train)
     validate_config(config, n_train)
     steps_per_epoch = max(1, round(n_train / config.batch_size))

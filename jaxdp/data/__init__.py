@@ -3,6 +3,11 @@
 ``load("digits")`` is scikit-learn's bundled handwritten digits (real data that
 ships inside the installed scikit-learn package: 1,797 8x8 grey images, 10
 classes) with a fixed stratified 80/20 train/test split.
+
+``load("mnist", data_dir=...)`` (also ``fashion_mnist``, ``cifar10``,
+``cifar100``, or any image-classification TFDS name) reads a TFDS dataset that
+was *prepared beforehand* in the array_record format; nothing is downloaded. A
+dataset that is not there is a one-line error saying how to prepare it.
 """
 
 from __future__ import annotations
@@ -41,19 +46,73 @@ def _digits() -> Dataset:
 
 
 _BUILTIN = {"digits": _digits}
+TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+_NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
 
 
 def available() -> list[str]:
-    """Names :func:`load` accepts."""
-    return sorted(_BUILTIN)
+    """Names :func:`load` accepts (TFDS ones need a prepared ``data_dir``)."""
+    return sorted(_BUILTIN) + list(TFDS_DATASETS)
 
 
-def load(name: str) -> Dataset:
-    """Load a built-in dataset by name.
+def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
+    n = len(source)
+    images, labels = [], []
+    for start in range(0, n, 4096):
+        idx = list(range(start, min(n, start + 4096)))
+        try:
+            records = source.__getitems__(idx)  # batched random access (array_record)
+        except (AttributeError, TypeError):
+            records = [source[i] for i in idx]
+        images.extend(r["image"] for r in records)
+        labels.extend(r["label"] for r in records)
+    return np.stack(images), np.asarray(labels, np.int32)
+
+
+def _tfds(name: str, data_dir: str | None) -> Dataset:
+    import tensorflow_datasets as tfds
+
+    where = data_dir or "the default TFDS directory (~/tensorflow_datasets)"
+    how = (
+        f"TFDS dataset {name!r} is not prepared in {where}; nothing is downloaded at run time. On a connected "
+        f"machine run `tfds build {name} --file_format=array_record --data_dir DIR`, copy DIR here and set "
+        "data_dir=DIR."
+    )
+    try:
+        train = tfds.data_source(name, split="train", data_dir=data_dir or None, download=False)
+        test = tfds.data_source(name, split="test", data_dir=data_dir or None, download=False)
+        x_tr, y_tr = _read_split(train)
+        x_te, y_te = _read_split(test)
+    except (FileNotFoundError, NotImplementedError, AssertionError, ValueError, KeyError) as e:
+        raise ValueError(f"{how} ({type(e).__name__})") from None
+    num_classes = _NUM_CLASSES.get(name) or int(max(y_tr.max(), y_te.max()) + 1)
+    scale = 255.0 if x_tr.dtype == np.uint8 else 1.0
+    return Dataset(
+        name,
+        x_tr.astype(np.float32) / scale,
+        y_tr,
+        x_te.astype(np.float32) / scale,
+        y_te,
+        num_classes,
+    )
+
+
+def load(name: str, data_dir: str | None = None) -> Dataset:
+    """Load a dataset by name: built-in (``digits``) or a prepared TFDS dataset.
+
+    Args:
+      name: ``digits``, or a TFDS image-classification dataset name.
+      data_dir: where the TFDS dataset was prepared (ignored for built-ins).
 
     Raises:
-      ValueError: for an unknown name, listing the known ones.
+      ValueError: for an unknown name, or a TFDS dataset that is not prepared
+        (the message says how to prepare it).
     """
-    if name not in _BUILTIN:
-        raise ValueError(f"dataset={name!r} is not available; built-in datasets: {', '.join(available())}.")
-    return _BUILTIN[name]()
+    if name in _BUILTIN:
+        return _BUILTIN[name]()
+    if name in TFDS_DATASETS:
+        return _tfds(name, data_dir)
+    raise ValueError(
+        f"dataset={name!r} is not available; built-in: {', '.join(sorted(_BUILTIN))}; "
+        f"TFDS (prepared data_dir): {', '.join(TFDS_DATASETS)}."
+    )

@@ -1,0 +1,36 @@
+"""Datasets: the built-in digits and the TFDS path, run for real on TFDS's mock data."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxdp import data
+
+
+def test_digits_split_is_fixed_and_normalised():
+    a, b = data.load("digits"), data.load("digits")
+    assert a.x_train.shape == (1437, 8, 8, 1) and a.x_test.shape == (360, 8, 8, 1)
+    np.testing.assert_array_equal(a.y_test, b.y_test)
+    assert a.x_train.min() == 0.0 and a.x_train.max() == 1.0 and a.num_classes == 10
+
+
+@pytest.mark.parametrize("name, shape, classes", [("mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10)])
+def test_tfds_loading_code_runs_on_mock_data(name, shape, classes):
+    with tfds.testing.mock_data(num_examples=24):
+        ds = data.load(name, data_dir="/nonexistent/only/mocked")
+    assert ds.x_train.shape == (24, *shape) and ds.x_test.shape == (24, *shape)
+    assert ds.x_train.dtype == np.float32 and 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+    assert ds.y_train.dtype == np.int32 and ds.num_classes == classes and ds.input_shape == shape
+
+
+def test_unprepared_tfds_dataset_is_a_one_line_error_saying_how(tmp_path):
+    with pytest.raises(ValueError) as info:
+        data.load("mnist", data_dir=str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"not prepared in {tmp_path}" in message and "tfds build mnist --file_format=array_record" in message
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="dataset='imagenet' is not available"):
+        data.load("imagenet")

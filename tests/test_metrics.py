@@ -1,0 +1,65 @@
+"""Uncertainty metrics against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+
+from jaxdp import metrics
+
+
+def test_ece_hand_computed_case():
+    # 4 examples, 2 classes, 5 bins of width 0.2.
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.55, 0.45], [0.15, 0.85]])
+    labels = np.array([0, 0, 0, 1])
+    # confidences 0.9 (bin 4, correct), 0.7 (bin 3, wrong), 0.55 (bin 2, correct), 0.85 (bin 4, correct)
+    # bin 2: |1 - 0.55| = 0.45, n=1; bin 3: |0 - 0.7| = 0.7, n=1; bin 4: |1 - 0.875| = 0.125, n=2
+    expected = (0.45 + 0.7 + 2 * 0.125) / 4
+    assert metrics.expected_calibration_error(probs, labels, num_bins=5) == pytest.approx(expected, abs=1e-12)
+    bins = metrics.reliability_bins(probs, labels, num_bins=5)
+    np.testing.assert_array_equal(bins.count, [0, 0, 1, 1, 2])
+
+
+def test_perfectly_calibrated_predictions_have_ece_near_zero():
+    rng = np.random.default_rng(0)
+    n = 200_000
+    conf = rng.uniform(0.5, 1.0, n)
+    # The predicted class is right with probability exactly equal to the confidence.
+    labels = (rng.uniform(size=n) >= conf).astype(np.int64)  # class 0 predicted; correct w.p. conf
+    probs = np.stack([conf, 1 - conf], axis=1)
+    assert metrics.expected_calibration_error(probs, labels) < 0.01
+    # An overconfident model on the same labels is clearly miscalibrated.
+    sharp = np.stack([np.minimum(conf + 0.2, 1.0), 1 - np.minimum(conf + 0.2, 1.0)], axis=1)
+    assert metrics.expected_calibration_error(sharp, labels) > 0.1
+
+
+def test_nll_brier_accuracy_closed_form():
+    probs = np.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]])
+    labels = np.array([0, 2])
+    assert metrics.accuracy(probs, labels) == 0.5
+    assert metrics.nll(probs, labels) == pytest.approx(-(math.log(0.5) + math.log(0.1)) / 2)
+    brier = ((0.5**2 + 0.25**2 + 0.25**2) + (0.1**2 + 0.8**2 + 0.9**2)) / 2
+    assert metrics.brier_score(probs, labels) == pytest.approx(brier)
+    assert set(metrics.uncertainty_metrics(probs, labels)) == {"accuracy", "nll", "brier", "ece"}
+
+
+def test_reliability_diagram_png(tmp_path):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(500, 10))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    path = metrics.reliability_diagram(probs, rng.integers(0, 10, 500), str(tmp_path / "rel.png"), title="test")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "probs, labels, match",
+    [
+        (np.ones((3, 2)), np.zeros(3, int), "probabilities"),
+        (np.full((3, 2), 0.5), np.zeros(4, int), "shape"),
+        (np.full((3, 2), 0.5), np.array([0, 1, 2]), "labels must be integers in 0..1"),
+    ],
+)
+def test_bad_input(probs, labels, match):
+    with pytest.raises(ValueError, match=match):
+        metrics.expected_calibration_error(probs, labels)
