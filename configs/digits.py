@@ -38,6 +38,7 @@ def get_config(arg=None):
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 0.02
     config.optimizer.momentum = 0.0  # sgd only
+    config.optimizer.weight_decay = 0.0  # = a Gaussian prior (post-processing: privacy unchanged)
 
     config.distributed = ml_collections.ConfigDict()
     config.distributed.coordinator_address = ""  # "auto" on TPU pods / managed clusters

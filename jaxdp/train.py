@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -34,6 +34,7 @@ from jaxdp.models import check_dp_compatible, make_model
 from jaxdp.plan import PrivacyPlan
 
 __all__ = [
+    "TrainCallback",
     "TrainState",
     "classification_loss",
     "make_optimizer",
@@ -62,12 +63,21 @@ def classification_loss(graphdef: nnx.GraphDef, rest: Any) -> Callable[..., jax.
     return loss_fn
 
 
-def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0) -> optax.GradientTransformation:
-    """The (public, non-private) optimizer chained after the privatizer."""
+def make_optimizer(
+    name: str, learning_rate: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+    """The (public, non-private) optimizer chained after the privatizer.
+
+    ``weight_decay`` adds ``weight_decay * params`` to the noisy gradient (a
+    Gaussian prior; post-processing of public parameters, so privacy is unchanged).
+    """
+    if weight_decay < 0:
+        raise ConfigError(f"optimizer.weight_decay={weight_decay!r} must be >= 0.")
+    decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
     if name == "sgd":
-        return optax.sgd(learning_rate, momentum=momentum or None)
+        return optax.chain(*decay, optax.sgd(learning_rate, momentum=momentum or None))
     if name == "adam":
-        return optax.adam(learning_rate)
+        return optax.chain(*decay, optax.adam(learning_rate))
     raise ConfigError(f"optimizer.name={name!r} is not known; choose 'sgd' or 'adam'.")
 
 
@@ -266,6 +276,24 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
     )
 
 
+class TrainCallback:
+    """Hooks into :func:`train` for work that only *reads* the run (post-processing).
+
+    Subclass and override what you need. Callbacks see public parameters only,
+    so nothing they do changes the privacy guarantee.
+    """
+
+    def on_start(self, *, predict_logits: Callable, dataset: Any, plan: PrivacyPlan) -> None:
+        """Before the first step. ``predict_logits(params, x)`` is jitted."""
+
+    def on_step(self, step: int, params: Any) -> None:
+        """After noisy step ``step`` (1-based) with the updated parameters."""
+
+    def on_end(self, params: Any, workdir: str) -> dict:
+        """After the last step; returns extra entries for the summary."""
+        return {}
+
+
 class _Run(NamedTuple):
     dataset: Any
     plan: PrivacyPlan
@@ -299,7 +327,12 @@ def _setup(config: ml_collections.ConfigDict) -> _Run:
     check_dp_compatible(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss_fn = classification_loss(graphdef, rest)
-    optimizer = make_optimizer(config.optimizer.name, config.optimizer.learning_rate, config.optimizer.momentum)
+    optimizer = make_optimizer(
+        config.optimizer.name,
+        config.optimizer.learning_rate,
+        config.optimizer.momentum,
+        config.optimizer.get("weight_decay", 0.0),
+    )
     mesh = distributed.make_mesh()
     tx, step_fn, accumulate_fn = make_private_step(
         plan,
@@ -318,11 +351,13 @@ def _setup(config: ml_collections.ConfigDict) -> _Run:
     return _Run(dataset, plan, steps_per_epoch, graphdef, rest, mesh, sampler, state, step_fn, accumulate_fn)
 
 
-def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
+def train(
+    config: ml_collections.ConfigDict, *, progress: bool = True, callbacks: Sequence[TrainCallback] = ()
+) -> dict:
     """Run private training from a config; returns (and prints) the summary.
 
     Writes ``metrics.jsonl`` (one line per epoch) and ``summary.json`` under
-    ``config.workdir``.
+    ``config.workdir``. ``callbacks`` (:class:`TrainCallback`) observe the run.
     """
     try:
         run = _setup(config)
@@ -373,6 +408,10 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     # The accountant is stepped once per noisy step, on the host, in the loop
     # that issues the steps: what it reports is what was run.
     accountant = plan.make_accountant() if plan.noise_multiplier > 0 else None
+    logits_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest)(x))
+    for cb in callbacks:
+        cb.on_start(predict_logits=logits_fn, dataset=dataset, plan=plan)
+    step_count = 0
     planned_steps = config.epochs * steps_per_epoch
     num_epochs = -(-num_steps // steps_per_epoch)
     with open(metrics_path, "w") as log, bar:
@@ -392,6 +431,9 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
                     epoch_metrics.append(m)
                 if accountant is not None:
                     accountant.step()
+                step_count += 1
+                for cb in callbacks:
+                    cb.on_step(step_count, state.params)
                 bar.update(1)
             epoch_metrics = jax.device_get(epoch_metrics)  # waits for the epoch's steps
             elapsed = time.perf_counter() - t0
@@ -438,6 +480,9 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
             "tpr_at_fpr_0.01": r.tpr_at_fpr[0.01],
             "tpr_at_fpr_0.001": r.tpr_at_fpr[0.001],
         }
+    extra = {}
+    for cb in callbacks:
+        extra.update(cb.on_end(state.params, workdir))
     summary = {
         "dataset": config.dataset,
         "model": config.model.name,
@@ -457,6 +502,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
         "devices": n_dev,
         "wall_time_s": time.perf_counter() - t_start,
         "workdir": workdir,
+        **extra,
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

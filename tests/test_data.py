@@ -34,3 +34,23 @@ def test_unprepared_tfds_dataset_is_a_one_line_error_saying_how(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="dataset='imagenet' is not available"):
         data.load("imagenet")
+
+
+def test_npz_user_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "xray.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (10, 16, 16, 1), dtype=np.uint8),
+        y_train=rng.integers(0, 2, 10),
+        x_test=rng.integers(0, 256, (4, 16, 16, 1), dtype=np.uint8),
+        y_test=np.array([0, 1, 1, 0]),
+    )
+    ds = data.load(f"npz:{path}")
+    assert ds.name == "xray" and ds.num_classes == 2 and ds.input_shape == (16, 16, 1)
+    assert ds.x_train.dtype == np.float32 and ds.x_train.max() <= 1.0
+    np.savez(tmp_path / "bad.npz", x_train=np.zeros((3, 2)), y_train=np.zeros(3, int))
+    with pytest.raises(ValueError, match=r"lacks \['x_test', 'y_test'\]"):
+        data.load(f"npz:{tmp_path / 'bad.npz'}")
+    with pytest.raises(ValueError, match="not found; provide an .npz file with arrays x_train"):
+        data.load(f"npz:{tmp_path / 'missing.npz'}")

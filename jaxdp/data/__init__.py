@@ -12,6 +12,7 @@ dataset that is not there is a one-line error saying how to prepare it.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -97,11 +98,46 @@ def _tfds(name: str, data_dir: str | None) -> Dataset:
     )
 
 
+NPZ_FORMAT = (
+    "an .npz file with arrays x_train (n, H, W, C) or (n, features), y_train (n,) integer labels 0..K-1, "
+    "x_test, y_test; float images are used as they are, uint8 images are scaled to [0, 1]"
+)
+
+
+def _npz(path: str) -> Dataset:
+    if not os.path.isfile(path):
+        raise ValueError(f"dataset file {path!r} not found; provide {NPZ_FORMAT}.")
+    with np.load(path, allow_pickle=False) as f:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
+        if missing:
+            raise ValueError(f"{path!r} lacks {sorted(missing)}; expected {NPZ_FORMAT}.")
+        arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{path!r}: x_{split} {x.shape} / y_{split} {y.shape} {y.dtype} do not match {NPZ_FORMAT}.")
+
+    def images(x):
+        return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
+
+    num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max()) + 1)
+    name = os.path.splitext(os.path.basename(path))[0]
+    return Dataset(
+        name,
+        images(arrays["x_train"]),
+        arrays["y_train"].astype(np.int32),
+        images(arrays["x_test"]),
+        arrays["y_test"].astype(np.int32),
+        num_classes,
+    )
+
+
 def load(name: str, data_dir: str | None = None) -> Dataset:
     """Load a dataset by name: built-in (``digits``) or a prepared TFDS dataset.
 
     Args:
-      name: ``digits``, or a TFDS image-classification dataset name.
+      name: ``digits``, a TFDS image-classification dataset name, or
+        ``npz:PATH`` for your own arrays (see ``NPZ_FORMAT``).
       data_dir: where the TFDS dataset was prepared (ignored for built-ins).
 
     Raises:
@@ -112,7 +148,9 @@ def load(name: str, data_dir: str | None = None) -> Dataset:
         return _BUILTIN[name]()
     if name in TFDS_DATASETS:
         return _tfds(name, data_dir)
+    if name.startswith("npz:"):
+        return _npz(name[4:])
     raise ValueError(
         f"dataset={name!r} is not available; built-in: {', '.join(sorted(_BUILTIN))}; "
-        f"TFDS (prepared data_dir): {', '.join(TFDS_DATASETS)}."
+        f"TFDS (prepared data_dir): {', '.join(TFDS_DATASETS)}; your own arrays: npz:PATH."
     )
