@@ -30,8 +30,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check jaxdp tests benchmarks configs
-	$(VENV)/bin/ruff format --check jaxdp tests benchmarks configs
+	$(VENV)/bin/ruff check jaxdp tests benchmarks configs experiments
+	$(VENV)/bin/ruff format --check jaxdp tests benchmarks configs experiments
 
 clean:
 	rm -rf runs .pytest_cache

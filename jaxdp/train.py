@@ -351,9 +351,7 @@ def _setup(config: ml_collections.ConfigDict) -> _Run:
     return _Run(dataset, plan, steps_per_epoch, graphdef, rest, mesh, sampler, state, step_fn, accumulate_fn)
 
 
-def train(
-    config: ml_collections.ConfigDict, *, progress: bool = True, callbacks: Sequence[TrainCallback] = ()
-) -> dict:
+def train(config: ml_collections.ConfigDict, *, progress: bool = True, callbacks: Sequence[TrainCallback] = ()) -> dict:
     """Run private training from a config; returns (and prints) the summary.
 
     Writes ``metrics.jsonl`` (one line per epoch) and ``summary.json`` under

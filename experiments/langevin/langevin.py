@@ -37,7 +37,9 @@ from jaxdp.train import TrainCallback
 __all__ = ["PosteriorPredictive", "learning_rate_for_temperature", "noise_for_temperature", "temperature"]
 
 
-def temperature(*, learning_rate: float, dataset_size: int, batch_size: int, noise_multiplier: float, l2_clip_norm: float) -> float:
+def temperature(
+    *, learning_rate: float, dataset_size: int, batch_size: int, noise_multiplier: float, l2_clip_norm: float
+) -> float:
     """τ = η N σ² C² / (2 B²) of a plain-SGD DP update."""
     return learning_rate * dataset_size * noise_multiplier**2 * l2_clip_norm**2 / (2 * batch_size**2)
 
@@ -52,7 +54,13 @@ def learning_rate_for_temperature(
 
 
 def noise_for_temperature(
-    tau: float, *, learning_rate: float, dataset_size: int, batch_size: int, l2_clip_norm: float, privacy_noise_multiplier: float
+    tau: float,
+    *,
+    learning_rate: float,
+    dataset_size: int,
+    batch_size: int,
+    l2_clip_norm: float,
+    privacy_noise_multiplier: float,
 ) -> tuple[float, float]:
     """Noise multiplier for temperature ``tau`` at a fixed step size, never below the privacy σ.
 

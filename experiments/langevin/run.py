@@ -102,10 +102,15 @@ def main(argv=None):
                     )
                 results.append(row)
                 if seed == args.seeds[0]:
-                    tag = method.split(" ")[0] + ("_final" if "final" in method else "_tuned" if "tuned" in method else "")
+                    tag = method.split(" ")[0] + (
+                        "_final" if "final" in method else "_tuned" if "tuned" in method else ""
+                    )
                     metrics.reliability_diagram(
-                        probs, labels, os.path.join(args.out, f"reliability_{tag}_eps{eps:g}.png"),
-                        num_bins=args.bins, title=f"{method.split(' (')[0]} eps={eps:g}",
+                        probs,
+                        labels,
+                        os.path.join(args.out, f"reliability_{tag}_eps{eps:g}.png"),
+                        num_bins=args.bins,
+                        title=f"{method.split(' (')[0]} eps={eps:g}",
                     )
             print(
                 f"eps={eps:g} seed={seed}: sigma={info['sigma']:.3f} tau={info['tau']:.3f} "

@@ -115,7 +115,9 @@ def _npz(path: str) -> Dataset:
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"{path!r}: x_{split} {x.shape} / y_{split} {y.shape} {y.dtype} do not match {NPZ_FORMAT}.")
+            raise ValueError(
+                f"{path!r}: x_{split} {x.shape} / y_{split} {y.shape} {y.dtype} do not match {NPZ_FORMAT}."
+            )
 
     def images(x):
         return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
