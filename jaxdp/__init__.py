@@ -12,6 +12,7 @@ Public API (everything else is an implementation detail):
 
 from jaxdp.clipping import ClippedGradAux, ClippedGradFn, clipped_grad, per_example_norms
 from jaxdp.noise import PrivatizeState, add_noise, privatize
+from jaxdp.optimizers import conjugate_complex, dp_optimizer
 from jaxdp.plan import PrivacyPlan
 from jaxdp.sampling import PoissonSampler
 
@@ -25,6 +26,8 @@ __all__ = [
     "PrivatizeState",
     "add_noise",
     "clipped_grad",
+    "conjugate_complex",
+    "dp_optimizer",
     "per_example_norms",
     "privatize",
 ]

@@ -31,6 +31,7 @@ from jaxdp import accounting, distributed
 from jaxdp import data as data_lib
 from jaxdp.config import ConfigError
 from jaxdp.models import check_dp_compatible, make_model
+from jaxdp.optimizers import dp_optimizer
 from jaxdp.plan import PrivacyPlan
 
 __all__ = [
@@ -93,7 +94,8 @@ def make_private_step(
     """Build the jitted pieces of a DP-SGD step from a plan.
 
     Returns:
-      ``(tx, step, accumulate)`` where ``tx = chain(plan.privatizer(key), optimizer)``;
+      ``(tx, step, accumulate)`` where ``tx = chain(plan.privatizer(key),
+      conjugate_complex(), optimizer)``;
       ``step(state, acc, x, y, mask) -> (state, metrics)`` adds the clipped sum of
       this chunk to ``acc`` (``None`` for a one-chunk draw), adds the noise once
       and updates; ``accumulate(params, acc, x, y, mask) -> (acc, metrics)`` is
@@ -104,7 +106,7 @@ def make_private_step(
     grad_fn = plan.clipped_grad(loss_fn, microbatch_size=microbatch_size)
     if mesh is not None:
         grad_fn = distributed.data_parallel(grad_fn, mesh)
-    tx = optax.chain(plan.privatizer(noise_key), optimizer)
+    tx = dp_optimizer(plan.privatizer(noise_key), optimizer)  # complex leaves: see jaxdp.optimizers
 
     def chunk(params, acc, x, y, mask):
         g, aux = grad_fn(params, x, y, example_mask=mask)

@@ -1,7 +1,38 @@
 """DP-compatible Flax NNX models and the check that refuses cross-example layers."""
 
+from jaxdp.models._complex import (
+    ComplexCNN,
+    ComplexConv,
+    ComplexDense,
+    ComplexGroupNorm,
+    cardioid,
+    complex_avg_pool,
+    complex_weight_standardize,
+    conjugate_mish,
+    magnitude,
+    mod_relu,
+    split_mish,
+)
 from jaxdp.models._conv import DPConv, conv_same
 from jaxdp.models._nets import CNN, MLP, make_model
 from jaxdp.models._validate import check_dp_compatible
 
-__all__ = ["CNN", "DPConv", "MLP", "conv_same", "check_dp_compatible", "make_model"]
+__all__ = [
+    "CNN",
+    "ComplexCNN",
+    "ComplexConv",
+    "ComplexDense",
+    "ComplexGroupNorm",
+    "DPConv",
+    "cardioid",
+    "complex_avg_pool",
+    "complex_weight_standardize",
+    "conjugate_mish",
+    "magnitude",
+    "mod_relu",
+    "split_mish",
+    "MLP",
+    "conv_same",
+    "check_dp_compatible",
+    "make_model",
+]

@@ -109,4 +109,8 @@ def _build(name, input_shape, num_classes, rngs, kwargs):
                 f"model 'cnn' needs (height, width, channels) inputs, got input_shape={tuple(input_shape)}."
             )
         return CNN(input_shape, num_classes, rngs=rngs, **kwargs)
-    raise ValueError(f"model={name!r} is not a known model; choose 'mlp' or 'cnn'.")
+    if name == "complex_cnn":
+        from jaxdp.models._complex import ComplexCNN
+
+        return ComplexCNN(input_shape, num_classes, rngs=rngs, **kwargs)
+    raise ValueError(f"model={name!r} is not a known model; choose 'mlp', 'cnn' or 'complex_cnn'.")

@@ -6,7 +6,7 @@ from typing import Any
 
 from flax import nnx
 
-_REFUSED = ("BatchNorm", "SyncBatchNorm")
+_REFUSED = ("BatchNorm", "SyncBatchNorm", "ComplexBatchNorm")
 
 
 def check_dp_compatible(model: Any) -> None:
@@ -36,5 +36,6 @@ def check_dp_compatible(model: Any) -> None:
                 f"model layer '{where}' is {name}, which normalises with statistics of the whole "
                 "batch and so mixes examples: per-example clipping cannot bound one example's "
                 "influence and the privacy guarantee would not hold. Replace it with "
-                "nnx.GroupNorm (e.g. num_groups=min(32, channels)) or nnx.LayerNorm."
+                "nnx.GroupNorm (e.g. num_groups=min(32, channels)) or nnx.LayerNorm "
+                "(complex features: jaxdp.models.ComplexGroupNorm)."
             )
