@@ -14,7 +14,7 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.dataset = "digits"  # built-in; or a prepared TFDS dataset (mnist, cifar10, ...) under data_dir
     config.data_dir = ""  # TFDS data_dir ("" = TFDS default); unused for built-in datasets
-    config.seed = 0
+    config.seed = 0  # model initialisation only (public); the noise has its own secret seed
     config.workdir = "runs/digits"
 
     config.model = ml_collections.ConfigDict()
@@ -33,6 +33,9 @@ def get_config(arg=None):
     config.privacy.accountant = "rdp"  # rdp | pld (gdp is an approximation: reporting only)
     config.privacy.delta = 1e-5
     config.privacy.per_layer = False
+    # Seed of the noise and the Poisson draws. None = secret (OS entropy), as a private run needs;
+    # an int makes them reproducible by anyone who reads it: tests and debugging only.
+    config.privacy.noise_seed = None
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adam"

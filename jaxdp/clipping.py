@@ -142,7 +142,10 @@ class ClippedGradFn:
         """Loss, aux and gradient of ``loss_fn`` on one example (a batch of one)."""
 
         def loss_on_one(p):
-            call_args = [a[None] if (i + 1) in batched_nums else a for i, a in enumerate(args)]
+            call_args = [
+                jax.tree_util.tree_map(lambda v: v[None], a) if (i + 1) in batched_nums else a
+                for i, a in enumerate(args)
+            ]
             out = self.loss_fn(p, *call_args)
             if self.has_aux:
                 if not (isinstance(out, tuple) and len(out) == 2):
@@ -189,6 +192,9 @@ class ClippedGradFn:
         keep = finite & (mask > 0)
         summed = []
         for leaf, f in zip(leaves, factors, strict=True):
+            # Scale and sum in at least float32: in bfloat16 the rounding of
+            # g * (C / ||g||) can land above C (measured: 1.0028 for C = 1).
+            leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
             w = jnp.where(keep, f, 0.0).astype(leaf.real.dtype)
             shape = (-1,) + (1,) * (leaf.ndim - 1)
             # `where` (not a multiply) so a NaN/inf gradient of a dropped example
@@ -207,7 +213,7 @@ class ClippedGradFn:
         if not batch:
             raise TypeError("the clipped gradient function needs a batch: call fn(params, *batch).")
         batched_nums = _normalise_argnums(self.batch_argnums, len(batch))
-        sizes = {jax.tree_util.tree_leaves(batch[n - 1])[0].shape[0] for n in batched_nums}
+        sizes = {leaf.shape[0] for n in batched_nums for leaf in jax.tree_util.tree_leaves(batch[n - 1])}
         if len(sizes) != 1:
             raise ValueError(
                 f"batched arguments {batched_nums} have different leading (example) sizes {sorted(sizes)}; "
@@ -259,7 +265,9 @@ class ClippedGradFn:
             acc = jax.tree_util.tree_map(jnp.add, acc, g)
             return acc, (loss, aux, norms, stats)
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        zeros = jax.tree_util.tree_map(
+            lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
+        )
         xs = (tuple(args[n - 1] for n in batched_nums), mask_c)
         grad_sum, (loss, aux, norms, stats) = jax.lax.scan(body, zeros, xs)
 
@@ -319,7 +327,11 @@ def clipped_grad(
         its data (NaN included);
       * an example whose gradient has a NaN or inf is dropped (contributes zero)
         and counted in ``aux.num_nonfinite``;
-      * a zero gradient stays zero (no division by zero).
+      * a zero gradient stays zero (no division by zero);
+      * the sum is returned in at least float32 (bfloat16/float16 parameters
+        get float32 sums), so rounding cannot push a clipped gradient above C.
+
+    Masks: an example counts when ``example_mask > 0`` (use 0/1 weights).
 
     Example:
       >>> import jax.numpy as jnp, jaxdp

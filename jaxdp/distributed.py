@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdp.clipping import ClippedGradAux, ClippedGradFn
+from jaxdp.clipping import ClippedGradAux, ClippedGradFn, _normalise_argnums
 
 __all__ = ["data_parallel", "initialize", "make_mesh", "replicate", "shard_batch"]
 
@@ -96,8 +96,8 @@ def shard_batch(mesh: Mesh, tree: Any) -> Any:
 def data_parallel(grad_fn: ClippedGradFn, mesh: Mesh):
     """Run a clipped-gradient function data-parallel over ``mesh``'s ``data`` axis.
 
-    Every positional batch argument must carry the example axis (sharded over
-    ``data``); ``params`` are replicated. Each device clips its own examples;
+    The batched arguments (``grad_fn.batch_argnums``) are sharded over ``data``;
+    ``params`` and unbatched arguments are replicated. Each device clips its own examples;
     the clipped sums and the counters are summed across devices (``psum``), the
     per-example outputs stay sharded. Returns ``fn(params, *batch, example_mask)``
     with the same outputs as ``grad_fn`` on the whole batch.
@@ -106,6 +106,11 @@ def data_parallel(grad_fn: ClippedGradFn, mesh: Mesh):
     replicated = PartitionSpec()
 
     def fn(params, *batch, example_mask):
+        # Only the batched arguments are split over devices; the others are
+        # replicated, so every device evaluates its examples with all of them.
+        batched = _normalise_argnums(grad_fn.batch_argnums, len(batch))
+        specs = tuple(data if (i + 1) in batched else replicated for i in range(len(batch)))
+
         def local(p, b, m):
             g, aux = grad_fn(p, *b, example_mask=m)
             g = jax.lax.psum(g, DATA_AXIS)
@@ -125,7 +130,7 @@ def data_parallel(grad_fn: ClippedGradFn, mesh: Mesh):
         mapped = jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(replicated, tuple(data for _ in batch), data),
+            in_specs=(replicated, specs, data),
             out_specs=(replicated, aux_spec),
             check_vma=False,  # the microbatch scan starts from an unsharded zero carry
         )

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -93,7 +94,9 @@ def privatize(
       noise_multiplier: σ >= 0; the noise standard deviation is σC. σ = 0 turns
         noise off (no privacy; for tests and audits).
       expected_batch_size: B > 0, divides the noisy sum.
-      key: PRNG key (or int seed) for the noise.
+      key: PRNG key (or int seed) for the noise. It must be **secret**: anyone
+        who knows it can recompute and subtract the noise. In real runs draw it
+        from OS entropy (``jaxdp.train.privacy_seed(None)``).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -109,6 +112,10 @@ def privatize(
     if clip == 0:
         raise ValueError("l2_clip_norm=0 makes every gradient zero; pass the clipping bound C > 0.")
     sigma = _check_nonneg("noise_multiplier", noise_multiplier, "pass sigma >= 0 (e.g. 1.0).")
+    if isinstance(expected_batch_size, np.integer):
+        expected_batch_size = int(expected_batch_size)
+    if isinstance(key, np.integer):
+        key = int(key)
     if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) or expected_batch_size < 1:
         raise ValueError(
             f"expected_batch_size={expected_batch_size!r} must be a positive int: the public expected "

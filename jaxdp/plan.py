@@ -19,14 +19,14 @@ import dp_accounting
 import jax
 import optax
 
-from jaxdp.accounting import Accountant, available_accountants, make_accountant
-from jaxdp.accounting._base import check_delta
+from jaxdp.accounting import Accountant, make_accountant
+from jaxdp.accounting._base import check_delta, require_upper_bound
 from jaxdp.accounting._dp_accounting import dp_event as _dp_event
 from jaxdp.clipping import ClippedGradFn, _check_clip_norm, clipped_grad
 from jaxdp.noise import privatize
-from jaxdp.sampling import PoissonSampler
+from jaxdp.sampling import PoissonSampler, steps_per_epoch
 
-__all__ = ["PrivacyPlan"]
+__all__ = ["PrivacyPlan", "steps_per_epoch"]
 
 _SAMPLINGS = ("poisson",)
 
@@ -92,11 +92,7 @@ class PrivacyPlan:
             raise ValueError(
                 f"sampling={self.sampling!r} is not supported by the privacy plan; use one of {_SAMPLINGS}."
             )
-        if self.accountant not in available_accountants():
-            raise ValueError(
-                f"accountant={self.accountant!r} is not registered; choose one of "
-                f"{', '.join(available_accountants())} or register your own."
-            )
+        require_upper_bound(self.accountant)  # unknown names and approximations are refused
 
     @property
     def sampling_rate(self) -> float:

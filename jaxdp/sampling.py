@@ -16,7 +16,17 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["PoissonSampler", "default_physical_batch_size"]
+__all__ = ["PoissonSampler", "default_physical_batch_size", "steps_per_epoch"]
+
+
+def steps_per_epoch(dataset_size: int | float, batch_size: int | float) -> int:
+    """Steps in one epoch of Poisson sampling: round(N / B), at least 1.
+
+    The one definition used by training, ``jaxdp account --epochs`` and
+    :func:`jaxdp.accounting.max_epochs`, so an "epoch" means the same number of
+    accounted steps everywhere.
+    """
+    return max(1, round(dataset_size / batch_size))
 
 
 def default_physical_batch_size(expected_batch_size: int, sampling_rate: float, multiple_of: int = 1) -> int:
@@ -55,9 +65,11 @@ class PoissonSampler:
         seed: int = 0,
         multiple_of: int = 1,
     ):
+        if isinstance(dataset_size, np.integer):
+            dataset_size = int(dataset_size)
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
             raise ValueError(f"dataset_size={dataset_size!r} must be a positive int (number of examples).")
-        if not (isinstance(sampling_rate, (int, float)) and 0.0 < sampling_rate <= 1.0):
+        if not (isinstance(sampling_rate, (int, float, np.floating)) and 0.0 < sampling_rate <= 1.0):
             raise ValueError(
                 f"sampling_rate={sampling_rate!r} must lie in (0, 1]: it is the probability that each "
                 "example joins a step (expected batch size / dataset size)."

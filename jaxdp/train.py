@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from jaxdp.config import ConfigError
 from jaxdp.models import check_dp_compatible, make_model
 from jaxdp.optimizers import dp_optimizer
 from jaxdp.plan import PrivacyPlan
+from jaxdp.plan import steps_per_epoch as epoch_steps
 
 __all__ = [
     "TrainCallback",
@@ -190,6 +192,13 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
     need(isinstance(delta, float) and 0 < delta < 1, "privacy.delta", delta, "delta must lie in (0, 1)")
     lr = config.optimizer.learning_rate
     need(isinstance(lr, (int, float)) and lr > 0, "optimizer.learning_rate", lr, "need a number > 0")
+    seed = config.privacy.noise_seed
+    need(
+        seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0),
+        "privacy.noise_seed",
+        seed,
+        "need None (secret, from the OS: the default for real runs) or an int >= 0 (tests only)",
+    )
     mb = config.microbatch_size
     need(isinstance(mb, int) and mb >= 0, "microbatch_size", mb, "need an int >= 0 (0 = no microbatching)")
     pb = config.physical_batch_size
@@ -278,6 +287,33 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
     )
 
 
+def privacy_seed(noise_seed: int | None) -> int:
+    """The seed of the noise and of the Poisson draws: secret unless the config fixes it.
+
+    The guarantee needs both to be unpredictable: anyone who can recompute the
+    noise can subtract it, and anyone who knows which steps sampled an example
+    removes the amplification by subsampling the accountant counted on. So by
+    default the seed comes from the OS's entropy (``secrets``) and is never
+    printed or logged. ``privacy.noise_seed`` fixes it for tests and debugging,
+    with a warning. Multi-host runs broadcast process 0's seed so every host
+    draws the same batches and noise.
+    """
+    if noise_seed is None:
+        seed = secrets.randbits(62)
+    else:
+        seed = int(noise_seed)
+        print(
+            f"warning: privacy.noise_seed={noise_seed} is set: the noise and the sampled batches can be recomputed "
+            "by anyone who knows it, which voids the privacy guarantee. Use it for tests and debugging only.",
+            file=sys.stderr,
+        )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        seed = int(multihost_utils.broadcast_one_to_all(np.int64(seed)))
+    return seed
+
+
 class TrainCallback:
     """Hooks into :func:`train` for work that only *reads* the run (post-processing).
 
@@ -317,7 +353,7 @@ def _setup(config: ml_collections.ConfigDict) -> _Run:
     dataset = data_lib.load(config.dataset, config.data_dir or None)
     n_train = len(dataset.x_train)
     validate_config(config, n_train)
-    steps_per_epoch = max(1, round(n_train / config.batch_size))
+    steps_per_epoch = epoch_steps(n_train, config.batch_size)
     plan = make_plan(config, n_train, steps_per_epoch)
     model = make_model(
         config.model.name,
@@ -329,6 +365,7 @@ def _setup(config: ml_collections.ConfigDict) -> _Run:
     check_dp_compatible(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss_fn = classification_loss(graphdef, rest)
+    secret_seed = privacy_seed(config.privacy.noise_seed)
     optimizer = make_optimizer(
         config.optimizer.name,
         config.optimizer.learning_rate,
@@ -340,13 +377,13 @@ def _setup(config: ml_collections.ConfigDict) -> _Run:
         plan,
         loss_fn,
         optimizer,
-        noise_key=jax.random.key(config.seed + 1),
+        noise_key=jax.random.key(secret_seed),
         microbatch_size=config.microbatch_size or None,
         mesh=mesh,
     )
     n_dev = mesh.devices.size
     sampler = plan.sampler(
-        seed=config.seed + 2, physical_batch_size=config.physical_batch_size or None, multiple_of=n_dev
+        seed=secret_seed + 1, physical_batch_size=config.physical_batch_size or None, multiple_of=n_dev
     )
     state = distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))
 
@@ -497,6 +534,8 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, callbacks
         "steps": num_steps,
         "planned_steps": planned_steps,
         "attack_risk": risk,
+        # Computed on the private training data without noise: not covered by epsilon, do not publish.
+        "not_covered_by_epsilon": ["loss", "train_accuracy", "fraction_clipped", "nonfinite_dropped"],
         "examples_per_sec": steady_examples / steady_time if steady_time else last["examples_per_sec"],
         "nonfinite_dropped": sum(r["nonfinite_dropped"] for r in history),
         "devices": n_dev,

@@ -80,6 +80,18 @@ def main():
             "diff_8_one_step_vs_formula": max_diff(q1, expected1),
             "param_scale": max(float(np.max(np.abs(np.asarray(v)))) for v in jax.tree_util.tree_leaves(p1)),
         }
+    # Unbatched arguments are replicated, not split: same result as one device.
+    def weighted(p, xb, w):
+        return jnp.mean((xb @ p) * w)
+
+    gfn = jaxdp.clipped_grad(weighted, l2_clip_norm=1e6, batch_argnums=1)
+    xs, w4 = rng.normal(size=(16, 4)).astype(np.float32), jnp.arange(1.0, 5.0)
+    want, _ = gfn(jnp.ones(4), xs, w4, example_mask=jnp.ones(16))
+    mesh8 = distributed.make_mesh(8)
+    got, _ = jax.jit(distributed.data_parallel(gfn, mesh8))(
+        jnp.ones(4), distributed.shard_batch(mesh8, xs), w4, example_mask=distributed.shard_batch(mesh8, np.ones(16))
+    )
+    out["unbatched_arg_diff"] = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
     try:
         distributed.shard_batch(distributed.make_mesh(8), np.zeros((9, 2)))
         out["uneven_batch_error"] = ""

@@ -47,7 +47,7 @@ def test_calibration_reference_values(target, sigma):
     assert acc.epsilon_for(1e-5, 10000) <= target
     less = make_accountant("rdp", sampling_rate=0.01, noise_multiplier=got * (1 - 1e-3))
     assert less.epsilon_for(1e-5, 10000) > target
-    assert elapsed < 5.0  # measured ~0.3-0.5 s here; generous for a loaded CI machine
+    assert elapsed < 30.0  # measured ~0.2 s here; the bound only catches a pathological regression
 
 
 def test_rdp_matches_dp_accounting_directly():
@@ -126,9 +126,14 @@ def test_user_registered_accountant_works_everywhere():
             return accounting.gdp_delta(math.sqrt(steps) / self.noise_multiplier, epsilon)
 
     register_accountant("noamp", NoAmplification)
-    assert "noamp" in accounting.available_accountants()
-    sigma = calibrate_noise_multiplier(3.0, 1e-5, 0.01, 100, accountant="noamp")
-    assert sigma > calibrate_noise_multiplier(3.0, 1e-5, 0.01, 100, accountant="rdp")
+    try:
+        assert "noamp" in accounting.available_accountants()
+        sigma = calibrate_noise_multiplier(3.0, 1e-5, 0.01, 100, accountant="noamp")
+        assert sigma > calibrate_noise_multiplier(3.0, 1e-5, 0.01, 100, accountant="rdp")
+    finally:
+        from jaxdp.accounting import _base
+
+        _base._REGISTRY.pop("noamp", None)
     with pytest.raises(ValueError, match="accountant='nope' is not registered"):
         make_accountant("nope", sampling_rate=0.1, noise_multiplier=1.0)
 
@@ -137,8 +142,39 @@ def test_max_steps_and_epochs_invert_calibration():
     sigma = calibrate_noise_multiplier(3.0, 1e-5, 0.01, 10000)
     assert max_steps(3.0, 1e-5, 0.01, sigma) >= 10000
     assert max_steps(3.0, 1e-5, 0.01, sigma * 0.99) < 10000
-    assert max_epochs(3.0, 1e-5, 60000, 600, sigma) == pytest.approx(max_steps(3.0, 1e-5, 0.01, sigma) / 100)
+    assert max_epochs(3.0, 1e-5, 60000, 600, sigma) == max_steps(3.0, 1e-5, 0.01, sigma) // 100
     assert max_steps(0.01, 1e-5, 0.5, 0.5) == 0
+
+
+def test_max_epochs_uses_the_training_loops_epoch():
+    """N/B not whole (1437/512): an epoch is round(N/B) = 3 steps, as in training, and the answer fits."""
+    sigma = 5.9716
+    epochs = max_epochs(3.0, 1e-5, 1437, 512, sigma)
+    acc = make_accountant("rdp", sampling_rate=512 / 1437, noise_multiplier=sigma)
+    assert acc.epsilon_for(1e-5, epochs * 3) <= 3.0 < acc.epsilon_for(1e-5, (epochs + 1) * 3)
+
+
+def test_approximate_accountants_cannot_set_or_claim_a_guarantee():
+    import jaxdp
+
+    with pytest.raises(ValueError, match="accountant='gdp' is an approximation"):
+        calibrate_noise_multiplier(3.0, 1e-5, 0.5, 5, accountant="gdp")
+    with pytest.raises(ValueError, match="accountant='gdp' is an approximation"):
+        max_steps(3.0, 1e-5, 0.5, 2.0, accountant="gdp")
+    with pytest.raises(ValueError, match="accountant='gdp' is an approximation"):
+        calibrate_noise_multiplier_for_attack_risk(0.05, 0.01, 0.01, 100, accountant="gdp")
+    with pytest.raises(ValueError, match="accountant='gdp' is an approximation"):
+        jaxdp.PrivacyPlan(
+            dataset_size=100, batch_size=10, l2_clip_norm=1.0, noise_multiplier=1.0, num_steps=5, accountant="gdp"
+        )
+    # Exploring is allowed when asked for explicitly.
+    assert calibrate_noise_multiplier(3.0, 1e-5, 0.01, 1000, accountant="gdp", allow_approximation=True) > 0
+
+
+def test_numpy_integers_are_accepted_where_orbax_returns_them():
+    a = make_accountant("rdp", sampling_rate=0.01, noise_multiplier=1.0).compose(np.int64(5))
+    state = {**a.state_dict(), "steps": np.int64(7)}
+    assert make_accountant("rdp", sampling_rate=0.01, noise_multiplier=1.0).load_state_dict(state).steps == 7
 
 
 @pytest.mark.parametrize(

@@ -188,3 +188,31 @@ def test_bad_arguments_name_themselves(mlp_problem):
         fn(params, x, y[:4])
     with pytest.raises(ValueError, match="batch_argnums"):
         jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, batch_argnums=5)(params, x, y)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_bound_holds_for_low_precision_params(dtype):
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(16, 4)), dtype)}
+    x = jnp.asarray(rng.normal(size=(32, 16)) * 5, dtype)
+
+    def loss(p, xb):
+        return jnp.mean(jnp.sum(jnp.tanh(xb @ p["w"]) ** 2, axis=-1))
+
+    fn = jax.jit(jaxdp.clipped_grad(loss, l2_clip_norm=1.0))
+    for i in range(32):
+        g, _ = fn(params, x, example_mask=jnp.zeros(32).at[i].set(1.0))
+        assert g["w"].dtype == jnp.float32
+        assert float(jnp.linalg.norm(g["w"])) <= 1.0 * (1 + 1e-6)
+
+
+def test_pytree_batches_are_supported():
+    def loss(w, batch):
+        return jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
+
+    batch = {"x": jnp.arange(12.0).reshape(4, 3), "y": jnp.ones(4)}
+    g, aux = jaxdp.clipped_grad(loss, l2_clip_norm=1e6)(jnp.ones(3), batch)
+    exact = 4 * jax.grad(loss)(jnp.ones(3), batch)
+    np.testing.assert_allclose(g, exact, rtol=1e-6)
+    with pytest.raises(ValueError, match="leading"):
+        jaxdp.clipped_grad(loss, l2_clip_norm=1.0)(jnp.ones(3), {"x": batch["x"], "y": jnp.ones(3)})

@@ -51,3 +51,7 @@ def test_initialize_is_a_no_op_without_coordinator_and_checks_values():
 
 def test_uneven_batch_is_refused(measured):
     assert measured["uneven_batch_error"].startswith("batch of 9 examples cannot be split evenly over 8 devices")
+
+
+def test_unbatched_arguments_are_replicated_not_split(measured):
+    assert measured["unbatched_arg_diff"] < 1e-4

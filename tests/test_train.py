@@ -31,7 +31,7 @@ def test_default_run_lands_in_accuracy_band_and_spends_the_budget(tmp_path):
     Upper edges catch noise silently switched off: without noise the same recipe
     fits the training set to ~0.995 (next test); with it, ~0.95.
     """
-    config = apply_overrides(load_config(DIGITS), [f"workdir={tmp_path}"])
+    config = apply_overrides(load_config(DIGITS), [f"workdir={tmp_path}", "privacy.noise_seed=0"])
     summary = train(config, progress=False)
     assert 0.90 <= summary["test_accuracy"] <= 0.975, summary
     assert 0.90 <= summary["train_accuracy"] <= 0.98, summary
@@ -51,7 +51,8 @@ def test_default_run_lands_in_accuracy_band_and_spends_the_budget(tmp_path):
 def test_noise_off_trains_better_than_private(tmp_path):
     """Sanity of the band above: the same recipe without noise fits the training set far better."""
     config = apply_overrides(
-        load_config(DIGITS), [f"workdir={tmp_path}", "privacy.target_epsilon=None", "privacy.noise_multiplier=0.0"]
+        load_config(DIGITS),
+        [f"workdir={tmp_path}", "privacy.target_epsilon=None", "privacy.noise_multiplier=0.0", "privacy.noise_seed=0"],
     )
     summary = train(config, progress=False)
     assert summary["train_accuracy"] >= 0.985 and summary["epsilon"] == float("inf"), summary
@@ -176,6 +177,39 @@ def test_account_command_table_and_json(capsys):
     assert by_name["rdp"]["tpr_at_fpr_0.01"] >= by_name["pld"]["tpr_at_fpr_0.01"]
 
 
+def test_account_epochs_count_the_steps_training_runs(capsys):
+    """`--epochs 40` for the digits recipe is the 120 steps `jaxdp train` runs, hence the same epsilon."""
+    sigma = "5.971604641665706"
+    args = ["account", "--batch-size", "512", "--dataset-size", "1437", "--noise-multiplier", sigma, "--epochs", "40"]
+    assert main([*args, "--json", "--accountants", "rdp"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 120
+    assert result["accountants"][0]["epsilon"] == pytest.approx(3.0, abs=1e-3)
+
+
+def test_secret_noise_seed_by_default_and_a_warning_when_fixed(tmp_path, capsys):
+    from jaxdp.train import privacy_seed
+
+    assert privacy_seed(None) != privacy_seed(None)  # fresh OS entropy every run
+    capsys.readouterr()
+    assert privacy_seed(7) == 7
+    assert "privacy.noise_seed=7 is set" in capsys.readouterr().err
+    a = train(apply_overrides(load_config(f"{DIGITS}:smoke"), [f"workdir={tmp_path}/a"]), progress=False)
+    b = train(apply_overrides(load_config(f"{DIGITS}:smoke"), [f"workdir={tmp_path}/b"]), progress=False)
+    # Same config and model seed, different (secret) noise: the runs differ.
+    assert (a["train_accuracy"], a["test_accuracy"]) != (b["train_accuracy"], b["test_accuracy"])
+
+
+def test_spilled_draws_in_the_loop_match_one_big_chunk(tmp_path):
+    """physical_batch_size far below the draw: every step spills into several chunks, same result."""
+    common = [f"workdir={tmp_path}", "privacy.noise_seed=3"]
+    big = train(apply_overrides(load_config(f"{DIGITS}:smoke"), common), progress=False)
+    small = train(apply_overrides(load_config(f"{DIGITS}:smoke"), [*common, "physical_batch_size=128"]), progress=False)
+    assert small["epsilon"] == big["epsilon"] and small["steps"] == big["steps"]
+    assert small["test_accuracy"] == pytest.approx(big["test_accuracy"], abs=1e-9)
+    assert small["train_accuracy"] == pytest.approx(big["train_accuracy"], abs=1e-9)
+
+
 def test_account_command_calibrates(capsys):
     args = ["account", "--batch-size", "100", "--dataset-size", "10000", "--target-epsilon", "3", "--steps", "10000"]
     assert main([*args, "--json", "--accountants", "rdp"]) == 0
@@ -191,6 +225,10 @@ def test_account_command_calibrates(capsys):
         (["--sampling-rate", "0.1", "--noise-multiplier", "-1", "--steps", "3"], "--noise-multiplier=-1.0"),
         (["--sampling-rate", "0.1", "--noise-multiplier", "1", "--steps", "3", "--delta", "2"], "delta=2.0"),
         (["--batch-size", "10", "--noise-multiplier", "1", "--steps", "3"], "--batch-size needs --dataset-size"),
+        (
+            ["--sampling-rate", "0.1", "--target-epsilon", "3", "--steps", "30", "--calibrate-with", "gdp"],
+            "approximation",
+        ),
     ],
 )
 def test_account_command_bad_input(args, message, capsys):

@@ -24,6 +24,7 @@ from experiments.langevin.langevin import PosteriorPredictive, learning_rate_for
 from jaxdp import accounting, metrics
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.data import load as load_data
+from jaxdp.plan import steps_per_epoch
 from jaxdp.train import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,10 +34,18 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 def langevin_config(spec: str, epsilon: float, seed: int, workdir: str, overrides=()):
     """The experiment config with σ calibrated and the learning rate (or σ) set by the temperature."""
     config = apply_overrides(
-        load_config(spec), [*overrides, f"privacy.target_epsilon={epsilon}", f"seed={seed}", f"workdir={workdir}"]
+        load_config(spec),
+        [
+            *overrides,
+            f"privacy.target_epsilon={epsilon}",
+            f"seed={seed}",
+            # A fixed noise seed makes this research table reproducible; a real private run keeps it secret.
+            f"privacy.noise_seed={1000 + seed}",
+            f"workdir={workdir}",
+        ],
     )
     n = len(load_data(config.dataset, config.data_dir or None).x_train)
-    steps = config.epochs * max(1, round(n / config.batch_size))
+    steps = config.epochs * steps_per_epoch(n, config.batch_size)
     q = config.batch_size / n
     sigma = accounting.calibrate_noise_multiplier(
         epsilon, config.privacy.delta, q, steps, accountant=config.privacy.accountant
@@ -59,7 +68,7 @@ def langevin_config(spec: str, epsilon: float, seed: int, workdir: str, override
 
 
 def _quiet_train(config, callbacks):
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return train(config, progress=False, callbacks=callbacks)
 
 
@@ -85,7 +94,12 @@ def main(argv=None):
             base_spec = args.baseline_config + (":smoke" if args.config.endswith(":smoke") else "")
             base = apply_overrides(
                 load_config(base_spec),
-                [f"privacy.target_epsilon={eps}", f"seed={seed}", f"workdir={workdir}_tuned_dpsgd"],
+                [
+                    f"privacy.target_epsilon={eps}",
+                    f"seed={seed}",
+                    f"privacy.noise_seed={1000 + seed}",
+                    f"workdir={workdir}_tuned_dpsgd",
+                ],
             )
             final_only = PosteriorPredictive(burn_in=0)
             base_summary = _quiet_train(base, [final_only])

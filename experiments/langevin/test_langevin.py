@@ -85,6 +85,7 @@ def test_dp_sgld_recovers_a_known_gaussian_posterior():
 
 
 def test_burn_in_is_accounted_and_sampling_is_free(tmp_path):
+    # run.langevin_config fixes privacy.noise_seed (per seed), so both runs draw the same noise.
     config, collector, info = run.langevin_config(SMOKE, 3.0, 0, str(tmp_path / "with"))
     with_samples = train(config, progress=False, callbacks=[collector])
     config2, _, _ = run.langevin_config(SMOKE, 3.0, 0, str(tmp_path / "without"))

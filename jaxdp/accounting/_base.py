@@ -6,6 +6,8 @@ import abc
 import math
 from typing import Any, ClassVar
 
+import numpy as np
+
 __all__ = ["Accountant", "available_accountants", "make_accountant", "register_accountant"]
 
 SAMPLINGS = ("poisson",)
@@ -81,6 +83,8 @@ class Accountant(abc.ABC):
 
     def compose(self, steps: int) -> Accountant:
         """Record ``steps`` more steps of the mechanism."""
+        if isinstance(steps, np.integer):
+            steps = int(steps)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps={steps!r} must be an int >= 0.")
         self._steps += steps
@@ -130,6 +134,8 @@ class Accountant(abc.ABC):
                     "restore into an accountant built for the same mechanism."
                 )
         steps = state.get("steps")
+        if isinstance(steps, np.integer):
+            steps = int(steps)  # e.g. after an orbax round trip
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"accountant state has steps={steps!r}; expected an int >= 0.")
         self._steps = steps
@@ -160,6 +166,25 @@ def register_accountant(name: str, cls: type[Accountant]) -> type[Accountant]:
     return cls
 
 
+def accountant_class(name: str) -> type[Accountant]:
+    """The registered class for ``name`` (ValueError naming the known ones otherwise)."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"accountant={name!r} is not registered; choose one of {', '.join(available_accountants())} "
+            "or register your own with jaxdp.accounting.register_accountant(name, cls)."
+        )
+    return _REGISTRY[name]
+
+
+def require_upper_bound(name: str, allow_approximation: bool = False) -> None:
+    """Refuse an approximate accountant (e.g. ``gdp``) where a guarantee is being set or claimed."""
+    if not accountant_class(name).is_upper_bound and not allow_approximation:
+        raise ValueError(
+            f"accountant={name!r} is an approximation, not an upper bound on epsilon, so it cannot set or claim a "
+            "run's guarantee; use 'rdp' or 'pld' (or pass allow_approximation=True to explore)."
+        )
+
+
 def available_accountants() -> list[str]:
     """Registered accountant names."""
     return sorted(_REGISTRY)
@@ -169,9 +194,6 @@ def make_accountant(
     name: str, *, sampling_rate: float, noise_multiplier: float, sampling: str = "poisson", **options
 ) -> Accountant:
     """Build a registered accountant by name (``options`` go to its constructor)."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"accountant={name!r} is not registered; choose one of {', '.join(available_accountants())} "
-            "or register your own with jaxdp.accounting.register_accountant(name, cls)."
-        )
-    return _REGISTRY[name](sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, sampling=sampling, **options)
+    return accountant_class(name)(
+        sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, sampling=sampling, **options
+    )

@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 from scipy import optimize
 
-from jaxdp.accounting._base import _positive_finite, check_delta, make_accountant
+from jaxdp.accounting._base import _positive_finite, check_delta, make_accountant, require_upper_bound
 from jaxdp.accounting._gdp import gdp_epsilon, gdp_mu
+from jaxdp.sampling import steps_per_epoch
 
 __all__ = ["calibrate_noise_multiplier", "max_epochs", "max_steps"]
 
@@ -65,6 +66,7 @@ def calibrate_noise_multiplier(
     accountant: str = "rdp",
     rtol: float = 1e-4,
     sampling: str = "poisson",
+    allow_approximation: bool = False,
 ) -> float:
     """Smallest noise multiplier σ whose run spends at most ``target_epsilon``.
 
@@ -86,6 +88,7 @@ def calibrate_noise_multiplier(
     eps = _positive_finite("target_epsilon", target_epsilon)
     delta = check_delta(delta)
     q = _check_common(sampling_rate, steps)
+    require_upper_bound(accountant, allow_approximation)
 
     def epsilon(sigma):
         acc = make_accountant(accountant, sampling_rate=q, noise_multiplier=sigma, sampling=sampling)
@@ -127,6 +130,7 @@ def max_steps(
     accountant: str = "rdp",
     limit: int = 10**8,
     sampling: str = "poisson",
+    allow_approximation: bool = False,
 ) -> int:
     """Largest number of steps (at most ``limit``) whose ε stays <= ``target_epsilon``.
 
@@ -134,6 +138,7 @@ def max_steps(
     """
     eps = _positive_finite("target_epsilon", target_epsilon)
     delta = check_delta(delta)
+    require_upper_bound(accountant, allow_approximation)
     acc = make_accountant(
         accountant, sampling_rate=_check_common(sampling_rate, 1), noise_multiplier=noise_multiplier, sampling=sampling
     )
@@ -165,7 +170,7 @@ def max_epochs(
     noise_multiplier: float,
     *,
     accountant: str = "rdp",
-) -> float:
-    """Epochs (of ``dataset_size / batch_size`` steps) allowed within ``target_epsilon``."""
+) -> int:
+    """Whole epochs allowed within ``target_epsilon``, with training's epoch (round(N / B) steps)."""
     steps = max_steps(target_epsilon, delta, batch_size / dataset_size, noise_multiplier, accountant=accountant)
-    return steps * batch_size / dataset_size
+    return steps // steps_per_epoch(dataset_size, batch_size)

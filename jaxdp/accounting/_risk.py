@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats
 
-from jaxdp.accounting._base import Accountant, _positive_finite, check_delta, make_accountant
+from jaxdp.accounting._base import Accountant, _positive_finite, check_delta, make_accountant, require_upper_bound
 from jaxdp.accounting._calibrate import _check_common, smallest_sigma
 from jaxdp.accounting._gdp import GdpAccountant, gdp_mu, gdp_tpr
 
@@ -109,6 +109,7 @@ def calibrate_noise_multiplier_for_attack_risk(
     *,
     accountant: str = "pld",
     rtol: float = 1e-3,
+    allow_approximation: bool = False,
 ) -> float:
     """Smallest σ whose run keeps membership-inference TPR at ``fpr`` <= ``target_tpr``.
 
@@ -122,6 +123,7 @@ def calibrate_noise_multiplier_for_attack_risk(
             "(a TPR at or below the FPR would demand no information at all)."
         )
     q = _check_common(sampling_rate, steps)
+    require_upper_bound(accountant, allow_approximation)
     # A coarser PLD grid is faster and still pessimistic (an upper bound on risk).
     options = {"value_discretization_interval": 1e-3} if accountant == "pld" else {}
 

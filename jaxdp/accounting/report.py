@@ -11,6 +11,7 @@ from jaxdp.accounting._base import check_delta, make_accountant
 from jaxdp.accounting._calibrate import calibrate_noise_multiplier
 from jaxdp.accounting._gdp import gdp_mu
 from jaxdp.accounting._risk import attack_risk, calibrate_noise_multiplier_for_attack_risk
+from jaxdp.sampling import steps_per_epoch
 
 FPRS = (0.01, 0.001)
 
@@ -28,8 +29,10 @@ def _resolve(args: argparse.Namespace) -> tuple[float, int]:
         raise ValueError(f"--sampling-rate={q!r} must lie in (0, 1].")
     if args.steps is not None:
         steps = args.steps
+    elif args.dataset_size and args.batch_size:
+        steps = round(args.epochs * steps_per_epoch(args.dataset_size, args.batch_size))
     else:
-        steps = math.ceil(args.epochs / q)
+        steps = round(args.epochs * steps_per_epoch(1.0, q))
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1 (from --steps or --epochs).")
     return q, steps
