@@ -265,9 +265,7 @@ class ClippedGradFn:
             acc = jax.tree_util.tree_map(jnp.add, acc, g)
             return acc, (loss, aux, norms, stats)
 
-        zeros = jax.tree_util.tree_map(
-            lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
-        )
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
         xs = (tuple(args[n - 1] for n in batched_nums), mask_c)
         grad_sum, (loss, aux, norms, stats) = jax.lax.scan(body, zeros, xs)
 

@@ -80,6 +80,7 @@ def main():
             "diff_8_one_step_vs_formula": max_diff(q1, expected1),
             "param_scale": max(float(np.max(np.abs(np.asarray(v)))) for v in jax.tree_util.tree_leaves(p1)),
         }
+
     # Unbatched arguments are replicated, not split: same result as one device.
     def weighted(p, xb, w):
         return jnp.mean((xb @ p) * w)
