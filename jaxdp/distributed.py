@@ -70,8 +70,9 @@ def shard_batch(mesh: Mesh, tree: Any) -> Any:
     """Shard the leading (example) axis of every leaf over the ``data`` axis.
 
     ``tree`` holds the *global* batch as NumPy arrays, identical on every host
-    (the sampler is deterministic); each process contributes only the rows of
-    its own devices, so multi-host runs need no extra communication.
+    (the sampler is deterministic given the broadcast secret seed); each process
+    places only the rows its own devices own (``addressable_devices_indices_map``),
+    so multi-host runs need no extra communication.
     """
     sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     n = mesh.devices.size
@@ -86,11 +87,17 @@ def shard_batch(mesh: Mesh, tree: Any) -> Any:
             )
         if nproc == 1:
             return jax.device_put(x, sharding)
-        per = x.shape[0] // nproc
-        pid = jax.process_index()
-        return jax.make_array_from_process_local_data(sharding, x[pid * per : (pid + 1) * per], x.shape)
+        return _place_rows(x, sharding)
 
     return jax.tree_util.tree_map(put, tree)
+
+
+def _place_rows(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Build a global array from a host-local copy of all of it: each host places the
+    rows its own devices own, whatever the mesh's device order (multi-host path)."""
+    index_map = sharding.addressable_devices_indices_map(x.shape)
+    pieces = [jax.device_put(x[index], device) for device, index in index_map.items()]
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, pieces)
 
 
 def data_parallel(grad_fn: ClippedGradFn, mesh: Mesh):

@@ -30,7 +30,13 @@ def add_noise(key: jax.Array, tree: PyTree, stddev: float | jax.Array) -> PyTree
 
     Complex leaves get ``N(0, stddev^2)`` on the real part **and** independently on
     the imaginary part (not ``jax.random.normal``'s complex convention, which has
-    variance 1/2 per part and would add too little noise).
+    variance 1/2 per part and would add √2 too little noise).
+
+    Why this is the right complex Gaussian mechanism: identify z ∈ Cⁿ with
+    (Re z, Im z) ∈ R²ⁿ. The clipped sum's sensitivity is measured in exactly that
+    norm (‖z‖² = ‖Re z‖² + ‖Im z‖², see :func:`jaxdp.clipped_grad`), and the noise
+    is N(0, σ²C² I₂ₙ) on it. That is the real Gaussian mechanism in 2n
+    dimensions with sensitivity C, so every accountant applies unchanged.
 
     Args:
       key: a JAX PRNG key; the same key gives the same noise.

@@ -92,6 +92,12 @@ def main():
     got, _ = jax.jit(distributed.data_parallel(gfn, mesh8))(
         jnp.ones(4), distributed.shard_batch(mesh8, xs), w4, example_mask=distributed.shard_batch(mesh8, np.ones(16))
     )
+    # The multi-host placement path, exercised here on one host with a permuted device order.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    perm = Mesh(np.asarray(jax.devices()[::-1]), ("data",))
+    placed = distributed._place_rows(xs, NamedSharding(perm, PartitionSpec("data")))
+    out["place_rows_ok"] = bool(np.array_equal(np.asarray(placed), xs)) and len(placed.addressable_shards) == 8
     out["unbatched_arg_diff"] = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
     try:
         distributed.shard_batch(distributed.make_mesh(8), np.zeros((9, 2)))

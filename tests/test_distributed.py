@@ -55,3 +55,7 @@ def test_uneven_batch_is_refused(measured):
 
 def test_unbatched_arguments_are_replicated_not_split(measured):
     assert measured["unbatched_arg_diff"] < 1e-4
+
+
+def test_multi_host_row_placement_respects_any_device_order(measured):
+    assert measured["place_rows_ok"]

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Dataset", "available", "load"]
+__all__ = ["Dataset", "available", "load", "register_dataset"]
 
 
 class Dataset(NamedTuple):
@@ -51,9 +51,23 @@ TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 _NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
 
 
+def register_dataset(name: str, loader) -> None:
+    """Make ``loader(data_dir) -> Dataset`` loadable by ``name`` (configs, ``jaxdp train``).
+
+    Experiments use it for derived data (e.g. k-space of images) without
+    editing jaxdp. Built-in names cannot be replaced.
+    """
+    if name in _BUILTIN or name in TFDS_DATASETS:
+        raise ValueError(f"dataset name {name!r} is taken by a built-in dataset; choose another name.")
+    _REGISTERED[name] = loader
+
+
+_REGISTERED: dict = {}
+
+
 def available() -> list[str]:
     """Names :func:`load` accepts (TFDS ones need a prepared ``data_dir``)."""
-    return sorted(_BUILTIN) + list(TFDS_DATASETS)
+    return sorted(_BUILTIN) + list(TFDS_DATASETS) + sorted(_REGISTERED)
 
 
 def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +114,8 @@ def _tfds(name: str, data_dir: str | None) -> Dataset:
 
 NPZ_FORMAT = (
     "an .npz file with arrays x_train (n, H, W, C) or (n, features), y_train (n,) integer labels 0..K-1, "
-    "x_test, y_test; float images are used as they are, uint8 images are scaled to [0, 1]"
+    "x_test, y_test; float or complex arrays (e.g. k-space) are used as they are, uint8 images are scaled "
+    "to [0, 1]"
 )
 
 
@@ -152,7 +167,11 @@ def load(name: str, data_dir: str | None = None) -> Dataset:
         return _tfds(name, data_dir)
     if name.startswith("npz:"):
         return _npz(name[4:])
+    if name in _REGISTERED:
+        return _REGISTERED[name](data_dir)
     raise ValueError(
         f"dataset={name!r} is not available; built-in: {', '.join(sorted(_BUILTIN))}; "
-        f"TFDS (prepared data_dir): {', '.join(TFDS_DATASETS)}; your own arrays: npz:PATH."
+        f"TFDS (prepared data_dir): {', '.join(TFDS_DATASETS)}; your own arrays: npz:PATH"
+        + (f"; registered: {', '.join(sorted(_REGISTERED))}" if _REGISTERED else "")
+        + "."
     )
