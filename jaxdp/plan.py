@@ -147,7 +147,7 @@ class PrivacyPlan:
     # -- accounting ----------------------------------------------------------
     def dp_event(self, steps: int | None = None) -> dp_accounting.DpEvent:
         """The dp-accounting description of ``steps`` (default: all) steps of this plan."""
-        steps = self.num_steps if steps is None else steps
+        steps = self._steps(steps)
         if self.noise_multiplier == 0:
             return dp_accounting.NonPrivateDpEvent()
         return _dp_event(self.sampling_rate, self.noise_multiplier, steps)
@@ -165,9 +165,16 @@ class PrivacyPlan:
 
     def epsilon(self, delta: float, steps: int | None = None) -> float:
         """ε spent after ``steps`` (default: all) steps at ``delta``; inf without noise."""
+        delta = check_delta(delta)
+        steps = self._steps(steps)
         if self.noise_multiplier == 0:
             return math.inf
-        steps = self.num_steps if steps is None else steps
         if steps == 0:
             return 0.0
-        return self.make_accountant().epsilon_for(check_delta(delta), steps)
+        return self.make_accountant().epsilon_for(delta, steps)
+
+    def _steps(self, steps: int | None) -> int:
+        steps = self.num_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps={steps!r} must be an int >= 0 (default: the plan's num_steps).")
+        return steps

@@ -139,3 +139,14 @@ def test_default_physical_batch_size():
 def test_sampler_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         jaxdp.PoissonSampler(**kwargs)
+
+
+def test_plan_step_and_delta_arguments_are_checked():
+    plan = jaxdp.PrivacyPlan(**PLAN)
+    for bad in (-3, 2.5):
+        with pytest.raises(ValueError, match="steps="):
+            plan.epsilon(1e-5, bad)
+        with pytest.raises(ValueError, match="steps="):
+            plan.dp_event(bad)
+    with pytest.raises(ValueError, match="delta=5.0"):
+        plan.epsilon(5.0, 0)
