@@ -43,6 +43,10 @@ def get_config(arg=None):
     config.optimizer.momentum = 0.0  # sgd only
     config.optimizer.weight_decay = 0.0  # = a Gaussian prior (post-processing: privacy unchanged)
 
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_epochs = 5  # 0 = only at the end; resume with `jaxdp train ... --resume`
+    config.checkpoint.keep = 3  # keep the last k checkpoints
+
     config.distributed = ml_collections.ConfigDict()
     config.distributed.coordinator_address = ""  # "auto" on TPU pods / managed clusters
     config.distributed.num_processes = 0

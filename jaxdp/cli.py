@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", required=True, help="path to a config .py file, optionally path.py:arg")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in workdir")
     train.add_argument("overrides", nargs="*", help="key=value config overrides")
 
     account = sub.add_parser(
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         from jaxdp.train import train  # heavy imports only once the config is known good
 
         try:
-            train(config, progress=not args.no_progress)
+            train(config, progress=not args.no_progress, resume=args.resume)
         except ConfigError as e:
             # Bad values found before the first step are one line; an error
             # during training is a bug and keeps its traceback.

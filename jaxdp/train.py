@@ -343,9 +343,10 @@ class _Run(NamedTuple):
     state: TrainState
     step_fn: Any
     accumulate_fn: Any
+    secret_seed: int
 
 
-def _setup(config: ml_collections.ConfigDict) -> _Run:
+def _setup(config: ml_collections.ConfigDict, secret_seed: int | None = None) -> _Run:
     """Everything before the first step. Bad values surface here as ConfigError."""
     distributed.initialize(
         config.distributed.coordinator_address, config.distributed.num_processes, config.distributed.process_id
@@ -365,7 +366,8 @@ def _setup(config: ml_collections.ConfigDict) -> _Run:
     check_dp_compatible(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss_fn = classification_loss(graphdef, rest)
-    secret_seed = privacy_seed(config.privacy.noise_seed)
+    if secret_seed is None:  # a resumed run passes the seed it saved
+        secret_seed = privacy_seed(config.privacy.noise_seed)
     optimizer = make_optimizer(
         config.optimizer.name,
         config.optimizer.learning_rate,
@@ -387,17 +389,35 @@ def _setup(config: ml_collections.ConfigDict) -> _Run:
     )
     state = distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))
 
-    return _Run(dataset, plan, steps_per_epoch, graphdef, rest, mesh, sampler, state, step_fn, accumulate_fn)
+    return _Run(
+        dataset, plan, steps_per_epoch, graphdef, rest, mesh, sampler, state, step_fn, accumulate_fn, secret_seed
+    )
 
 
-def train(config: ml_collections.ConfigDict, *, progress: bool = True, callbacks: Sequence[TrainCallback] = ()) -> dict:
+def train(
+    config: ml_collections.ConfigDict,
+    *,
+    progress: bool = True,
+    callbacks: Sequence[TrainCallback] = (),
+    resume: bool = False,
+) -> dict:
     """Run private training from a config; returns (and prints) the summary.
 
-    Writes ``metrics.jsonl`` (one line per epoch) and ``summary.json`` under
-    ``config.workdir``. ``callbacks`` (:class:`TrainCallback`) observe the run.
+    Writes ``metrics.jsonl`` (one line per epoch), ``summary.json`` and orbax
+    checkpoints (:mod:`jaxdp.checkpoint`) under ``config.workdir``. With
+    ``resume=True`` it continues from the latest checkpoint there and ends with
+    exactly the parameters and ε of an uninterrupted run. ``callbacks``
+    (:class:`TrainCallback`) observe the run.
     """
+    from jaxdp.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(os.path.join(config.workdir, "checkpoints"), keep=config.checkpoint.keep)
+    resume_from = checkpointer.latest() if resume else None
+    if resume and resume_from is None:
+        print(f"jaxdp: no checkpoint under {checkpointer.directory}; starting from the beginning.", flush=True)
+    saved_meta = checkpointer.meta(resume_from) if resume_from is not None else None
     try:
-        run = _setup(config)
+        run = _setup(config, secret_seed=saved_meta["secret_seed"] if saved_meta else None)
     except ConfigError:
         raise
     except ValueError as e:  # a bad value caught by the plan, model, sampler or dataset
@@ -434,6 +454,13 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, callbacks
     t_start = time.perf_counter()
     steady_examples, steady_time = 0.0, 0.0
     history = []
+    start_epoch = 1
+    if resume_from is not None:
+        state, meta = checkpointer.restore(resume_from, run.state)
+        state = distributed.replicate(mesh, state)
+        history = meta["history"]
+        start_epoch = meta["epoch"] + 1
+        print(f"jaxdp: resumed from epoch {meta['epoch']} ({checkpointer.directory}/{resume_from})", flush=True)
     bar = tqdm(
         total=num_steps,
         desc="private training",
@@ -451,8 +478,16 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, callbacks
     step_count = 0
     planned_steps = config.epochs * steps_per_epoch
     num_epochs = -(-num_steps // steps_per_epoch)
+    if start_epoch > 1:
+        step_count = min((start_epoch - 1) * steps_per_epoch, num_steps)
+        bar.update(step_count)
+        if accountant is not None:
+            accountant.load_state_dict(meta["accountant"])
+            assert accountant.steps == step_count, (accountant.steps, step_count)
     with open(metrics_path, "w") as log, bar:
-        for epoch in range(1, num_epochs + 1):
+        for record in history:  # a resumed run rewrites the epochs it already has
+            log.write(json.dumps(record) + "\n")
+        for epoch in range(start_epoch, num_epochs + 1):
             first = (epoch - 1) * steps_per_epoch
             last_step = min(first + steps_per_epoch, num_steps)
             t0 = time.perf_counter()
@@ -493,6 +528,18 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, callbacks
             history.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
+            every = config.checkpoint.every_epochs
+            if epoch == num_epochs or (every and epoch % every == 0):
+                checkpointer.save(
+                    epoch,
+                    state,
+                    {
+                        "epoch": epoch,
+                        "history": history,
+                        "accountant": accountant.state_dict() if accountant is not None else None,
+                        "secret_seed": run.secret_seed,
+                    },
+                )
             bar.set_postfix(epoch=epoch, eps=f"{record['epsilon']:.3f}", test_acc=f"{record['test_accuracy']:.3f}")
             if progress:
                 tqdm.write(
@@ -543,6 +590,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, callbacks
         "workdir": workdir,
         **extra,
     }
+    checkpointer.close()
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary), flush=True)
