@@ -101,3 +101,26 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
         resume=True,
     )
     assert "no checkpoint" in capsys.readouterr().out and summary["steps"] == 6
+
+
+def test_checkpoint_from_one_device_resumes_on_eight(reference, tmp_path):
+    """Save on 1 device, restore on 8 forced CPU devices: same run to float tolerance."""
+    import shutil
+
+    ref_dir, ref_summary = reference
+    workdir = str(tmp_path / "eight")
+    shutil.copytree(ref_dir, workdir)
+    ckdir = os.path.join(workdir, "checkpoints")
+    # Keep only an early checkpoint: the last two were kept, so drop the final one.
+    shutil.rmtree(os.path.join(ckdir, "30"))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "jaxdp.cli", "train", "--config", DIGITS, "--no-progress", "--resume", *COMMON]
+    proc = subprocess.run([*cmd, f"workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["devices"] == 8 and "resumed from epoch 29" in proc.stdout
+    assert summary["epsilon"] == ref_summary["epsilon"]
+    _, state = final_state(workdir)
+    _, ref_state = final_state(ref_dir)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref_state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
