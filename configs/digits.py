@@ -22,6 +22,7 @@ def get_config(arg=None):
     config.model.kwargs = ml_collections.ConfigDict({"hidden": (64,)})
 
     config.batch_size = 512  # expected (Poisson) batch size
+    config.sampling = "poisson"  # "shuffle": fixed-size batches, non-private runs only
     config.epochs = 40
     config.physical_batch_size = 0  # 0 = automatic (performance only, never changes privacy)
     config.microbatch_size = 0  # 0 = whole chunk at once (performance only)

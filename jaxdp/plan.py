@@ -24,11 +24,11 @@ from jaxdp.accounting._base import check_delta, require_upper_bound
 from jaxdp.accounting._dp_accounting import dp_event as _dp_event
 from jaxdp.clipping import ClippedGradFn, _check_clip_norm, clipped_grad
 from jaxdp.noise import privatize
-from jaxdp.sampling import PoissonSampler, steps_per_epoch
+from jaxdp.sampling import PoissonSampler, ShuffleSampler, steps_per_epoch
 
 __all__ = ["PrivacyPlan", "steps_per_epoch"]
 
-_SAMPLINGS = ("poisson",)
+_SAMPLINGS = ("poisson", "shuffle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,8 @@ class PrivacyPlan:
       num_steps: number of noisy steps the run will take.
       per_layer: clip each parameter leaf to C/sqrt(K) instead of the whole
         gradient to C (same total sensitivity C).
-      sampling: the batch sampler; only ``"poisson"`` is accounted for here.
+      sampling: the batch sampler: ``"poisson"`` (accounted for) or ``"shuffle"``
+        (fixed-size batches, every example once per epoch; non-private runs only).
       accountant: name of the registered accountant that reports ε (``"rdp"``,
         ``"pld"``, ``"gdp"`` or your own).
 
@@ -92,6 +93,12 @@ class PrivacyPlan:
             raise ValueError(
                 f"sampling={self.sampling!r} is not supported by the privacy plan; use one of {_SAMPLINGS}."
             )
+        if self.sampling == "shuffle" and self.noise_multiplier > 0:
+            raise ValueError(
+                f"sampling='shuffle' with noise_multiplier={self.noise_multiplier}: shuffled fixed-size batches "
+                "have no amplification analysis here, so no epsilon could be claimed for them; use "
+                "sampling='poisson' for private runs (shuffle is for non-private runs, noise_multiplier=0)."
+            )
         require_upper_bound(self.accountant)  # unknown names and approximations are refused
 
     @property
@@ -134,8 +141,14 @@ class PrivacyPlan:
             key=key,
         )
 
-    def sampler(self, *, seed: int, physical_batch_size: int | None = None, multiple_of: int = 1) -> PoissonSampler:
+    def sampler(
+        self, *, seed: int, physical_batch_size: int | None = None, multiple_of: int = 1
+    ) -> PoissonSampler | ShuffleSampler:
         """The batch sampler the accounting assumes."""
+        if self.sampling == "shuffle":
+            return ShuffleSampler(
+                dataset_size=self.dataset_size, batch_size=self.batch_size, seed=seed, multiple_of=multiple_of
+            )
         return PoissonSampler(
             dataset_size=self.dataset_size,
             sampling_rate=self.sampling_rate,

@@ -115,3 +115,46 @@ class PoissonSampler:
         """Yield ``(step, chunks)`` for ``step`` in ``[start, stop)``."""
         for step in range(start, stop):
             yield step, self.chunks(self.draw(step))
+
+
+class ShuffleSampler:
+    """Fixed-size batches from a fresh permutation each epoch: every example once per epoch.
+
+    For **non-private** runs (and users who account for it themselves): there is
+    no amplification-by-subsampling analysis for shuffling here, so the privacy
+    plan refuses it whenever noise is added. Same interface as
+    :class:`PoissonSampler`: the last batch of an epoch is padded with mask 0.
+
+    Args:
+      dataset_size: N.
+      batch_size: examples per step (<= N); an epoch has ceil(N / batch_size) steps.
+      seed: integer seed of the permutations.
+      multiple_of: round the physical batch up to this (device count).
+    """
+
+    def __init__(self, *, dataset_size: int, batch_size: int, seed: int = 0, multiple_of: int = 1):
+        if not isinstance(dataset_size, int) or dataset_size < 1:
+            raise ValueError(f"dataset_size={dataset_size!r} must be a positive int.")
+        if not isinstance(batch_size, int) or not 1 <= batch_size <= dataset_size:
+            raise ValueError(f"batch_size={batch_size!r} must be an int in 1..{dataset_size} (the dataset size).")
+        self.dataset_size, self.batch_size, self.seed = dataset_size, batch_size, int(seed)
+        self.steps_per_epoch = -(-dataset_size // batch_size)
+        self.physical_batch_size = -(-batch_size // multiple_of) * multiple_of
+
+    def draw(self, step: int) -> np.ndarray:
+        """Indices of step ``step``: a slice of the permutation of its epoch."""
+        epoch, index = divmod(int(step), self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.dataset_size)
+        return np.sort(order[index * self.batch_size : (index + 1) * self.batch_size])
+
+    def chunks(self, indices: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        p = self.physical_batch_size
+        padded = np.zeros(p, dtype=np.int64)
+        mask = np.zeros(p, dtype=np.float32)
+        padded[: len(indices)] = indices
+        mask[: len(indices)] = 1.0
+        return [(padded, mask)]
+
+    def steps(self, start: int, stop: int) -> Iterator[tuple[int, list[tuple[np.ndarray, np.ndarray]]]]:
+        for step in range(start, stop):
+            yield step, self.chunks(self.draw(step))

@@ -244,6 +244,11 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
         )
     target, sigma = p.target_epsilon, p.noise_multiplier
     steps = planned
+    if config.sampling == "shuffle" and (target is not None or sigma != 0):
+        raise ConfigError(
+            "sampling='shuffle' is for non-private runs: shuffled fixed-size batches get no privacy accounting "
+            "here. Set privacy.target_epsilon=None privacy.noise_multiplier=0.0, or keep sampling='poisson'."
+        )
     if sigma is None:
         if target is None:
             raise ConfigError(
@@ -283,6 +288,7 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
         noise_multiplier=float(sigma),
         num_steps=steps,
         per_layer=bool(p.per_layer),
+        sampling=config.sampling,
         accountant=name,
     )
 
@@ -355,6 +361,8 @@ def _setup(config: ml_collections.ConfigDict, secret_seed: int | None = None) ->
     n_train = len(dataset.x_train)
     validate_config(config, n_train)
     steps_per_epoch = epoch_steps(n_train, config.batch_size)
+    if config.sampling == "shuffle":
+        steps_per_epoch = -(-n_train // config.batch_size)  # every example once per epoch
     plan = make_plan(config, n_train, steps_per_epoch)
     model = make_model(
         config.model.name,

@@ -65,6 +65,7 @@ def test_epsilon_grows_with_steps_and_is_infinite_without_noise():
         ({"noise_multiplier": -0.1}, "noise_multiplier"),
         ({"num_steps": -1}, "num_steps"),
         ({"sampling": "shuffle"}, "sampling"),
+        ({"sampling": "bogus"}, "sampling"),
     ],
 )
 def test_plan_refuses_bad_values(change, name):
@@ -150,3 +151,28 @@ def test_plan_step_and_delta_arguments_are_checked():
             plan.dp_event(bad)
     with pytest.raises(ValueError, match="delta=5.0"):
         plan.epsilon(5.0, 0)
+
+
+def test_shuffle_visits_every_example_once_per_epoch():
+    from jaxdp.sampling import ShuffleSampler
+
+    s = ShuffleSampler(dataset_size=103, batch_size=10, seed=1, multiple_of=4)
+    assert s.steps_per_epoch == 11 and s.physical_batch_size == 12
+    for epoch in range(3):
+        seen = []
+        for _, chunks in s.steps(epoch * 11, (epoch + 1) * 11):
+            ((idx, mask),) = chunks
+            assert idx.shape == (12,) and mask[len(idx[mask == 1]) :].sum() == 0
+            seen.extend(idx[mask == 1].tolist())
+        assert sorted(seen) == list(range(103))  # every example exactly once
+    first = np.concatenate([s.draw(i) for i in range(11)])
+    second = np.concatenate([s.draw(11 + i) for i in range(11)])
+    assert not np.array_equal(first, second)  # a fresh permutation each epoch
+
+
+def test_shuffle_is_refused_for_private_plans_and_allowed_without_noise():
+    with pytest.raises(ValueError, match="sampling='shuffle' with noise_multiplier=1.1"):
+        jaxdp.PrivacyPlan(**{**PLAN, "sampling": "shuffle"})
+    plan = jaxdp.PrivacyPlan(**{**PLAN, "sampling": "shuffle", "noise_multiplier": 0.0})
+    assert plan.epsilon(1e-5) == math.inf
+    assert type(plan.sampler(seed=0)).__name__ == "ShuffleSampler"

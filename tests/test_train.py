@@ -101,6 +101,7 @@ def test_cli_smoke_writes_metrics_and_summary(tmp_path, capsys):
         (["epochs=abc"], "config key 'epochs' expects int"),
         (["dataset=imagenet"], "dataset='imagenet' is not available"),
         (["privacy.accountant=gdp"], "privacy.accountant='gdp' is an approximation"),
+        (["sampling=shuffle"], "sampling='shuffle' is for non-private runs"),
         (["privacy.accountant=foo"], "privacy.accountant='foo' is not registered"),
         (["privacy.target_epsilon=None"], "are both None"),
         (["privacy.target_epsilon=-1.0"], "privacy.target_epsilon=-1.0 is invalid"),
@@ -235,3 +236,14 @@ def test_account_command_bad_input(args, message, capsys):
     assert main(["account", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_non_private_shuffled_run(tmp_path):
+    overrides = [
+        f"workdir={tmp_path}",
+        "sampling=shuffle",
+        "privacy.target_epsilon=None",
+        "privacy.noise_multiplier=0.0",
+    ]
+    summary = train(apply_overrides(load_config(f"{DIGITS}:smoke"), overrides), progress=False)
+    assert summary["steps"] == 2 * 3 and summary["epsilon"] == math.inf and summary["attack_risk"] == {}
