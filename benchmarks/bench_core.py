@@ -99,7 +99,7 @@ def bench_model(name: str, batch: int, repeats: int, iters: int, naive_examples:
         total = None
         for i in range(n_naive):
             g = one_grad(naive_state[0], x[i : i + 1], y[i : i + 1])
-            norm = optax.global_norm(g)
+            norm = optax.tree.norm(g)
             g = jax.tree_util.tree_map(lambda v, n=norm: v * jnp.minimum(1.0, 1.0 / n), g)
             total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
         updates, naive_state[1] = naive_tx.update(total, naive_state[1], naive_state[0])

@@ -27,6 +27,11 @@ def get_config(arg=None):
     config.physical_batch_size = 0  # 0 = automatic (performance only, never changes privacy)
     config.microbatch_size = 0  # 0 = whole chunk at once (performance only)
 
+    config.augment = ml_collections.ConfigDict()
+    config.augment.multiplicity = 0  # K > 0: average the gradients of K random crop/flip copies before clipping
+    config.augment.crop_pad = 1
+    config.augment.flip = False  # digits are not mirror-symmetric
+
     config.privacy = ml_collections.ConfigDict()
     config.privacy.l2_clip_norm = 1.0
     config.privacy.target_epsilon = 3.0  # None: no target (use noise_multiplier as given)

@@ -12,6 +12,7 @@ loop (:func:`train`) only does host-side bookkeeping around them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from flax import nnx
 from jaxdp import accounting, distributed
 from jaxdp import data as data_lib
 from jaxdp.config import ConfigError
+from jaxdp.data.augment import multiplicity_loss, random_crop_flip
 from jaxdp.models import check_dp_compatible, make_model
 from jaxdp.optimizers import dp_optimizer
 from jaxdp.plan import PrivacyPlan
@@ -101,7 +103,9 @@ def make_private_step(
       ``step(state, acc, x, y, mask) -> (state, metrics)`` adds the clipped sum of
       this chunk to ``acc`` (``None`` for a one-chunk draw), adds the noise once
       and updates; ``accumulate(params, acc, x, y, mask) -> (acc, metrics)`` is
-      for the earlier chunks of a draw that spilled over one chunk. With a
+      for the earlier chunks of a draw that spilled over one chunk. Extra
+      per-example arrays after ``mask`` (e.g. augmentation keys) are passed to
+      ``loss_fn`` after ``y``. With a
       ``mesh``, each device clips its own shard of the batch and the sums are
       reduced across devices (:func:`jaxdp.distributed.data_parallel`).
     """
@@ -110,8 +114,8 @@ def make_private_step(
         grad_fn = distributed.data_parallel(grad_fn, mesh)
     tx = dp_optimizer(plan.privatizer(noise_key), optimizer)  # complex leaves: see jaxdp.optimizers
 
-    def chunk(params, acc, x, y, mask):
-        g, aux = grad_fn(params, x, y, example_mask=mask)
+    def chunk(params, acc, x, y, mask, *extra):
+        g, aux = grad_fn(params, x, y, *extra, example_mask=mask)
         if acc is not None:
             g = jax.tree_util.tree_map(jnp.add, acc, g)
         metrics = {
@@ -123,12 +127,12 @@ def make_private_step(
         return g, metrics
 
     @jax.jit
-    def accumulate(params, acc, x, y, mask):
-        return chunk(params, acc, x, y, mask)
+    def accumulate(params, acc, x, y, mask, *extra):
+        return chunk(params, acc, x, y, mask, *extra)
 
     @jax.jit
-    def step(state, acc, x, y, mask):
-        g, metrics = chunk(state.params, acc, x, y, mask)
+    def step(state, acc, x, y, mask, *extra):
+        g, metrics = chunk(state.params, acc, x, y, mask, *extra)
         updates, opt_state = tx.update(g, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, state.step + 1), metrics
@@ -199,6 +203,8 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
         seed,
         "need None (secret, from the OS: the default for real runs) or an int >= 0 (tests only)",
     )
+    k = config.augment.multiplicity
+    need(isinstance(k, int) and k >= 0, "augment.multiplicity", k, "need an int >= 0 (0 = no augmentation)")
     mb = config.microbatch_size
     need(isinstance(mb, int) and mb >= 0, "microbatch_size", mb, "need an int >= 0 (0 = no microbatching)")
     pb = config.physical_batch_size
@@ -374,6 +380,11 @@ def _setup(config: ml_collections.ConfigDict, secret_seed: int | None = None) ->
     check_dp_compatible(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss_fn = classification_loss(graphdef, rest)
+    k = config.augment.multiplicity
+    if k:
+        # Augmentation multiplicity: each example's gradient averages K augmented copies before clipping.
+        augment = functools.partial(random_crop_flip, pad=config.augment.crop_pad, flip=config.augment.flip)
+        loss_fn = multiplicity_loss(loss_fn, multiplicity=k, augment=augment)
     if secret_seed is None:  # a resumed run passes the seed it saved
         secret_seed = privacy_seed(config.privacy.noise_seed)
     optimizer = make_optimizer(
@@ -500,14 +511,19 @@ def train(
             last_step = min(first + steps_per_epoch, num_steps)
             t0 = time.perf_counter()
             epoch_metrics = []
-            for _, chunks in sampler.steps(first, last_step):
+            for step_index, chunks in sampler.steps(first, last_step):
                 acc = None
                 for i, (idx, mask) in enumerate(chunks):
-                    xb, yb, mb = distributed.shard_batch(mesh, (x_train[idx], y_train[idx], mask))
+                    host = [x_train[idx], y_train[idx], mask]
+                    if config.augment.multiplicity:
+                        # Public augmentation randomness (privacy holds for any augmentation).
+                        aug_rng = np.random.default_rng([config.seed, 7, step_index, i])
+                        host.append(aug_rng.integers(0, 2**32, (len(idx), 2), dtype=np.uint32))
+                    xb, yb, mb, *extra = distributed.shard_batch(mesh, tuple(host))
                     if i < len(chunks) - 1:
-                        acc, m = accumulate_fn(state.params, acc, xb, yb, mb)
+                        acc, m = accumulate_fn(state.params, acc, xb, yb, mb, *extra)
                     else:
-                        state, m = step_fn(state, acc, xb, yb, mb)
+                        state, m = step_fn(state, acc, xb, yb, mb, *extra)
                     epoch_metrics.append(m)
                 if accountant is not None:
                     accountant.step()
