@@ -49,6 +49,8 @@ def get_config(arg=None):
     config.optimizer.momentum = 0.0  # sgd only
     config.optimizer.weight_decay = 0.0  # = a Gaussian prior (post-processing: privacy unchanged)
 
+    config.ema_decay = 0.0  # > 0: also report the test accuracy of an EMA of the parameters (post-processing)
+
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_epochs = 5  # 0 = only at the end; resume with `jaxdp train ... --resume`
     config.checkpoint.keep = 3  # keep the last k checkpoints

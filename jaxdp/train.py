@@ -430,6 +430,11 @@ def train(
     """
     from jaxdp.checkpoint import Checkpointer
 
+    if config.ema_decay:
+        from jaxdp.ema import ParameterEMA
+
+        callbacks = [*callbacks, ParameterEMA(config.ema_decay)]
+
     checkpointer = Checkpointer(os.path.join(config.workdir, "checkpoints"), keep=config.checkpoint.keep)
     resume_from = checkpointer.latest() if resume else None
     if resume and resume_from is None:

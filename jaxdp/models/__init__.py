@@ -15,6 +15,7 @@ from jaxdp.models._complex import (
 )
 from jaxdp.models._conv import DPConv, conv_same
 from jaxdp.models._nets import CNN, MLP, make_model
+from jaxdp.models._recipes import DPMnistCNN, WideResNet, WSConv
 from jaxdp.models._validate import check_dp_compatible
 
 __all__ = [
@@ -24,6 +25,9 @@ __all__ = [
     "ComplexDense",
     "ComplexGroupNorm",
     "DPConv",
+    "DPMnistCNN",
+    "WSConv",
+    "WideResNet",
     "cardioid",
     "complex_avg_pool",
     "complex_weight_standardize",

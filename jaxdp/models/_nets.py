@@ -109,8 +109,18 @@ def _build(name, input_shape, num_classes, rngs, kwargs):
                 f"model 'cnn' needs (height, width, channels) inputs, got input_shape={tuple(input_shape)}."
             )
         return CNN(input_shape, num_classes, rngs=rngs, **kwargs)
+    if name == "dp_mnist_cnn":
+        from jaxdp.models._recipes import DPMnistCNN
+
+        return DPMnistCNN(input_shape, num_classes, rngs=rngs, **kwargs)
+    if name == "wrn":
+        from jaxdp.models._recipes import WideResNet
+
+        return WideResNet(input_shape, num_classes, rngs=rngs, **kwargs)
     if name == "complex_cnn":
         from jaxdp.models._complex import ComplexCNN
 
         return ComplexCNN(input_shape, num_classes, rngs=rngs, **kwargs)
-    raise ValueError(f"model={name!r} is not a known model; choose 'mlp', 'cnn' or 'complex_cnn'.")
+    raise ValueError(
+        f"model={name!r} is not a known model; choose 'mlp', 'cnn', 'dp_mnist_cnn', 'wrn' or 'complex_cnn'."
+    )
