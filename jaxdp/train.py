@@ -326,6 +326,15 @@ def privacy_seed(noise_seed: int | None) -> int:
     return seed
 
 
+def _tensorboard_writer(logdir: str):
+    """A TensorBoard writer when ``tensorboardX`` is installed (the ``dev``/``tensorboard`` extras), else None."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(logdir)
+
+
 class TrainCallback:
     """Hooks into :func:`train` for work that only *reads* the run (post-processing).
 
@@ -508,6 +517,7 @@ def train(
         if accountant is not None:
             accountant.load_state_dict(meta["accountant"])
             assert accountant.steps == step_count, (accountant.steps, step_count)
+    tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
     with open(metrics_path, "w") as log, bar:
         for record in history:  # a resumed run rewrites the epochs it already has
             log.write(json.dumps(record) + "\n")
@@ -557,6 +567,11 @@ def train(
             history.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
+            if tb is not None:
+                for key, value in record.items():
+                    if key not in ("epoch", "step", "delta") and math.isfinite(value):
+                        tb.add_scalar(key, value, record["step"])
+                tb.flush()
             every = config.checkpoint.every_epochs
             if epoch == num_epochs or (every and epoch % every == 0):
                 checkpointer.save(
@@ -620,6 +635,8 @@ def train(
         **extra,
     }
     checkpointer.close()
+    if tb is not None:
+        tb.close()
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary), flush=True)

@@ -247,3 +247,10 @@ def test_non_private_shuffled_run(tmp_path):
     ]
     summary = train(apply_overrides(load_config(f"{DIGITS}:smoke"), overrides), progress=False)
     assert summary["steps"] == 2 * 3 and summary["epsilon"] == math.inf and summary["attack_risk"] == {}
+
+
+def test_tensorboard_events_are_written(tmp_path):
+    pytest.importorskip("tensorboardX")  # installed by the dev extra that `make test` uses
+    train(apply_overrides(load_config(f"{DIGITS}:smoke"), [f"workdir={tmp_path}"]), progress=False)
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
