@@ -17,7 +17,7 @@ class ParameterEMA(TrainCallback):
     """``ema ← decay·ema + (1 − decay)·params`` after every step (on device); reports test accuracy of the EMA.
 
     The EMA only reads the already-private parameters, so it costs no privacy.
-    (It is not part of the resumable checkpoint yet: a resumed run restarts it.)
+    Its state is saved in every checkpoint, so a resumed run continues the same average.
     """
 
     def __init__(self, decay: float):
@@ -33,6 +33,15 @@ class ParameterEMA(TrainCallback):
 
     def on_step(self, step: int, params: Any) -> None:
         self.ema = params if self.ema is None else self._update(self.ema, params)
+
+    def state_template(self, params: Any) -> Any:
+        return {"ema": params}
+
+    def state_dict(self) -> Any:
+        return {"ema": self.ema}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.ema = state["ema"]
 
     def on_end(self, params: Any, workdir: str) -> dict:
         correct = 0

@@ -352,6 +352,17 @@ class TrainCallback:
         """After the last step; returns extra entries for the summary."""
         return {}
 
+    def state_template(self, params: Any) -> Any:
+        """A pytree of arrays shaped like :meth:`state_dict` (``{}``: nothing to checkpoint)."""
+        return {}
+
+    def state_dict(self) -> Any:
+        """The callback's state, saved in every checkpoint so a resumed run continues it."""
+        return {}
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
 
 class _Run(NamedTuple):
     dataset: Any
@@ -488,9 +499,20 @@ def train(
     steady_examples, steady_time = 0.0, 0.0
     history = []
     start_epoch = 1
+    logits_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest)(x))
+    for cb in callbacks:
+        cb.on_start(predict_logits=logits_fn, dataset=dataset, plan=plan)
+    # Callbacks with state (EMA, posterior samples) are checkpointed with the run.
+    stateful = {str(i): cb for i, cb in enumerate(callbacks) if cb.state_template(run.state.params)}
     if resume_from is not None:
-        state, meta = checkpointer.restore(resume_from, run.state)
-        state = distributed.replicate(mesh, state)
+        template = {
+            "train": run.state,
+            "callbacks": {k: cb.state_template(run.state.params) for k, cb in stateful.items()},
+        }
+        restored, meta = checkpointer.restore(resume_from, template)
+        state = distributed.replicate(mesh, restored["train"])
+        for k, cb in stateful.items():
+            cb.load_state_dict(restored["callbacks"][k])
         history = meta["history"]
         start_epoch = meta["epoch"] + 1
         print(f"jaxdp: resumed from epoch {meta['epoch']} ({checkpointer.directory}/{resume_from})", flush=True)
@@ -505,9 +527,6 @@ def train(
     # The accountant is stepped once per noisy step, on the host, in the loop
     # that issues the steps: what it reports is what was run.
     accountant = plan.make_accountant() if plan.noise_multiplier > 0 else None
-    logits_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest)(x))
-    for cb in callbacks:
-        cb.on_start(predict_logits=logits_fn, dataset=dataset, plan=plan)
     step_count = 0
     planned_steps = config.epochs * steps_per_epoch
     num_epochs = -(-num_steps // steps_per_epoch)
@@ -576,7 +595,7 @@ def train(
             if epoch == num_epochs or (every and epoch % every == 0):
                 checkpointer.save(
                     epoch,
-                    state,
+                    {"train": state, "callbacks": {k: cb.state_dict() for k, cb in stateful.items()}},
                     {
                         "epoch": epoch,
                         "history": history,

@@ -124,3 +124,22 @@ def test_checkpoint_from_one_device_resumes_on_eight(reference, tmp_path):
     _, ref_state = final_state(ref_dir)
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref_state), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_callback_state_ema_is_checkpointed_and_continues(tmp_path):
+    import shutil
+
+    common = ["privacy.noise_seed=2", "epochs=8", "checkpoint.every_epochs=1", "checkpoint.keep=8", "ema_decay=0.9"]
+    ref_dir = str(tmp_path / "ref")
+    ref = train(apply_overrides(load_config(DIGITS), [*common, f"workdir={ref_dir}"]), progress=False)
+    workdir = str(tmp_path / "resumed")
+    shutil.copytree(ref_dir, workdir)
+    for epoch in (6, 7, 8):  # as if killed after epoch 5
+        shutil.rmtree(os.path.join(workdir, "checkpoints", str(epoch)))
+    resumed = train(apply_overrides(load_config(DIGITS), [*common, f"workdir={workdir}"]), progress=False, resume=True)
+    assert resumed["ema_test_accuracy"] == ref["ema_test_accuracy"]
+    _, state = final_state(workdir)
+    _, ref_state = final_state(ref_dir)
+    assert "callbacks" in state and state["callbacks"]  # the EMA is in the checkpoint
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref_state), strict=True):
+        np.testing.assert_array_equal(a, b)

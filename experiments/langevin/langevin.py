@@ -84,8 +84,10 @@ class PosteriorPredictive(TrainCallback):
     """Collect thinned posterior samples after burn-in as a running mean of predictive probabilities.
 
     Memory-light: only the mean softmax over samples on the evaluation inputs is
-    kept (on the host), plus the final-iterate probabilities for comparison. At
-    the end both are saved with orbax under ``workdir/posterior_predictive``.
+    kept (on the host), plus the final-iterate probabilities for comparison. The
+    running mean is part of every training checkpoint (a resumed run continues
+    it), and at the end it is also saved with orbax under
+    ``workdir/posterior_predictive``.
 
     Args:
       burn_in: steps before the first sample (all of them are still accounted).
@@ -102,14 +104,15 @@ class PosteriorPredictive(TrainCallback):
         self.final_probs: np.ndarray | None = None
 
     def on_start(self, *, predict_logits, dataset, plan) -> None:
-        self._predict = jax.jit(lambda p, x: jax.nn.softmax(predict_logits(p, x), axis=-1))
-        self._x = getattr(dataset, f"x_{self.split}")
-        self.labels = getattr(dataset, f"y_{self.split}")
-        self.steps = plan.num_steps
         if self.burn_in >= plan.num_steps:
             raise ValueError(
                 f"burn_in={self.burn_in} leaves no samples: the run has {plan.num_steps} steps; lower burn_in."
             )
+        self._predict = jax.jit(lambda p, x: jax.nn.softmax(predict_logits(p, x), axis=-1))
+        self._x = getattr(dataset, f"x_{self.split}")
+        self.labels = getattr(dataset, f"y_{self.split}")
+        self._num_classes = dataset.num_classes
+        self.steps = plan.num_steps
 
     def on_step(self, step: int, params: Any) -> None:
         if step <= self.burn_in or (step - self.burn_in - 1) % self.thin:
@@ -120,6 +123,19 @@ class PosteriorPredictive(TrainCallback):
             self.mean_probs = probs
         else:
             self.mean_probs += (probs - self.mean_probs) / self.count
+
+    def state_template(self, params: Any) -> Any:
+        classes = self._num_classes
+        return {"mean_probs": np.zeros((len(self._x), classes)), "count": np.zeros((), np.int64)}
+
+    def state_dict(self) -> Any:
+        template = self.state_template(None)
+        mean = template["mean_probs"] if self.mean_probs is None else self.mean_probs
+        return {"mean_probs": mean, "count": np.asarray(self.count, np.int64)}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.count = int(state["count"])
+        self.mean_probs = np.asarray(state["mean_probs"], np.float64) if self.count else None
 
     def on_end(self, params: Any, workdir: str) -> dict:
         import orbax.checkpoint as ocp
