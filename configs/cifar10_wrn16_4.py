@@ -10,14 +10,13 @@ Hardware / runtime / result: NOT RUN YET — no CIFAR-10 and no accelerator on t
            The paper reports ~79.5% test accuracy at epsilon = 8 for WRN-16-4.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("_digits_base", os.path.join(os.path.dirname(__file__), "digits.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from jaxdp.config import config_module
+
+_base = config_module(os.path.join(os.path.dirname(__file__), "digits.py"))
 
 
 def get_config(arg=None):

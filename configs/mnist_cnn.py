@@ -8,14 +8,13 @@ Hardware / runtime / result: NOT RUN YET — MNIST is not available on the proje
 Privacy:   Poisson q = 256/60000, 40 epochs, sigma calibrated to epsilon = 3 at delta = 1e-5 (RDP).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("_digits_base", os.path.join(os.path.dirname(__file__), "digits.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from jaxdp.config import config_module
+
+_base = config_module(os.path.join(os.path.dirname(__file__), "digits.py"))
 
 
 def get_config(arg=None):

@@ -15,23 +15,30 @@ from collections.abc import Sequence
 
 import ml_collections
 
-__all__ = ["ConfigError", "apply_overrides", "load_config"]
+__all__ = ["ConfigError", "apply_overrides", "config_module", "load_config"]
 
 
 class ConfigError(ValueError):
     """Bad config file, key or value (the CLI prints it on one line, exit code 2)."""
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Load ``path.py`` or ``path.py:arg`` and return its locked ``get_config(arg)``."""
-    path, _, arg = spec.partition(":")
+def config_module(path: str):
+    """Import a config file as a module (configs import their base with this, e.g.
+    ``_base = config_module(os.path.join(os.path.dirname(__file__), "digits.py"))``)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found; pass e.g. --config configs/digits.py")
-    module_spec = importlib.util.spec_from_file_location("_jaxdp_config", path)
+    module_spec = importlib.util.spec_from_file_location(f"_jaxdp_config_{abs(hash(path))}", path)
     if module_spec is None or module_spec.loader is None:
         raise ConfigError(f"config file {path!r} is not a Python file; configs are .py files with get_config().")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Load ``path.py`` or ``path.py:arg`` and return its locked ``get_config(arg)``."""
+    path, _, arg = spec.partition(":")
+    module = config_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config(arg=None) function.")
     config = module.get_config(arg or None) if arg else module.get_config()

@@ -9,7 +9,6 @@ Privacy:   the digits recipe: Poisson q = 512/1437, 120 steps, sigma calibrated 
            N(0, sigma^2 C^2) on each part: the same mechanism as a real one in twice the dimensions.
 """
 
-import importlib.util
 import os
 import sys
 
@@ -19,10 +18,9 @@ _root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.
 if _root not in sys.path:
     sys.path.insert(0, _root)
 import experiments.complex_valued.kspace  # noqa: E402,F401  (registers the k-space datasets)
+from jaxdp.config import config_module  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("_digits_base", os.path.join(_root, "configs", "digits.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+_base = config_module(os.path.join(_root, "configs", "digits.py"))
 
 VARIANTS = {
     # name: (dataset, model, model kwargs)

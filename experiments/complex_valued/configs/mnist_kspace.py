@@ -7,14 +7,11 @@ Data:      TFDS mnist prepared as array_record under data_dir; not available on 
 Privacy:   Poisson q = 256/60000, 15 epochs, sigma calibrated to privacy.target_epsilon (RDP), delta = 1e-5.
 """
 
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    "_kspace_digits", os.path.join(os.path.dirname(__file__), "digits_kspace.py")
-)
-_digits = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_digits)
+from jaxdp.config import config_module
+
+_digits = config_module(os.path.join(os.path.dirname(__file__), "digits_kspace.py"))
 
 
 def get_config(arg=None):

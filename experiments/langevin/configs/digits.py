@@ -7,13 +7,12 @@ Privacy:   Poisson q = 512/1437, 120 steps, sigma calibrated to the target epsil
            every step (burn-in included) is accounted; samples are post-processing.
 """
 
-import importlib.util
 import os
 
+from jaxdp.config import config_module
+
 _root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-_spec = importlib.util.spec_from_file_location("_digits_base", os.path.join(_root, "configs", "digits.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+_base = config_module(os.path.join(_root, "configs", "digits.py"))
 
 import ml_collections  # noqa: E402
 

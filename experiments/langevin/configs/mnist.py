@@ -7,12 +7,11 @@ Data:      TFDS mnist prepared as array_record under data_dir (see jaxdp/data); 
 Privacy:   Poisson q = 256/60000, 15 epochs (3,510 steps), sigma calibrated to the target epsilon, delta = 1e-5.
 """
 
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location("_langevin_digits", os.path.join(os.path.dirname(__file__), "digits.py"))
-_digits = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_digits)
+from jaxdp.config import config_module
+
+_digits = config_module(os.path.join(os.path.dirname(__file__), "digits.py"))
 
 import ml_collections  # noqa: E402
 

@@ -9,12 +9,11 @@ Data:      not shipped and not in TFDS: export it yourself as data/pediatric_pne
 Privacy:   Poisson sampling, batch 256, 20 epochs, sigma calibrated to the target epsilon, delta = 1e-5.
 """
 
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location("_langevin_digits", os.path.join(os.path.dirname(__file__), "digits.py"))
-_digits = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_digits)
+from jaxdp.config import config_module
+
+_digits = config_module(os.path.join(os.path.dirname(__file__), "digits.py"))
 
 import ml_collections  # noqa: E402
 
