@@ -6,9 +6,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxdp.train import TrainCallback
+from jaxdp.train import TrainCallback, _evaluate
 
 __all__ = ["ParameterEMA"]
 
@@ -44,8 +43,7 @@ class ParameterEMA(TrainCallback):
         self.ema = state["ema"]
 
     def on_end(self, params: Any, workdir: str) -> dict:
-        correct = 0
-        for start in range(0, len(self._x), 1024):
-            logits = self._logits(self.ema, self._x[start : start + 1024])
-            correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) == self._y[start : start + 1024]))
-        return {"ema_test_accuracy": correct / len(self._x), "ema_decay": self.decay}
+        def predict(p, x):
+            return jnp.argmax(self._logits(p, x), axis=-1)
+
+        return {"ema_test_accuracy": _evaluate(predict, self.ema, self._x, self._y), "ema_decay": self.decay}

@@ -31,6 +31,7 @@ from flax import nnx
 
 from jaxdp import accounting, distributed
 from jaxdp import data as data_lib
+from jaxdp.accounting._base import require_upper_bound
 from jaxdp.config import ConfigError
 from jaxdp.data.augment import multiplicity_loss, random_crop_flip
 from jaxdp.models import check_dp_compatible, make_model
@@ -237,17 +238,10 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
     q = config.batch_size / dataset_size
     delta = p.delta
     name = p.accountant
-    if name not in accounting.available_accountants():
-        raise ConfigError(
-            f"privacy.accountant={name!r} is not registered; choose one of "
-            f"{', '.join(accounting.available_accountants())}."
-        )
-    probe = accounting.make_accountant(name, sampling_rate=q, noise_multiplier=1.0)
-    if not probe.is_upper_bound:
-        raise ConfigError(
-            f"privacy.accountant={name!r} is an approximation, not an upper bound on epsilon, so a training "
-            "run cannot rely on it; use 'rdp' or 'pld' (compare accountants with `jaxdp account`)."
-        )
+    try:  # unknown names and approximations (gdp) cannot back a run's guarantee
+        require_upper_bound(name)
+    except ValueError as e:
+        raise ConfigError(f"privacy.{e}") from None
     target, sigma = p.target_epsilon, p.noise_multiplier
     steps = planned
     if config.sampling == "shuffle" and (target is not None or sigma != 0):
@@ -478,9 +472,10 @@ def train(
             file=sys.stderr,
         )
 
-    @jax.jit
+    logits_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest)(x))
+
     def predict(p, x):
-        return jnp.argmax(nnx.merge(graphdef, p, rest)(x), axis=-1)
+        return jnp.argmax(logits_fn(p, x), axis=-1)
 
     workdir = config.workdir
     os.makedirs(workdir, exist_ok=True)
@@ -499,7 +494,6 @@ def train(
     steady_examples, steady_time = 0.0, 0.0
     history = []
     start_epoch = 1
-    logits_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest)(x))
     for cb in callbacks:
         cb.on_start(predict_logits=logits_fn, dataset=dataset, plan=plan)
     # Callbacks with state (EMA, posterior samples) are checkpointed with the run.

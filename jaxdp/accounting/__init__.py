@@ -34,23 +34,5 @@ __all__ = [
     "max_epochs",
     "max_steps",
     "register_accountant",
-    "rdp_epsilon",
     "tpr_at_fpr",
 ]
-
-
-def rdp_epsilon(event, delta: float) -> float:
-    """ε of any dp-accounting ``DpEvent`` at ``delta`` with the RDP accountant."""
-    import math
-
-    from dp_accounting import rdp
-
-    from jaxdp.accounting._base import check_delta
-    from jaxdp.accounting._dp_accounting import _quiet_absl
-
-    delta = check_delta(delta)
-    accountant = rdp.RdpAccountant()
-    with _quiet_absl():
-        accountant.compose(event)
-        eps = accountant.get_epsilon(delta)
-    return math.inf if eps is None else float(eps)
