@@ -2,7 +2,10 @@
 
 Public API (everything else is an implementation detail):
 
-* :func:`clipped_grad` — sum of per-example clipped gradients of any batch loss.
+* :func:`clipped_grad` — sum of per-example clipped gradients of any batch loss
+  (optionally of a per-example gradient estimator, ``example_grad=``).
+* :func:`gradient_norm_stats` — clipping diagnostics: norm statistics, fraction
+  clipped and the clipping bias bound.
 * :func:`add_noise`, :func:`privatize` — Gaussian noise, as a function and as an
   optax ``GradientTransformation`` that yields the noisy average.
 * :class:`PrivacyPlan` — the frozen object tying sampler, clipping, noise and
@@ -10,7 +13,14 @@ Public API (everything else is an implementation detail):
 * :class:`PoissonSampler` — Poisson sampling with static padded shapes + masks.
 """
 
-from jaxdp.clipping import ClippedGradAux, ClippedGradFn, clipped_grad, per_example_norms
+from jaxdp.clipping import (
+    ClippedGradAux,
+    ClippedGradFn,
+    ExampleGradFn,
+    clipped_grad,
+    gradient_norm_stats,
+    per_example_norms,
+)
 from jaxdp.noise import PrivatizeState, add_noise, privatize
 from jaxdp.optimizers import conjugate_complex, dp_optimizer
 from jaxdp.plan import PrivacyPlan
@@ -21,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClippedGradAux",
     "ClippedGradFn",
+    "ExampleGradFn",
     "PoissonSampler",
     "PrivacyPlan",
     "PrivatizeState",
@@ -28,6 +39,7 @@ __all__ = [
     "clipped_grad",
     "conjugate_complex",
     "dp_optimizer",
+    "gradient_norm_stats",
     "per_example_norms",
     "privatize",
 ]

@@ -18,7 +18,22 @@ import jax.numpy as jnp
 
 PyTree = Any
 
-__all__ = ["ClippedGradAux", "ClippedGradFn", "clipped_grad", "per_example_norms"]
+__all__ = [
+    "ClippedGradAux",
+    "ClippedGradFn",
+    "ExampleGradFn",
+    "clipped_grad",
+    "gradient_norm_stats",
+    "per_example_norms",
+]
+
+#: A per-example gradient estimator: ``example_grad(value_and_grad, params) ->
+#: ((loss, aux), grad)``. ``value_and_grad(p) -> ((loss, aux), grad)`` evaluates
+#: the loss of *one* example at any parameters ``p``; the estimator may call it as
+#: often as it likes (e.g. BAM: once at ``params``, once at an ascent point), but it
+#: is never given another example, so what it returns is a function of that one
+#: example and the clipped sum keeps sensitivity C.
+ExampleGradFn = Callable[[Callable[[PyTree], tuple[tuple[jax.Array, Any], PyTree]], PyTree], Any]
 
 
 class ClippedGradAux(NamedTuple):
@@ -114,6 +129,7 @@ class ClippedGradFn:
         microbatch_size: int | None,
         return_norms: bool,
         per_layer: bool,
+        example_grad: ExampleGradFn | None = None,
     ):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn={loss_fn!r} is not callable; pass loss_fn(params, *batch).")
@@ -131,6 +147,12 @@ class ClippedGradFn:
         self.microbatch_size = microbatch_size
         self.return_norms = bool(return_norms)
         self.per_layer = bool(per_layer)
+        if example_grad is not None and not callable(example_grad):
+            raise TypeError(
+                f"example_grad={example_grad!r} is not callable; pass example_grad(value_and_grad, params) -> "
+                "((loss, aux), grad), or None for the plain per-example gradient."
+            )
+        self.example_grad = example_grad
 
     @property
     def l2_sensitivity(self) -> float:
@@ -164,8 +186,35 @@ class ClippedGradFn:
                 )
             return jnp.reshape(loss, ()), aux
 
-        (loss, aux), grad = jax.value_and_grad(loss_on_one, has_aux=True)(params)
+        value_and_grad = jax.value_and_grad(loss_on_one, has_aux=True)
+        if self.example_grad is None:
+            (loss, aux), grad = value_and_grad(params)
+            return loss, aux, grad
+        (loss, aux), grad = self.example_grad(value_and_grad, params)
+        want, got = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(grad)
+        if want != got:
+            raise TypeError(
+                f"example_grad returned a gradient with structure {got}, but params have structure {want}; "
+                "it must return ((loss, aux), grad) with grad shaped like params."
+            )
         return loss, aux, grad
+
+    def per_example_grads(self, params: PyTree, *batch: Any) -> tuple[PyTree, jax.Array]:
+        """The per-example gradients this function clips, before clipping (for inspection and tests).
+
+        Returns ``(grads, loss)``: ``grads`` has the structure of ``params`` with a
+        leading example axis (the output of ``example_grad`` when one is set), and
+        ``loss`` is the per-example loss. Materialises every example's gradient:
+        use it on small batches.
+        """
+        batched_nums = _normalise_argnums(self.batch_argnums, len(batch))
+        in_axes = (None, *[0 if (i + 1) in batched_nums else None for i in range(len(batch))])
+
+        def one(p, *a):
+            loss, _, grad = self._single_example(p, batched_nums, a)
+            return grad, loss
+
+        return jax.vmap(one, in_axes=in_axes)(params, *batch)
 
     # -- one chunk of examples --------------------------------------------
     def _chunk(self, params, batched_nums, args, mask):
@@ -286,6 +335,7 @@ def clipped_grad(
     microbatch_size: int | None = None,
     return_norms: bool = False,
     per_layer: bool = False,
+    example_grad: ExampleGradFn | None = None,
 ) -> ClippedGradFn:
     """Sum of per-example clipped gradients of an ordinary batch loss.
 
@@ -310,6 +360,12 @@ def clipped_grad(
       return_norms: also return per-example gradient norms before clipping.
       per_layer: clip each parameter leaf separately to ``C / sqrt(K)`` for K
         leaves, so the whole per-example gradient still has norm ``<= C``.
+      example_grad: a per-example gradient estimator (:data:`ExampleGradFn`) used
+        instead of the plain gradient, e.g. Bias-Aware Minimisation's
+        finite-difference gradient (``experiments/bam``). It is handed one
+        example's ``value_and_grad(p)`` and nothing else, so whatever it returns
+        depends on that example only: it is clipped like any gradient and the
+        sensitivity stays C.
 
     Returns:
       ``fn(params, *batch, example_mask=None) -> (grad_sum, ClippedGradAux)``.
@@ -348,4 +404,53 @@ def clipped_grad(
         microbatch_size=microbatch_size,
         return_norms=return_norms,
         per_layer=per_layer,
+        example_grad=example_grad,
     )
+
+
+def gradient_norm_stats(
+    norms: Any, example_mask: Any, *, l2_clip_norm: float, quantiles: Sequence[float] = (0.1, 0.5, 0.9)
+) -> dict[str, jax.Array]:
+    """Clipping diagnostics of one step (or of many pooled): norm statistics and the clipping bias bound.
+
+    Clipping example i changes its gradient by exactly ``max(0, ||g_i|| - C)`` in
+    norm, so the clipped mean is at most ``mean_i max(0, ||g_i|| - C)`` away from
+    the unclipped mean (the *bias bound*, Knolle et al. 2023). Works under
+    ``jax.jit`` and on NumPy arrays.
+
+    Args:
+      norms: per-example gradient norms before clipping, e.g. ``aux.norms`` of a
+        :func:`clipped_grad` built with ``return_norms=True``.
+      example_mask: 0/1 per example; masked and non-finite norms are left out.
+      l2_clip_norm: the clipping bound C.
+      quantiles: which quantiles of the norm to report (keys ``grad_norm_q10`` ...).
+
+    Returns:
+      ``{"grad_norm_mean", "grad_norm_qNN"..., "fraction_clipped", "clip_bias_bound",
+      "examples"}`` as scalars (NaN statistics when no example counts).
+
+    Privacy: these are computed from private data without noise; they are not
+    covered by ε (debugging and research only; do not publish them).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxdp
+      >>> s = jaxdp.gradient_norm_stats(jnp.array([0.5, 3.0, 9.0]), jnp.array([1, 1, 0]), l2_clip_norm=1.0)
+      >>> float(s["clip_bias_bound"]), float(s["fraction_clipped"])
+      (1.0, 0.5)
+    """
+    clip = _check_clip_norm(l2_clip_norm)
+    norms = jnp.asarray(norms, jnp.float32)
+    counted = (jnp.asarray(example_mask) > 0) & jnp.isfinite(norms)
+    n = jnp.sum(counted)
+    safe = jnp.where(counted, norms, 0.0)
+    denom = jnp.where(n > 0, n, jnp.nan)
+    stats = {
+        "grad_norm_mean": jnp.sum(safe) / denom,
+        "fraction_clipped": jnp.sum(counted & (norms > clip)) / denom,
+        "clip_bias_bound": jnp.sum(jnp.maximum(safe - clip, 0.0)) / denom,
+        "examples": n.astype(jnp.int32),
+    }
+    values = jnp.nanquantile(jnp.where(counted, norms, jnp.nan), jnp.asarray(quantiles, jnp.float32))
+    for q, v in zip(quantiles, values, strict=True):
+        stats[f"grad_norm_q{round(100 * q):02d}"] = v
+    return stats

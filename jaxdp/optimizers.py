@@ -12,11 +12,13 @@ clipping or noise; it is post-processing and changes no privacy guarantee.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["conjugate_complex", "dp_optimizer"]
+__all__ = ["LastUpdateState", "conjugate_complex", "dp_optimizer", "keep_last_update"]
 
 
 def conjugate_complex() -> optax.GradientTransformation:
@@ -32,3 +34,30 @@ def conjugate_complex() -> optax.GradientTransformation:
 def dp_optimizer(privatizer: optax.GradientTransformation, optimizer: optax.GradientTransformation):
     """``chain(privatizer, conjugate_complex(), optimizer)``: the private optimizer for real or complex params."""
     return optax.chain(privatizer, conjugate_complex(), optimizer)
+
+
+class LastUpdateState(NamedTuple):
+    """State of :func:`keep_last_update`: the updates it last passed through."""
+
+    last_update: Any
+
+
+def keep_last_update() -> optax.GradientTransformation:
+    """Pass updates through unchanged and keep a copy of the last ones in the state.
+
+    Chained right after the privatizer it holds the previous step's *privatised*
+    gradient: public, so a step may use it freely (DP-SAT ascends along it). The
+    copy is kept in at least float32 and starts at zero (no previous step).
+    """
+
+    def init_fn(params):
+        return LastUpdateState(
+            jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        kept = jax.tree_util.tree_map(lambda u, s: u.astype(s.dtype), updates, state.last_update)
+        return updates, LastUpdateState(kept)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -22,7 +22,7 @@ import optax
 from jaxdp.accounting import Accountant, make_accountant
 from jaxdp.accounting._base import check_delta, require_upper_bound
 from jaxdp.accounting._dp_accounting import dp_event as _dp_event
-from jaxdp.clipping import ClippedGradFn, _check_clip_norm, clipped_grad
+from jaxdp.clipping import ClippedGradFn, ExampleGradFn, _check_clip_norm, clipped_grad
 from jaxdp.noise import privatize
 from jaxdp.sampling import PoissonSampler, ShuffleSampler, steps_per_epoch
 
@@ -120,8 +120,13 @@ class PrivacyPlan:
         has_aux: bool = False,
         microbatch_size: int | None = None,
         return_norms: bool = False,
+        example_grad: ExampleGradFn | None = None,
     ) -> ClippedGradFn:
-        """The plan's clipped-gradient function (performance knobs only as arguments)."""
+        """The plan's clipped-gradient function (performance knobs, and a per-example estimator, as arguments).
+
+        ``example_grad`` (see :func:`jaxdp.clipped_grad`) changes *what* is clipped
+        but only ever sees one example, so the sensitivity, and so the plan, is unchanged.
+        """
         return clipped_grad(
             loss_fn,
             l2_clip_norm=self.l2_clip_norm,
@@ -130,6 +135,7 @@ class PrivacyPlan:
             microbatch_size=microbatch_size,
             return_norms=return_norms,
             per_layer=self.per_layer,
+            example_grad=example_grad,
         )
 
     def privatizer(self, key: jax.Array | int) -> optax.GradientTransformation:

@@ -32,10 +32,11 @@ from flax import nnx
 from jaxdp import accounting, distributed
 from jaxdp import data as data_lib
 from jaxdp.accounting._base import require_upper_bound
+from jaxdp.clipping import ExampleGradFn, gradient_norm_stats
 from jaxdp.config import ConfigError
 from jaxdp.data.augment import multiplicity_loss, random_crop_flip
 from jaxdp.models import check_dp_compatible, make_model
-from jaxdp.optimizers import dp_optimizer
+from jaxdp.optimizers import dp_optimizer, keep_last_update
 from jaxdp.plan import PrivacyPlan
 from jaxdp.plan import steps_per_epoch as epoch_steps
 
@@ -95,28 +96,57 @@ def make_private_step(
     noise_key: jax.Array | int,
     microbatch_size: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    example_grad: ExampleGradFn | None = None,
+    perturb: Callable[[Any, Any], Any] | None = None,
 ):
     """Build the jitted pieces of a DP-SGD step from a plan.
 
+    Args:
+      example_grad: a per-example gradient estimator used instead of the plain
+        per-example gradient (:func:`jaxdp.clipped_grad`); it sees one example at
+        a time, so the plan's sensitivity holds (e.g. BAM).
+      perturb: ``perturb(params, prev) -> params`` where ``prev`` is the previous
+        step's *privatised* gradient (zeros before the first step): the
+        per-example gradients are evaluated at the returned point and the update
+        is applied to ``params`` (e.g. DP-SAT's ascent). It is given public
+        quantities only, so it is post-processing. ``prev`` is kept in the
+        optimizer state (:func:`jaxdp.optimizers.keep_last_update`), so it is
+        checkpointed with the run.
+
     Returns:
       ``(tx, step, accumulate)`` where ``tx = chain(plan.privatizer(key),
-      conjugate_complex(), optimizer)``;
+      conjugate_complex(), optimizer)`` (with ``keep_last_update()`` after the
+      privatizer when ``perturb`` is set);
       ``step(state, acc, x, y, mask) -> (state, metrics)`` adds the clipped sum of
       this chunk to ``acc`` (``None`` for a one-chunk draw), adds the noise once
-      and updates; ``accumulate(params, acc, x, y, mask) -> (acc, metrics)`` is
+      and updates; ``accumulate(state, acc, x, y, mask) -> (acc, metrics)`` is
       for the earlier chunks of a draw that spilled over one chunk. Extra
       per-example arrays after ``mask`` (e.g. augmentation keys) are passed to
-      ``loss_fn`` after ``y``. With a
-      ``mesh``, each device clips its own shard of the batch and the sums are
-      reduced across devices (:func:`jaxdp.distributed.data_parallel`).
+      ``loss_fn`` after ``y``. ``metrics["norms"]`` holds the per-example norms
+      of what was clipped (NaN where masked; see
+      :func:`jaxdp.gradient_norm_stats`). With a ``mesh``, each device clips its
+      own shard of the batch and the sums are reduced across devices
+      (:func:`jaxdp.distributed.data_parallel`).
     """
-    grad_fn = plan.clipped_grad(loss_fn, microbatch_size=microbatch_size)
+    grad_fn = plan.clipped_grad(loss_fn, microbatch_size=microbatch_size, return_norms=True, example_grad=example_grad)
     if mesh is not None:
         grad_fn = distributed.data_parallel(grad_fn, mesh)
-    tx = dp_optimizer(plan.privatizer(noise_key), optimizer)  # complex leaves: see jaxdp.optimizers
+    privatizer = plan.privatizer(noise_key)
+    if perturb is not None:
+        if not callable(perturb):
+            raise TypeError(f"perturb={perturb!r} is not callable; pass perturb(params, prev_private_grad) -> params.")
+        privatizer = optax.chain(privatizer, keep_last_update())
+    tx = dp_optimizer(privatizer, optimizer)  # complex leaves: see jaxdp.optimizers
 
-    def chunk(params, acc, x, y, mask, *extra):
-        g, aux = grad_fn(params, x, y, *extra, example_mask=mask)
+    def grad_point(state):
+        if perturb is None:
+            return state.params
+        # opt_state = (chain(privatize, keep_last_update), conjugate, optimizer)
+        prev = state.opt_state[0][1].last_update
+        return perturb(state.params, prev)
+
+    def chunk(state, acc, x, y, mask, *extra):
+        g, aux = grad_fn(grad_point(state), x, y, *extra, example_mask=mask)
         if acc is not None:
             g = jax.tree_util.tree_map(jnp.add, acc, g)
         metrics = {
@@ -124,16 +154,17 @@ def make_private_step(
             "examples": jnp.sum(mask),
             "clipped": aux.num_clipped,
             "nonfinite": aux.num_nonfinite,
+            "norms": jnp.where(mask > 0, aux.norms, jnp.nan),
         }
         return g, metrics
 
     @jax.jit
-    def accumulate(params, acc, x, y, mask, *extra):
-        return chunk(params, acc, x, y, mask, *extra)
+    def accumulate(state, acc, x, y, mask, *extra):
+        return chunk(state, acc, x, y, mask, *extra)
 
     @jax.jit
     def step(state, acc, x, y, mask, *extra):
-        g, metrics = chunk(state.params, acc, x, y, mask, *extra)
+        g, metrics = chunk(state, acc, x, y, mask, *extra)
         updates, opt_state = tx.update(g, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, state.step + 1), metrics
@@ -372,7 +403,12 @@ class _Run(NamedTuple):
     secret_seed: int
 
 
-def _setup(config: ml_collections.ConfigDict, secret_seed: int | None = None) -> _Run:
+def _setup(
+    config: ml_collections.ConfigDict,
+    secret_seed: int | None = None,
+    example_grad: ExampleGradFn | None = None,
+    perturb: Callable[[Any, Any], Any] | None = None,
+) -> _Run:
     """Everything before the first step. Bad values surface here as ConfigError."""
     distributed.initialize(
         config.distributed.coordinator_address, config.distributed.num_processes, config.distributed.process_id
@@ -415,6 +451,8 @@ def _setup(config: ml_collections.ConfigDict, secret_seed: int | None = None) ->
         noise_key=jax.random.key(secret_seed),
         microbatch_size=config.microbatch_size or None,
         mesh=mesh,
+        example_grad=example_grad,
+        perturb=perturb,
     )
     n_dev = mesh.devices.size
     sampler = plan.sampler(
@@ -433,6 +471,8 @@ def train(
     progress: bool = True,
     callbacks: Sequence[TrainCallback] = (),
     resume: bool = False,
+    example_grad: ExampleGradFn | None = None,
+    perturb: Callable[[Any, Any], Any] | None = None,
 ) -> dict:
     """Run private training from a config; returns (and prints) the summary.
 
@@ -440,7 +480,15 @@ def train(
     checkpoints (:mod:`jaxdp.checkpoint`) under ``config.workdir``. With
     ``resume=True`` it continues from the latest checkpoint there and ends with
     exactly the parameters and ε of an uninterrupted run. ``callbacks``
-    (:class:`TrainCallback`) observe the run.
+    (:class:`TrainCallback`) observe the run. ``example_grad`` and ``perturb``
+    change how each step's gradients are formed without changing the privacy
+    plan (see :func:`make_private_step`; ``experiments/bam`` uses them).
+
+    Each epoch's record also has clipping diagnostics of the per-example
+    gradients that were clipped (:func:`jaxdp.gradient_norm_stats`): their mean
+    and 10/50/90% quantiles and, for whole-gradient clipping, the bias bound
+    ``mean max(0, ||g_i|| - C)``, pooled over the epoch's examples. Like the
+    loss, they are computed without noise and are not covered by ε.
     """
     from jaxdp.checkpoint import Checkpointer
 
@@ -455,7 +503,12 @@ def train(
         print(f"jaxdp: no checkpoint under {checkpointer.directory}; starting from the beginning.", flush=True)
     saved_meta = checkpointer.meta(resume_from) if resume_from is not None else None
     try:
-        run = _setup(config, secret_seed=saved_meta["secret_seed"] if saved_meta else None)
+        run = _setup(
+            config,
+            secret_seed=saved_meta["secret_seed"] if saved_meta else None,
+            example_grad=example_grad,
+            perturb=perturb,
+        )
     except ConfigError:
         raise
     except ValueError as e:  # a bad value caught by the plan, model, sampler or dataset
@@ -549,7 +602,7 @@ def train(
                         host.append(aug_rng.integers(0, 2**32, (len(idx), 2), dtype=np.uint32))
                     xb, yb, mb, *extra = distributed.shard_batch(mesh, tuple(host))
                     if i < len(chunks) - 1:
-                        acc, m = accumulate_fn(state.params, acc, xb, yb, mb, *extra)
+                        acc, m = accumulate_fn(state, acc, xb, yb, mb, *extra)
                     else:
                         state, m = step_fn(state, acc, xb, yb, mb, *extra)
                     epoch_metrics.append(m)
@@ -561,7 +614,11 @@ def train(
                 bar.update(1)
             epoch_metrics = jax.device_get(epoch_metrics)  # waits for the epoch's steps
             elapsed = time.perf_counter() - t0
+            norms = np.concatenate([m.pop("norms") for m in epoch_metrics])
             totals = {k: float(sum(m[k] for m in epoch_metrics)) for k in epoch_metrics[0]}
+            grad_stats = gradient_norm_stats(norms, np.isfinite(norms), l2_clip_norm=plan.l2_clip_norm)
+            if plan.per_layer:  # max(0, ||g|| - C) bounds the bias of whole-gradient clipping only
+                del grad_stats["clip_bias_bound"]
             if epoch > 1 or num_epochs == 1:
                 steady_examples += totals["examples"]
                 steady_time += elapsed
@@ -576,6 +633,7 @@ def train(
                 "examples_per_sec": totals["examples"] / elapsed,
                 "fraction_clipped": totals["clipped"] / max(totals["examples"], 1.0),
                 "nonfinite_dropped": int(totals["nonfinite"]),
+                **{k: float(v) for k, v in grad_stats.items() if k not in ("examples", "fraction_clipped")},
             }
             history.append(record)
             log.write(json.dumps(record) + "\n")
@@ -639,7 +697,8 @@ def train(
         "planned_steps": planned_steps,
         "attack_risk": risk,
         # Computed on the private training data without noise: not covered by epsilon, do not publish.
-        "not_covered_by_epsilon": ["loss", "train_accuracy", "fraction_clipped", "nonfinite_dropped"],
+        "not_covered_by_epsilon": ["loss", "train_accuracy", "fraction_clipped", "nonfinite_dropped"]
+        + [k for k in last if k.startswith(("grad_norm_", "clip_bias_bound"))],
         "examples_per_sec": steady_examples / steady_time if steady_time else last["examples_per_sec"],
         "nonfinite_dropped": sum(r["nonfinite_dropped"] for r in history),
         "devices": n_dev,

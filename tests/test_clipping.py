@@ -216,3 +216,72 @@ def test_pytree_batches_are_supported():
     np.testing.assert_allclose(g, exact, rtol=1e-6)
     with pytest.raises(ValueError, match="leading"):
         jaxdp.clipped_grad(loss, l2_clip_norm=1.0)(jnp.ones(3), {"x": batch["x"], "y": jnp.ones(3)})
+
+
+def test_example_grad_hook_is_what_gets_clipped(mlp_problem):
+    """A per-example estimator's output is clipped and summed exactly like a plain gradient (vs a loop)."""
+    loss_fn, params, x, y = mlp_problem
+
+    def doubled_with_own_loss(value_and_grad, p):  # any function of the one example it is given
+        (loss, aux), g = value_and_grad(p)
+        return (loss, aux), jax.tree_util.tree_map(lambda v: (2.0 + loss) * v, g)
+
+    mask = jnp.asarray([1, 1, 0, 1, 1, 1, 0, 1, 1, 1], jnp.float32)
+    fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm=0.8, example_grad=doubled_with_own_loss, return_norms=True)
+    got, aux = jax.jit(fn)(params, x, y, example_mask=mask)
+    per_example, losses = jax.jit(fn.per_example_grads)(params, x, y)
+    want, want_norms = None, []
+    for i in range(x.shape[0]):
+        loss_i = float(jax.jit(loss_fn)(params, x[i : i + 1], y[i : i + 1]))
+        g = [
+            np.asarray(v, np.float64) * (2.0 + loss_i)
+            for v in jax.tree_util.tree_leaves(_grad(loss_fn)(params, x[i : i + 1], y[i : i + 1]))
+        ]
+        norm = math.sqrt(sum(float(np.sum(v**2)) for v in g))
+        want_norms.append(norm)
+        np.testing.assert_allclose(np.asarray(losses[i]), loss_i, rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(per_example), g, strict=True):
+            np.testing.assert_allclose(np.asarray(a[i]), b, rtol=1e-4, atol=1e-5)
+        g = [v * min(1.0, 0.8 / norm) * float(mask[i]) for v in g]
+        want = g if want is None else [s + v for s, v in zip(want, g, strict=True)]
+    for a, b in zip(jax.tree_util.tree_leaves(got), want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(aux.norms), want_norms, rtol=1e-4)
+
+
+def test_example_grad_must_return_a_params_shaped_gradient(mlp_problem):
+    loss_fn, params, x, y = mlp_problem
+    with pytest.raises(TypeError, match="example_grad returned a gradient with structure"):
+        jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, example_grad=lambda vg, p: (vg(p)[0], [0.0]))(params, x, y)
+    with pytest.raises(TypeError, match="example_grad=3 is not callable"):
+        jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, example_grad=3)
+
+
+def test_gradient_norm_stats_against_numpy():
+    rng = np.random.default_rng(0)
+    norms = rng.gamma(2.0, 1.0, size=200).astype(np.float32)
+    norms[[3, 50]] = np.inf  # non-finite gradients are dropped by clipped_grad: not counted
+    norms[7] = np.nan
+    mask = (rng.random(200) < 0.8).astype(np.float32)
+    clip = 1.5
+    keep = (mask > 0) & np.isfinite(norms)
+    kept = norms[keep].astype(np.float64)
+    got = jax.jit(lambda n, m: jaxdp.gradient_norm_stats(n, m, l2_clip_norm=clip, quantiles=(0.1, 0.5, 0.9)))(
+        norms, mask
+    )
+    assert int(got["examples"]) == keep.sum()
+    np.testing.assert_allclose(float(got["grad_norm_mean"]), kept.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(got["clip_bias_bound"]), np.maximum(kept - clip, 0).mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(got["fraction_clipped"]), (kept > clip).mean(), rtol=1e-6)
+    for q in (10, 50, 90):
+        np.testing.assert_allclose(float(got[f"grad_norm_q{q}"]), np.quantile(kept, q / 100), rtol=1e-5)
+    # The bias bound bounds what clipping moves the mean by (here on real per-example gradients).
+    g = rng.normal(size=(50, 4)) * rng.gamma(2.0, 1.0, size=(50, 1))
+    n = np.linalg.norm(g, axis=1)
+    clipped = g * np.minimum(1.0, clip / n)[:, None]
+    bound = float(jaxdp.gradient_norm_stats(n, np.ones(50), l2_clip_norm=clip)["clip_bias_bound"])
+    assert np.linalg.norm(g.mean(0) - clipped.mean(0)) <= bound + 1e-6
+    empty = jaxdp.gradient_norm_stats(norms, np.zeros(200), l2_clip_norm=clip)
+    assert int(empty["examples"]) == 0 and math.isnan(float(empty["grad_norm_mean"]))
+    with pytest.raises(ValueError, match="l2_clip_norm=0"):
+        jaxdp.gradient_norm_stats(norms, mask, l2_clip_norm=0)

@@ -88,7 +88,28 @@ def test_cli_smoke_writes_metrics_and_summary(tmp_path, capsys):
     summary = json.loads(out[-1])
     assert summary["model"] == "cnn" and summary["steps"] == 6
     assert 0 < summary["epsilon"] < 3 and summary["examples_per_sec"] > 0
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    diagnostics = ["grad_norm_mean", "grad_norm_q10", "grad_norm_q50", "grad_norm_q90", "clip_bias_bound"]
+    for r in records:  # clipping diagnostics are logged every epoch ...
+        assert 0 < r["grad_norm_q10"] <= r["grad_norm_q50"] <= r["grad_norm_q90"]
+        assert 0 <= r["clip_bias_bound"] < r["grad_norm_mean"]
+        assert (r["clip_bias_bound"] > 0) == (r["fraction_clipped"] > 0)
+    # ... and labelled as computed from private data without noise.
+    assert set(diagnostics) <= set(summary["not_covered_by_epsilon"])
+
+
+def test_step_reports_the_per_example_norms_it_clipped():
+    loss_fn, params = nnx_loss(MLP(12, 5, hidden=(8,), rngs=nnx.Rngs(1)))
+    plan = jaxdp.PrivacyPlan(dataset_size=100, batch_size=10, l2_clip_norm=0.5, noise_multiplier=1.0, num_steps=1)
+    tx, step, _ = make_private_step(plan, loss_fn, optax.sgd(0.1), noise_key=jax.random.key(0))
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(8, 12)).astype(np.float32)
+    y = rng.integers(0, 5, 8).astype(np.int32)
+    mask = np.array([1, 1, 0, 1, 0, 1, 1, 1], np.float32)
+    _, metrics = step(TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)), None, x, y, mask)
+    _, aux = plan.clipped_grad(loss_fn, return_norms=True)(params, x, y)
+    np.testing.assert_allclose(metrics["norms"], np.where(mask > 0, aux.norms, np.nan), rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +180,7 @@ def test_step_does_not_recompile_and_spilled_draws_are_exact():
 
     idx = np.arange(24)
     one, _ = step(state0, None, x[idx], y[idx], np.ones(24, np.float32))
-    acc, _ = accumulate(state0.params, None, x[idx[:12]], y[idx[:12]], np.ones(12, np.float32))
+    acc, _ = accumulate(state0, None, x[idx[:12]], y[idx[:12]], np.ones(12, np.float32))
     two, _ = step(state0, acc, x[idx[12:]], y[idx[12:]], np.ones(12, np.float32))
     for u, v in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(two.params), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
