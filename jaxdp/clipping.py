@@ -423,7 +423,8 @@ def gradient_norm_stats(
         :func:`clipped_grad` built with ``return_norms=True``.
       example_mask: 0/1 per example; masked and non-finite norms are left out.
       l2_clip_norm: the clipping bound C.
-      quantiles: which quantiles of the norm to report (keys ``grad_norm_q10`` ...).
+      quantiles: which quantiles of the norm to report, distinct, in [0, 1] (keys
+        ``grad_norm_q10``, ``grad_norm_q50``, ``grad_norm_q99.5`` ...).
 
     Returns:
       ``{"grad_norm_mean", "grad_norm_qNN"..., "fraction_clipped", "clip_bias_bound",
@@ -439,6 +440,9 @@ def gradient_norm_stats(
       (1.0, 0.5)
     """
     clip = _check_clip_norm(l2_clip_norm)
+    keys = [f"grad_norm_q{100 * q:g}" for q in quantiles]
+    if not all(0 <= q <= 1 for q in quantiles) or len(set(keys)) != len(keys):
+        raise ValueError(f"quantiles={tuple(quantiles)!r} must be distinct numbers in [0, 1], e.g. (0.1, 0.5, 0.9).")
     norms = jnp.asarray(norms, jnp.float32)
     counted = (jnp.asarray(example_mask) > 0) & jnp.isfinite(norms)
     n = jnp.sum(counted)
@@ -451,6 +455,5 @@ def gradient_norm_stats(
         "examples": n.astype(jnp.int32),
     }
     values = jnp.nanquantile(jnp.where(counted, norms, jnp.nan), jnp.asarray(quantiles, jnp.float32))
-    for q, v in zip(quantiles, values, strict=True):
-        stats[f"grad_norm_q{round(100 * q):02d}"] = v
+    stats.update(zip(keys, values, strict=True))
     return stats

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdp.clipping import ClippedGradAux, ClippedGradFn, _normalise_argnums
 
-__all__ = ["data_parallel", "initialize", "make_mesh", "replicate", "shard_batch"]
+__all__ = ["data_parallel", "initialize", "make_mesh", "replicate", "replicated_sharding", "shard_batch"]
 
 DATA_AXIS = "data"
 
@@ -61,9 +61,14 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding that keeps a whole copy on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def replicate(mesh: Mesh, tree: Any) -> Any:
     """Place every leaf of ``tree`` on every device of ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    return jax.device_put(tree, replicated_sharding(mesh))
 
 
 def shard_batch(mesh: Mesh, tree: Any) -> Any:

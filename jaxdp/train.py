@@ -141,20 +141,21 @@ def make_private_step(
     def grad_point(state):
         if perturb is None:
             return state.params
-        # opt_state = (chain(privatize, keep_last_update), conjugate, optimizer)
-        prev = state.opt_state[0][1].last_update
-        return perturb(state.params, prev)
+        return perturb(state.params, optax.tree.get(state.opt_state, "last_update"))
 
     def chunk(state, acc, x, y, mask, *extra):
         g, aux = grad_fn(grad_point(state), x, y, *extra, example_mask=mask)
         if acc is not None:
             g = jax.tree_util.tree_map(jnp.add, acc, g)
+        norms = jnp.where(mask > 0, aux.norms, jnp.nan)
+        if mesh is not None:  # gathered (B floats) so every host can read them, multi-host included
+            norms = jax.lax.with_sharding_constraint(norms, distributed.replicated_sharding(mesh))
         metrics = {
             "loss_sum": jnp.sum(jnp.where(mask > 0, aux.loss, 0.0)),
             "examples": jnp.sum(mask),
             "clipped": aux.num_clipped,
             "nonfinite": aux.num_nonfinite,
-            "norms": jnp.where(mask > 0, aux.norms, jnp.nan),
+            "norms": norms,
         }
         return g, metrics
 

@@ -31,19 +31,41 @@ def max_diff(a, b):
     )
 
 
-def run(model, x, y, mask, num_devices, microbatch_size=None):
+def two_point_example_grad(value_and_grad, p):
+    """A BAM-like per-example estimator: the example's gradient averaged with one at a point it chose."""
+    (loss, aux), g = value_and_grad(p)
+    _, g2 = value_and_grad(jax.tree_util.tree_map(lambda a, b: a + 0.05 * b, p, g))
+    return (loss, aux), jax.tree_util.tree_map(lambda a, b: 0.5 * (a + b), g, g2)
+
+
+def ascend_along_prev(params, prev):  # DP-SAT-like: moves once the previous privatised gradient is non-zero
+    return jax.tree_util.tree_map(lambda p, d: p + 0.5 * d, params, prev)
+
+
+HOOKS = {"example_grad": two_point_example_grad, "perturb": ascend_along_prev}
+
+
+def run(model, x, y, mask, num_devices, microbatch_size=None, hooks=None):
     loss_fn, params = nnx_loss(model)
     plan = jaxdp.PrivacyPlan(dataset_size=1000, batch_size=24, l2_clip_norm=0.5, noise_multiplier=1.3, num_steps=2)
     mesh = distributed.make_mesh(num_devices)
     tx, step, _ = make_private_step(
-        plan, loss_fn, optax.sgd(0.1), noise_key=jax.random.key(42), microbatch_size=microbatch_size, mesh=mesh
+        plan,
+        loss_fn,
+        optax.sgd(0.1),
+        noise_key=jax.random.key(42),
+        microbatch_size=microbatch_size,
+        mesh=mesh,
+        **(hooks or {}),
     )
     state = distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))
     for _ in range(2):
         batch = distributed.shard_batch(mesh, (x, y, mask))
-        state, _ = step(state, None, *batch)
+        state, metrics = step(state, None, *batch)
     shards = len(batch[0].addressable_shards)
     replicated = all(leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leaves(state.params))
+    # Per-example norms leave the step replicated, so every host of a multi-host run can read them.
+    replicated = replicated and metrics["norms"].sharding.is_fully_replicated
     return state.params, shards, replicated, (loss_fn, params, plan)
 
 
@@ -64,6 +86,8 @@ def main():
         p1, s1, _, (loss_fn, params0, plan) = run(model, x, y, mask, 1)
         p8, s8, rep8, _ = run(model, x, y, mask, 8)
         p8m, _, _, _ = run(model, x, y, mask, 8, microbatch_size=2)
+        h1, _, _, _ = run(model, x, y, mask, 1, hooks=HOOKS)
+        h8, _, h8_rep, _ = run(model, x, y, mask, 8, microbatch_size=2, hooks=HOOKS)
         # Explicit one-step formula: noise drawn once from the key the privatizer holds.
         grad_fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm=0.5)
         g, _ = grad_fn(params0, x, y, example_mask=mask)
@@ -77,6 +101,9 @@ def main():
             "params_replicated_8": rep8,
             "diff_8_vs_1": max_diff(p8, p1),
             "diff_8_microbatched_vs_1": max_diff(p8m, p1),
+            "hooks_diff_8_vs_1": max_diff(h8, h1),
+            "hooks_change_the_result": max_diff(h1, p1),
+            "hooks_replicated_8": h8_rep,
             "diff_8_one_step_vs_formula": max_diff(q1, expected1),
             "param_scale": max(float(np.max(np.abs(np.asarray(v)))) for v in jax.tree_util.tree_leaves(p1)),
         }

@@ -285,3 +285,7 @@ def test_gradient_norm_stats_against_numpy():
     assert int(empty["examples"]) == 0 and math.isnan(float(empty["grad_norm_mean"]))
     with pytest.raises(ValueError, match="l2_clip_norm=0"):
         jaxdp.gradient_norm_stats(norms, mask, l2_clip_norm=0)
+    for bad in ((0.995, 0.995), (0.5, 1.5), (-0.1,)):
+        with pytest.raises(ValueError, match="quantiles="):
+            jaxdp.gradient_norm_stats(norms, mask, l2_clip_norm=clip, quantiles=bad)
+    assert "grad_norm_q99.5" in jaxdp.gradient_norm_stats(norms, mask, l2_clip_norm=clip, quantiles=(0.995, 1.0))

@@ -35,6 +35,15 @@ def test_eight_devices_equal_one(measured, model):
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_gradient_hooks_give_the_same_result_on_eight_devices(measured, model):
+    """example_grad + perturb (BAM / DP-SAT style), 8 devices microbatched == 1 device."""
+    m = measured[model]
+    assert m["hooks_replicated_8"]
+    assert m["hooks_change_the_result"] > 1e-4, m  # the hooks are really in the path
+    assert m["hooks_diff_8_vs_1"] < 1e-5 * max(1.0, m["param_scale"]), m
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_noise_is_added_once_across_devices(measured, model):
     """params - lr * (clipped_sum + N(0, (σC)^2) from the state's key) / B, exactly once."""
     m = measured[model]

@@ -161,12 +161,19 @@ def test_overrides_cast_types():
         apply_overrides(load_config(DIGITS), ["privacy.per_layer=2"])
 
 
-def test_step_does_not_recompile_and_spilled_draws_are_exact():
-    """One compiled step for every draw; a draw split over two chunks equals one big chunk."""
+def _ascend_along_prev(params, prev):  # a DP-SAT-like perturb: moves only once prev is non-zero
+    return jax.tree_util.tree_map(lambda p, d: p + 0.3 * d, params, prev)
+
+
+@pytest.mark.parametrize("perturb", [None, _ascend_along_prev])
+def test_step_does_not_recompile_and_spilled_draws_are_exact(perturb):
+    """One compiled step for every draw; a draw split over two chunks equals one big chunk (perturbed too)."""
     loss_fn, params = nnx_loss(MLP(12, 5, hidden=(8,), rngs=nnx.Rngs(0)))
     plan = jaxdp.PrivacyPlan(dataset_size=200, batch_size=20, l2_clip_norm=1.0, noise_multiplier=1.0, num_steps=5)
     mesh = distributed.make_mesh(1)
-    tx, step, accumulate = make_private_step(plan, loss_fn, optax.sgd(0.1), noise_key=jax.random.key(0), mesh=mesh)
+    tx, step, accumulate = make_private_step(
+        plan, loss_fn, optax.sgd(0.1), noise_key=jax.random.key(0), mesh=mesh, perturb=perturb
+    )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 12)).astype(np.float32)
     y = rng.integers(0, 5, 200).astype(np.int32)
@@ -178,12 +185,17 @@ def test_step_does_not_recompile_and_spilled_draws_are_exact():
         state, _ = step(state, None, *distributed.shard_batch(mesh, (x[idx], y[idx], mask)))
     assert step._cache_size() == 1
 
+    # From a state with a previous (non-zero) privatised gradient, so a perturbation really moves.
     idx = np.arange(24)
-    one, _ = step(state0, None, x[idx], y[idx], np.ones(24, np.float32))
-    acc, _ = accumulate(state0, None, x[idx[:12]], y[idx[:12]], np.ones(12, np.float32))
-    two, _ = step(state0, acc, x[idx[12:]], y[idx[12:]], np.ones(12, np.float32))
+    one, _ = step(state, None, x[idx], y[idx], np.ones(24, np.float32))
+    acc, _ = accumulate(state, None, x[idx[:12]], y[idx[:12]], np.ones(12, np.float32))
+    two, _ = step(state, acc, x[idx[12:]], y[idx[12:]], np.ones(12, np.float32))
     for u, v in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(two.params), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    if perturb is not None:  # the earlier chunk must be taken at the perturbed point as well
+        at_params, _ = plan.clipped_grad(loss_fn)(state.params, x[idx[:12]], y[idx[:12]])
+        moved = [np.max(np.abs(u - v)) for u, v in zip(*map(jax.tree_util.tree_leaves, (acc, at_params)), strict=True)]
+        assert max(moved) > 1e-4
 
 
 def test_account_command_table_and_json(capsys):

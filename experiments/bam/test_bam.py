@@ -196,6 +196,18 @@ def test_dpsat_ascends_along_the_previous_privatised_gradient_only():
     assert np.max(np.abs(flat(g2) - flat(g_unperturbed))) > 1e-4  # the ascent really moved the evaluation point
 
 
+def test_ascent_point_for_zero_and_non_finite_directions_is_the_params():
+    from experiments.bam.bam import _ascend
+
+    params = {"a": jnp.ones(3), "b": jnp.full((2,), 2.0, jnp.bfloat16)}
+    for direction in ({"a": jnp.zeros(3), "b": jnp.zeros(2)}, {"a": jnp.array([jnp.inf, 0, 0]), "b": jnp.zeros(2)}):
+        moved = _ascend(params, direction, 0.1)
+        np.testing.assert_array_equal(flat(moved), flat(params))
+    moved = _ascend(params, {"a": jnp.array([3.0, 0, 0]), "b": jnp.array([0.0, 4.0])}, 0.1)
+    np.testing.assert_allclose(flat(moved), [1.06, 1, 1, 2, 2.08], rtol=1e-6)  # r * d / ||d||, ||d|| = 5
+    assert moved["b"].dtype == jnp.float32  # not rounded back to bfloat16 (ulp 0.0156 at 2.0 > the step)
+
+
 def test_bad_hyperparameters_and_complex_params_are_refused():
     for bad in (0.0, -0.1, math.inf, math.nan, True):
         with pytest.raises(ValueError, match="radius="):
