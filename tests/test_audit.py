@@ -5,7 +5,9 @@ off (while the accountant still claims the calibrated ε) must give an empirical
 lower bound clearly above the claim; the real mechanism must stay below it.
 """
 
+import json
 import math
+import os
 
 import numpy as np
 import optax
@@ -21,8 +23,12 @@ from jaxdp.audit import (
     one_run_epsilon_lower_bound,
     one_run_p_value,
 )
+from jaxdp.cli import main
 from jaxdp.models import MLP
 from jaxdp.plan import PrivacyPlan
+
+DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits.py")
+
 
 # -- the statistic ----------------------------------------------------------
 
@@ -159,3 +165,40 @@ def test_plan_must_count_the_canaries(problem):
         audit_training_run(
             plan, loss_fn, params, x, y, optimizer=optax.sgd(0.1), num_canaries=M, delta=DELTA, sabotage="typo"
         )
+
+
+# -- the command line -------------------------------------------------------------
+
+
+def test_cli_prints_both_epsilons(capsys):
+    args = ["audit", "--config", DIGITS, "--canaries", "300", "epochs=3", "privacy.noise_seed=0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "accountant epsilon (rdp, upper bound): 3.000" in out
+    assert "empirical epsilon lower bound (95% confidence):" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["epsilon_accountant"] == pytest.approx(3.0, abs=1e-3)
+    assert 0 <= summary["epsilon_lower_bound"] < summary["epsilon_accountant"]
+    assert summary["canaries"] == 300 and summary["passed"] and summary["steps"] == 9
+
+
+def test_cli_sabotaged_run_exits_1(capsys):
+    args = ["audit", "--config", DIGITS, "--canaries", "600", "epochs=3", "privacy.noise_seed=0"]
+    assert main([*args, "--sabotage", "noise_off"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out
+    assert json.loads(out.strip().splitlines()[-1])["epsilon_lower_bound"] > 3.5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--canaries", "1"], "--canaries=1 must be an int >= 2"),
+        (["--confidence", "1.5"], "--confidence=1.5 must lie in (0, 1)"),
+        (["augment.multiplicity=2"], "augment.multiplicity=2 is not supported"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(args, message, capsys):
+    assert main(["audit", "--config", DIGITS, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
