@@ -155,6 +155,14 @@ def test_broken_mechanism_fails_the_audit(problem, sabotage):
     assert result.claimed_epsilon == pytest.approx(CLAIM, abs=1e-3)  # the claim is unchanged
     assert not result.passed
     assert result.bound.epsilon > CLAIM + 2.0, result.bound
+    if sabotage == "noise_off":
+        # Without noise the plumbing is exact: each step that sampled an included canary added its gradient
+        # clipped from 100 C to C, divided by the expected batch size; an excluded canary never counts.
+        plan = problem[0]
+        counts = result.scores * plan.batch_size / plan.l2_clip_norm
+        assert np.all(result.scores[~result.included] == 0)
+        np.testing.assert_allclose(counts, np.round(counts), atol=1e-3)
+        assert abs(counts[result.included].mean() - plan.sampling_rate * STEPS) < 0.5
 
 
 def test_plan_must_count_the_canaries(problem):
