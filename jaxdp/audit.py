@@ -51,7 +51,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 from scipy import special, stats
 
 from jaxdp.config import ConfigError
@@ -563,8 +562,7 @@ def audit_config(
         options the audit does not support (``augment.multiplicity > 0``).
     """
     from jaxdp import data as data_lib
-    from jaxdp.models import check_dp_compatible, make_model
-    from jaxdp.train import classification_loss, make_optimizer, make_plan, privacy_seed, validate_config
+    from jaxdp.train import build_model, classification_loss, config_optimizer, make_plan, privacy_seed, validate_config
 
     if config.augment.multiplicity:
         raise ConfigError(
@@ -587,32 +585,18 @@ def audit_config(
         total = n + num_canaries
         audited.batch_size = max(1, round(config.batch_size / n * total))  # the recipe's q, up to rounding
         plan = make_plan(audited, total, steps_per_epoch(n, config.batch_size))
-        model = make_model(
-            config.model.name,
-            input_shape=dataset.input_shape,
-            num_classes=dataset.num_classes,
-            seed=config.seed,
-            **config.model.kwargs.to_dict(),
-        )
-        check_dp_compatible(model)
+        graphdef, params, rest = build_model(config, dataset)
     except ConfigError:
         raise
     except ValueError as e:  # a bad value caught by the plan, model or dataset
         raise ConfigError(str(e)) from e
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    optimizer = make_optimizer(
-        config.optimizer.name,
-        config.optimizer.learning_rate,
-        config.optimizer.momentum,
-        config.optimizer.get("weight_decay", 0.0),
-    )
     result = audit_training_run(
         plan,
         classification_loss(graphdef, rest),
         params,
         dataset.x_train,
         dataset.y_train,
-        optimizer=optimizer,
+        optimizer=config_optimizer(config),
         num_canaries=num_canaries,
         delta=config.privacy.delta,
         confidence=confidence,

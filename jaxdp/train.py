@@ -43,7 +43,9 @@ from jaxdp.plan import steps_per_epoch as epoch_steps
 __all__ = [
     "TrainCallback",
     "TrainState",
+    "build_model",
     "classification_loss",
+    "config_optimizer",
     "make_optimizer",
     "make_nonprivate_step",
     "make_private_step",
@@ -86,6 +88,25 @@ def make_optimizer(
     if name == "adam":
         return optax.chain(*decay, optax.adam(learning_rate))
     raise ConfigError(f"optimizer.name={name!r} is not known; choose 'sgd' or 'adam'.")
+
+
+def config_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """:func:`make_optimizer` from a config's ``optimizer`` section."""
+    o = config.optimizer
+    return make_optimizer(o.name, o.learning_rate, o.momentum, o.get("weight_decay", 0.0))
+
+
+def build_model(config: ml_collections.ConfigDict, dataset: Any) -> tuple[nnx.GraphDef, Any, Any]:
+    """The config's model for ``dataset``, refused if it mixes examples (BatchNorm), as ``(graphdef, params, rest)``."""
+    model = make_model(
+        config.model.name,
+        input_shape=dataset.input_shape,
+        num_classes=dataset.num_classes,
+        seed=config.seed,
+        **config.model.kwargs.to_dict(),
+    )
+    check_dp_compatible(model)
+    return nnx.split(model, nnx.Param, ...)
 
 
 def make_private_step(
@@ -421,15 +442,7 @@ def _setup(
     if config.sampling == "shuffle":
         steps_per_epoch = -(-n_train // config.batch_size)  # every example once per epoch
     plan = make_plan(config, n_train, steps_per_epoch)
-    model = make_model(
-        config.model.name,
-        input_shape=dataset.input_shape,
-        num_classes=dataset.num_classes,
-        seed=config.seed,
-        **config.model.kwargs.to_dict(),
-    )
-    check_dp_compatible(model)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = build_model(config, dataset)
     loss_fn = classification_loss(graphdef, rest)
     k = config.augment.multiplicity
     if k:
@@ -438,12 +451,7 @@ def _setup(
         loss_fn = multiplicity_loss(loss_fn, multiplicity=k, augment=augment)
     if secret_seed is None:  # a resumed run passes the seed it saved
         secret_seed = privacy_seed(config.privacy.noise_seed)
-    optimizer = make_optimizer(
-        config.optimizer.name,
-        config.optimizer.learning_rate,
-        config.optimizer.momentum,
-        config.optimizer.get("weight_decay", 0.0),
-    )
+    optimizer = config_optimizer(config)
     mesh = distributed.make_mesh()
     tx, step_fn, accumulate_fn = make_private_step(
         plan,

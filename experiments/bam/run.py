@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from experiments._table import mean_std, save_table
 from experiments.bam.bam import GradientNormProbe, method_hooks
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.train import train
@@ -89,11 +90,7 @@ def table(results: list[dict]) -> str:
             rows = [r for r in results if r["method"] == method and r["epsilon_target"] == eps]
             if not rows:
                 continue
-            cells = []
-            for key, _, digits in COLUMNS:
-                v = np.array([r[key] for r in rows])
-                std = v.std(ddof=1) if len(v) > 1 else 0.0
-                cells.append(f"{v.mean():,.{digits}f} ± {std:,.{digits}f}")
+            cells = [mean_std([r[key] for r in rows], digits) for key, _, digits in COLUMNS]
             spent = max(r["epsilon_spent"] for r in rows)
             lines.append(f"| {METHODS[method]} | {eps:g} ({spent:.3f}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -124,13 +121,8 @@ def main(argv=None):
                     f"| final |grad| {row['final_grad_norm_mean']:.2f} | {row['examples_per_sec']:,.0f} ex/s",
                     flush=True,
                 )
-    text = table(results)
-    print(f"\n{len(args.seeds)} seed(s), mean ± std; took {time.perf_counter() - t0:.0f} s\n")
-    print(text)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    heading = f"{len(args.seeds)} seed(s), mean ± std; took {time.perf_counter() - t0:.0f} s"
+    save_table(args.out, table(results), results, heading)
     return results
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import time
 
 import numpy as np
 
+from experiments._table import mean_std, save_table
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.train import train
 
@@ -80,19 +80,13 @@ def main(argv=None):
     for eps in args.epsilons:
         for model in args.models:
             sel = [r for r in rows if r["model"] == model and r["epsilon_target"] == eps]
-            acc = np.array([r["test_accuracy"] for r in sel])
-            speed = np.array([r["examples_per_sec"] for r in sel])
-            std = acc.std(ddof=1) if len(acc) > 1 else 0.0
+            speed = np.mean([r["examples_per_sec"] for r in sel])
             table.append(
                 f"| {MODELS[model]} | {eps:g} (spent ≤ {max(r['epsilon_spent'] for r in sel):.3f}) "
-                f"| {acc.mean():.3f} ± {std:.3f} | {speed.mean():,.0f} |"
+                f"| {mean_std([r['test_accuracy'] for r in sel])} | {speed:,.0f} |"
             )
-    text = "\n".join(table)
-    print(f"\n{len(args.seeds)} seeds, mean ± std; took {time.perf_counter() - t0:.0f} s\n\n{text}")
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    heading = f"{len(args.seeds)} seeds, mean ± std; took {time.perf_counter() - t0:.0f} s"
+    save_table(args.out, "\n".join(table), rows, heading)
     return rows
 
 

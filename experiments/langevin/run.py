@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import time
 
-import numpy as np
-
+from experiments._table import mean_std, save_table
 from experiments.langevin.langevin import PosteriorPredictive, learning_rate_for_temperature, noise_for_temperature
 from jaxdp import accounting, metrics
 from jaxdp.config import apply_overrides, load_config
@@ -138,19 +136,11 @@ def main(argv=None):
     for eps in args.epsilons:
         for method in dict.fromkeys(r["method"] for r in results):
             rows = [r for r in results if r["method"] == method and r["epsilon_target"] == eps]
-            cells = []
-            for key in ("accuracy", "ece", "nll", "brier"):
-                v = np.array([r[key] for r in rows])
-                cells.append(f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}")
+            cells = [mean_std([r[key] for r in rows]) for key in ("accuracy", "ece", "nll", "brier")]
             spent = max(r["epsilon_spent"] for r in rows)
             table.append(f"| {method} | {eps:g} (spent ≤ {spent:.3f}) | " + " | ".join(cells) + " |")
-    text = "\n".join(table)
-    print(f"\n{len(args.seeds)} seeds, mean ± std; {args.bins}-bin ECE; took {time.perf_counter() - t0:.0f} s\n")
-    print(text)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    heading = f"{len(args.seeds)} seeds, mean ± std; {args.bins}-bin ECE; took {time.perf_counter() - t0:.0f} s"
+    save_table(args.out, "\n".join(table), results, heading)
     return results
 
 
