@@ -226,6 +226,13 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
     )
     delta = config.privacy.delta
     need(isinstance(delta, float) and 0 < delta < 1, "privacy.delta", delta, "delta must lie in (0, 1)")
+    if dataset_size is not None and delta > 1.0 / dataset_size:
+        # Releasing one random example in the clear is (0, 1/N)-DP: such a delta promises nothing.
+        raise ConfigError(
+            f"privacy.delta={delta!r} is larger than 1/N = 1/{dataset_size}: a delta that large allows leaking "
+            f"a few examples outright, so the (epsilon, delta) claim would mean little. Choose "
+            f"privacy.delta well below 1/N (e.g. 1e-5, or 1/N^1.1 = {dataset_size**-1.1:.2g})."
+        )
     lr = config.optimizer.learning_rate
     need(isinstance(lr, (int, float)) and lr > 0, "optimizer.learning_rate", lr, "need a number > 0")
     seed = config.privacy.noise_seed
@@ -518,12 +525,6 @@ def train(
     step_fn, accumulate_fn = run.step_fn, run.accumulate_fn
     n_train, n_dev = len(dataset.x_train), mesh.devices.size
     num_steps, delta = plan.num_steps, config.privacy.delta
-    if delta > 1.0 / n_train:
-        print(
-            f"warning: privacy.delta={delta} is larger than 1/N = 1/{n_train}; such a delta allows "
-            "leaking a few examples outright. Use delta well below 1/N.",
-            file=sys.stderr,
-        )
 
     logits_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest)(x))
 
