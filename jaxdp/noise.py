@@ -116,7 +116,10 @@ def privatize(
     """
     clip = _check_nonneg("l2_clip_norm", l2_clip_norm, "pass the clipping bound C used by clipped_grad.")
     if clip == 0:
-        raise ValueError("l2_clip_norm=0 makes every gradient zero; pass the clipping bound C > 0.")
+        raise ValueError(
+            f"l2_clip_norm={l2_clip_norm!r} makes every gradient zero; pass the clipping bound C > 0 used by "
+            "clipped_grad (e.g. 1.0)."
+        )
     sigma = _check_nonneg("noise_multiplier", noise_multiplier, "pass sigma >= 0 (e.g. 1.0).")
     if isinstance(expected_batch_size, np.integer):
         expected_batch_size = int(expected_batch_size)
