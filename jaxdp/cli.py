@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             config = apply_overrides(load_config(args.config), overrides)
         except ConfigError as e:
             return _fail(str(e))
-        from jaxdp.train import train  # heavy imports only once the config is known good
+        from jaxdp.train import TrainingError, train  # heavy imports only once the config is known good
 
         try:
             train(config, progress=not args.no_progress, resume=args.resume)
@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             # Bad values found before the first step are one line; an error
             # during training is a bug and keeps its traceback.
             return _fail(str(e))
+        except TrainingError as e:  # diverged, checkpoint not written: says what to do, exit 1
+            print(f"jaxdp: error: {e}", file=sys.stderr)
+            return 1
     if args.command == "audit":
         try:
             config = apply_overrides(load_config(args.config), overrides)

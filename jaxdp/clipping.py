@@ -179,6 +179,13 @@ class ClippedGradFn:
             else:
                 loss, aux = out, None
             loss = jnp.asarray(loss)
+            if jnp.iscomplexobj(loss):
+                raise TypeError(
+                    f"loss_fn returned a complex loss (dtype {loss.dtype}); gradients, clipping and noise need a "
+                    "real loss. Complex inputs into a real model give complex logits: use a complex model "
+                    "ending in a real output (e.g. jaxdp.models.ComplexCNN) or feed real features (magnitude, "
+                    "or real and imaginary parts as channels)."
+                )
             if loss.shape not in ((), (1,)):
                 raise ValueError(
                     f"loss_fn returned shape {loss.shape} on a batch of one example; it must return "

@@ -44,7 +44,9 @@ def add_noise(key: jax.Array, tree: PyTree, stddev: float | jax.Array) -> PyTree
       stddev: standard deviation per real coordinate (e.g. ``sigma * C``).
 
     Returns:
-      ``tree`` plus noise, same structure, shapes and dtypes.
+      ``tree`` plus noise, same structure, shapes and dtypes. Noise is drawn and
+      added in at least float32; a bfloat16/float16 leaf is rounded once, after
+      the addition (post-processing), never given low-precision noise.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxdp
@@ -57,20 +59,24 @@ def add_noise(key: jax.Array, tree: PyTree, stddev: float | jax.Array) -> PyTree
     out = []
     for k, leaf in zip(keys, leaves, strict=True):
         leaf = jnp.asarray(leaf)
-        if jnp.iscomplexobj(leaf):
-            real_dtype = leaf.real.dtype
-            kr, ki = jax.random.split(k)
-            re = jax.random.normal(kr, leaf.shape, real_dtype)
-            im = jax.random.normal(ki, leaf.shape, real_dtype)
-            noise = jax.lax.complex(re, im)
-        elif jnp.issubdtype(leaf.dtype, jnp.floating):
-            noise = jax.random.normal(k, leaf.shape, leaf.dtype)
-        else:
+        if not (jnp.iscomplexobj(leaf) or jnp.issubdtype(leaf.dtype, jnp.floating)):
             raise TypeError(
                 f"add_noise got a leaf of dtype {leaf.dtype}; only float and complex leaves can "
                 "carry Gaussian noise. Cast integer leaves to float, or keep them out of the tree."
             )
-        out.append(leaf + (stddev * noise).astype(leaf.dtype))
+        # Draw and add in at least float32, round once at the end: a bfloat16/float16
+        # draw would be a coarse, far-from-Gaussian sample, while rounding the noisy
+        # value is post-processing.
+        wide = jnp.promote_types(leaf.dtype, jnp.float32)
+        real_dtype = jnp.finfo(wide).dtype
+        if jnp.iscomplexobj(leaf):
+            kr, ki = jax.random.split(k)
+            re = jax.random.normal(kr, leaf.shape, real_dtype)
+            im = jax.random.normal(ki, leaf.shape, real_dtype)
+            noise = jax.lax.complex(re, im)
+        else:
+            noise = jax.random.normal(k, leaf.shape, real_dtype)
+        out.append((leaf.astype(wide) + stddev * noise).astype(leaf.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -116,7 +122,10 @@ def privatize(
     """
     clip = _check_nonneg("l2_clip_norm", l2_clip_norm, "pass the clipping bound C used by clipped_grad.")
     if clip == 0:
-        raise ValueError("l2_clip_norm=0 makes every gradient zero; pass the clipping bound C > 0.")
+        raise ValueError(
+            f"l2_clip_norm={l2_clip_norm!r} makes every gradient zero; pass the clipping bound C > 0 used by "
+            "clipped_grad (e.g. 1.0)."
+        )
     sigma = _check_nonneg("noise_multiplier", noise_multiplier, "pass sigma >= 0 (e.g. 1.0).")
     if isinstance(expected_batch_size, np.integer):
         expected_batch_size = int(expected_batch_size)

@@ -65,19 +65,19 @@ class PrivacyPlan:
     accountant: str = "rdp"
 
     def __post_init__(self):
-        def positive_int(name, value):
+        def positive_int(name, value, default):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int.")
+                raise ValueError(f"{name}={value!r} must be a positive int; pass e.g. {name}={default}.")
 
-        positive_int("dataset_size", self.dataset_size)
-        positive_int("batch_size", self.batch_size)
+        positive_int("dataset_size", self.dataset_size, 60000)
+        positive_int("batch_size", self.batch_size, 256)
         if self.batch_size > self.dataset_size:
             raise ValueError(
                 f"batch_size={self.batch_size} is larger than the dataset ({self.dataset_size} examples); "
                 f"choose batch_size <= {self.dataset_size}."
             )
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 0:
-            raise ValueError(f"num_steps={self.num_steps!r} must be an int >= 0.")
+            raise ValueError(f"num_steps={self.num_steps!r} must be an int >= 0 (the noisy steps the run takes).")
         object.__setattr__(self, "l2_clip_norm", _check_clip_norm(self.l2_clip_norm))
         try:
             sigma = float(self.noise_multiplier)
@@ -86,7 +86,7 @@ class PrivacyPlan:
         if not math.isfinite(sigma) or sigma < 0:
             raise ValueError(
                 f"noise_multiplier={self.noise_multiplier!r} must be a finite number >= 0 "
-                "(0 means no noise and no privacy)."
+                "(0 means no noise and no privacy); pass e.g. noise_multiplier=1.0."
             )
         object.__setattr__(self, "noise_multiplier", sigma)
         if self.sampling not in _SAMPLINGS:
@@ -183,8 +183,19 @@ class PrivacyPlan:
         )
 
     def epsilon(self, delta: float, steps: int | None = None) -> float:
-        """ε spent after ``steps`` (default: all) steps at ``delta``; inf without noise."""
+        """ε spent after ``steps`` (default: all) steps at ``delta``; inf without noise.
+
+        Raises ValueError for δ outside (0, 1) or δ > 1/dataset_size (a guarantee that
+        allows publishing an example outright).
+        """
         delta = check_delta(delta)
+        if delta > 1.0 / self.dataset_size:
+            # Releasing one random example in the clear is (0, 1/N)-DP: such a delta promises nothing.
+            raise ValueError(
+                f"delta={delta!r} is larger than 1/dataset_size = 1/{self.dataset_size}: a delta that large allows "
+                f"leaking a few examples outright, so (epsilon, delta) would mean little. Choose delta well below "
+                f"1/N (e.g. 1e-5, or 1/N^1.1 = {self.dataset_size**-1.1:.2g})."
+            )
         steps = self._steps(steps)
         if self.noise_multiplier == 0:
             return math.inf

@@ -72,7 +72,7 @@ class PoissonSampler:
         if not (isinstance(sampling_rate, (int, float, np.floating)) and 0.0 < sampling_rate <= 1.0):
             raise ValueError(
                 f"sampling_rate={sampling_rate!r} must lie in (0, 1]: it is the probability that each "
-                "example joins a step (expected batch size / dataset size)."
+                "example joins a step (expected batch size / dataset size, e.g. 256 / 60000)."
             )
         self.dataset_size = dataset_size
         self.sampling_rate = float(sampling_rate)

@@ -42,6 +42,7 @@ from jaxdp.plan import steps_per_epoch as epoch_steps
 
 __all__ = [
     "TrainCallback",
+    "TrainingError",
     "TrainState",
     "build_model",
     "classification_loss",
@@ -52,6 +53,14 @@ __all__ = [
     "train",
     "validate_config",
 ]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged, checkpoint not written, inconsistent resume).
+
+    The message says what happened, at which epoch and step, which checkpoint is
+    the last good one, and what to change; the CLI prints it on one line (exit 1).
+    """
 
 
 class TrainState(NamedTuple):
@@ -248,6 +257,13 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
     )
     delta = config.privacy.delta
     need(isinstance(delta, float) and 0 < delta < 1, "privacy.delta", delta, "delta must lie in (0, 1)")
+    if dataset_size is not None and delta > 1.0 / dataset_size:
+        # Releasing one random example in the clear is (0, 1/N)-DP: such a delta promises nothing.
+        raise ConfigError(
+            f"privacy.delta={delta!r} is larger than 1/N = 1/{dataset_size}: a delta that large allows leaking "
+            f"a few examples outright, so the (epsilon, delta) claim would mean little. Choose "
+            f"privacy.delta well below 1/N (e.g. 1e-5, or 1/N^1.1 = {dataset_size**-1.1:.2g})."
+        )
     lr = config.optimizer.learning_rate
     need(isinstance(lr, (int, float)) and lr > 0, "optimizer.learning_rate", lr, "need a number > 0")
     seed = config.privacy.noise_seed
@@ -411,6 +427,74 @@ class TrainCallback:
         """Restore what :meth:`state_dict` returned."""
 
 
+def _last_good(checkpointer) -> str:
+    latest = checkpointer.latest()
+    if latest is None:
+        return "there is no checkpoint yet (a rerun starts from the beginning)"
+    return f"the last good checkpoint is epoch {latest} ({checkpointer.directory}/{latest}): continue with --resume"
+
+
+@jax.jit
+def _finite_leaves(params):
+    return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), params)
+
+
+def _check_finite(epoch, first, last_step, params, totals, config, checkpointer) -> None:
+    """Stop a diverged run with a message, before its parameters are logged or checkpointed.
+
+    Diverged: a parameter is NaN/inf, or the loss is non-finite and not because a
+    few examples were dropped (their NaN/inf gradients are left out of the sum and
+    counted: a warning, the run goes on).
+    """
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(_finite_leaves(params)))[0]
+    bad = [jax.tree_util.keystr(path) for path, ok in flat if not ok]
+    loss = totals["loss_sum"] / max(totals["examples"], 1.0)
+    dropped, examples = int(totals["nonfinite"]), int(totals["examples"])
+    where = f"epoch {epoch} (steps {first + 1}-{last_step})"
+    if bad or (not math.isfinite(loss) and (dropped == 0 or 2 * dropped >= examples)):
+        what = (
+            f"parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} became NaN/inf"
+            if bad
+            else f"the loss is {loss} ({dropped} of {examples} examples had a NaN/inf gradient)"
+        )
+        raise TrainingError(
+            f"training diverged in {where}: {what}. Nothing of this epoch was saved; {_last_good(checkpointer)}. "
+            f"Likely fix: lower optimizer.learning_rate (now {config.optimizer.learning_rate}) or "
+            f"privacy.l2_clip_norm (now {config.privacy.l2_clip_norm}), or check the data for NaN/inf."
+        )
+    if dropped:
+        print(
+            f"warning: {where}: {dropped} of {examples} examples had a NaN/inf gradient and were dropped from the "
+            "sum (they add exactly zero, so privacy is unaffected); check the data for NaN/inf, or lower "
+            "optimizer.learning_rate if the count grows.",
+            file=sys.stderr,
+        )
+
+
+def _save_or_explain(checkpointer, epoch: int, state: Any, meta: dict) -> None:
+    """Save a checkpoint; a failed write (full disk, ...) stops the run naming the last good one."""
+    try:
+        checkpointer.save(epoch, state, meta)
+    except OSError as e:
+        raise TrainingError(
+            f"could not write the checkpoint of epoch {epoch} under {checkpointer.directory}: {e}. The incomplete "
+            f"write will be ignored; {_last_good(checkpointer)}. Fix: free disk space (or lower checkpoint.keep), "
+            "then rerun."
+        ) from e
+
+
+def _check_resumed_steps(params_step: int, accountant, step_count: int, resume_from: int) -> None:
+    """A resumed run must count every step its parameters have taken (never fewer)."""
+    counted = accountant.steps if accountant is not None else params_step
+    if params_step != step_count or counted != step_count:
+        raise TrainingError(
+            f"checkpoint {resume_from} is inconsistent: its parameters have taken {params_step} steps, its "
+            f"accountant counted {counted}, and epoch {resume_from} of this config ends at step {step_count}. "
+            "Resuming would misstate the privacy spent; resume with the config the run was started with, or "
+            "start afresh in a new workdir."
+        )
+
+
 class _Run(NamedTuple):
     dataset: Any
     plan: PrivacyPlan
@@ -498,6 +582,13 @@ def train(
     and 10/50/90% quantiles and, for whole-gradient clipping, the bias bound
     ``mean max(0, ||g_i|| - C)``, pooled over the epoch's examples. Like the
     loss, they are computed without noise and are not covered by ε.
+
+    Raises:
+      ConfigError: a bad value, before the first step.
+      TrainingError: the run diverged (NaN/inf parameters or loss; nothing of that
+        epoch is saved), a checkpoint could not be written (e.g. a full disk), or
+        a checkpoint to resume from counts fewer steps than its parameters took.
+        The message names the epoch, the last good checkpoint and the fix.
     """
     from jaxdp.checkpoint import Checkpointer
 
@@ -527,12 +618,6 @@ def train(
     step_fn, accumulate_fn = run.step_fn, run.accumulate_fn
     n_train, n_dev = len(dataset.x_train), mesh.devices.size
     num_steps, delta = plan.num_steps, config.privacy.delta
-    if delta > 1.0 / n_train:
-        print(
-            f"warning: privacy.delta={delta} is larger than 1/N = 1/{n_train}; such a delta allows "
-            "leaking a few examples outright. Use delta well below 1/N.",
-            file=sys.stderr,
-        )
 
     logits_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest)(x))
 
@@ -591,7 +676,7 @@ def train(
         bar.update(step_count)
         if accountant is not None:
             accountant.load_state_dict(meta["accountant"])
-            assert accountant.steps == step_count, (accountant.steps, step_count)
+        _check_resumed_steps(int(jax.device_get(state.step)), accountant, step_count, resume_from)
     tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
     with open(metrics_path, "w") as log, bar:
         for record in history:  # a resumed run rewrites the epochs it already has
@@ -625,6 +710,8 @@ def train(
             elapsed = time.perf_counter() - t0
             norms = np.concatenate([m.pop("norms") for m in epoch_metrics])
             totals = {k: float(sum(m[k] for m in epoch_metrics)) for k in epoch_metrics[0]}
+            # Before anything is logged or saved: NaN parameters never reach a checkpoint.
+            _check_finite(epoch, first, last_step, state.params, totals, config, checkpointer)
             grad_stats = gradient_norm_stats(norms, np.isfinite(norms), l2_clip_norm=plan.l2_clip_norm)
             if plan.per_layer:  # max(0, ||g|| - C) bounds the bias of whole-gradient clipping only
                 del grad_stats["clip_bias_bound"]
@@ -654,7 +741,8 @@ def train(
                 tb.flush()
             every = config.checkpoint.every_epochs
             if epoch == num_epochs or (every and epoch % every == 0):
-                checkpointer.save(
+                _save_or_explain(
+                    checkpointer,
                     epoch,
                     {"train": state, "callbacks": {k: cb.state_dict() for k, cb in stateful.items()}},
                     {

@@ -75,10 +75,12 @@ def test_budget_stops_the_run_cleanly(tmp_path, capsys):
     assert json.loads(lines[-1])["step"] == summary["steps"]
 
 
-def test_large_delta_is_warned_about(tmp_path, capsys):
+def test_delta_above_one_over_n_is_refused(tmp_path):
+    """delta > 1/N allows leaking an example outright: an error before the first step, not a warning."""
     config = apply_overrides(load_config(f"{DIGITS}:smoke"), [f"workdir={tmp_path}", "privacy.delta=0.001"])
-    train(config, progress=False)
-    assert "privacy.delta=0.001 is larger than 1/N = 1/1437" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"privacy.delta=0.001 is larger than 1/N = 1/1437.*e\.g\. 1e-5"):
+        train(config, progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_cli_smoke_writes_metrics_and_summary(tmp_path, capsys):

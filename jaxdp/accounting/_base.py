@@ -15,6 +15,17 @@ SAMPLINGS = ("poisson",)
 _REGISTRY: dict[str, type[Accountant]] = {}
 
 
+_FIXES = {
+    "noise_multiplier": "pass the noise multiplier sigma > 0 (e.g. 1.0); a run without noise has no epsilon to "
+    "account for",
+    "sampling_rate": "it is the probability that each example joins a step (expected batch size / dataset size, "
+    "e.g. 256 / 60000)",
+    "target_epsilon": "pass the privacy budget, e.g. target_epsilon=3.0",
+    "epsilon": "pass epsilon >= 0, e.g. 1.0",
+    "target_tpr": "pass e.g. target_tpr=0.05",
+}
+
+
 def _positive_finite(name: str, value: Any, *, allow_zero: bool = False) -> float:
     try:
         v = float(value)
@@ -23,8 +34,17 @@ def _positive_finite(name: str, value: Any, *, allow_zero: bool = False) -> floa
     ok = math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}={value!r} must be a finite number {bound}.")
+        fix = _FIXES.get(name, f"pass a finite {name} {bound}")
+        raise ValueError(f"{name}={value!r} must be a finite number {bound}; {fix}.")
     return v
+
+
+def check_sampling_rate(value: Any) -> float:
+    """q in (0, 1], or a ValueError that says what q is."""
+    q = _positive_finite("sampling_rate", value)
+    if q > 1:
+        raise ValueError(f"sampling_rate={value!r} must lie in (0, 1]; {_FIXES['sampling_rate']}.")
+    return q
 
 
 def check_delta(delta: Any) -> float:
@@ -60,10 +80,7 @@ class Accountant(abc.ABC):
     is_upper_bound: ClassVar[bool] = True
 
     def __init__(self, *, sampling_rate: float, noise_multiplier: float, sampling: str = "poisson"):
-        q = _positive_finite("sampling_rate", sampling_rate)
-        if q > 1:
-            raise ValueError(f"sampling_rate={sampling_rate!r} must lie in (0, 1].")
-        self.sampling_rate = q
+        self.sampling_rate = check_sampling_rate(sampling_rate)
         self.noise_multiplier = _positive_finite("noise_multiplier", noise_multiplier)
         if sampling not in SAMPLINGS:
             raise ValueError(

@@ -7,7 +7,13 @@ from collections.abc import Callable
 
 from scipy import optimize
 
-from jaxdp.accounting._base import _positive_finite, check_delta, make_accountant, require_upper_bound
+from jaxdp.accounting._base import (
+    _positive_finite,
+    check_delta,
+    check_sampling_rate,
+    make_accountant,
+    require_upper_bound,
+)
 from jaxdp.accounting._gdp import gdp_epsilon, gdp_mu
 from jaxdp.sampling import steps_per_epoch
 
@@ -15,9 +21,7 @@ __all__ = ["calibrate_noise_multiplier", "max_epochs", "max_steps"]
 
 
 def _check_common(sampling_rate, steps):
-    q = _positive_finite("sampling_rate", sampling_rate)
-    if q > 1:
-        raise ValueError(f"sampling_rate={sampling_rate!r} must lie in (0, 1].")
+    q = check_sampling_rate(sampling_rate)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an int >= 1.")
     return q

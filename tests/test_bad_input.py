@@ -1,0 +1,283 @@
+"""Bad input is a clear error, never a silent weaker guarantee (property-based).
+
+Every privacy-relevant argument is tried with values drawn by hypothesis at each
+entry point that takes it (primitives, plan, accountants, sampler, config). The
+error must name the argument and its value and say what to do instead; where a
+value is legitimate (σ = 0: no noise, no privacy) the documented behaviour is checked.
+"""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxdp
+from jaxdp import accounting
+from jaxdp.config import ConfigError, load_config
+from jaxdp.sampling import PoissonSampler
+from jaxdp.train import validate_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "digits.py")
+FAST = settings(max_examples=25, deadline=None)  # deadline=None: a first call may compile
+FIX_WORDS = ("e.g.", "pass ", "choose ", "use ", "set ")
+
+nan, inf = math.nan, math.inf
+bad_clip = st.one_of(st.floats(max_value=0.0), st.sampled_from([inf, nan]))  # <= 0, -inf, inf, nan
+bad_sigma = st.one_of(st.floats(max_value=0.0, exclude_max=True), st.sampled_from([inf, nan]))  # < 0, inf, nan
+bad_delta = st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0), st.just(nan))
+bad_rate = st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True), st.just(nan))
+
+
+def assert_clear(error, name, value):
+    """The message names the argument with its value, and says what to do."""
+    message = str(error.value)
+    assert f"{name}={value!r}" in message, message
+    assert any(word in message for word in FIX_WORDS), message
+
+
+def loss(w, x, y):
+    return jnp.mean((x @ w - y) ** 2)
+
+
+def plan_kwargs(**overrides):
+    kwargs = dict(dataset_size=1000, batch_size=10, l2_clip_norm=1.0, noise_multiplier=1.0, num_steps=100)
+    return {**kwargs, **overrides}
+
+
+def digits_config(section, key, value):
+    config = load_config(DIGITS)
+    (config[section] if section else config)[key] = value
+    return config
+
+
+@FAST
+@given(c=bad_clip)
+def test_clip_norm_not_finite_positive_is_refused_everywhere(c):
+    with pytest.raises(ValueError) as e:
+        jaxdp.clipped_grad(loss, l2_clip_norm=c)
+    assert_clear(e, "l2_clip_norm", c)
+    with pytest.raises(ValueError) as e:
+        jaxdp.privatize(l2_clip_norm=c, noise_multiplier=1.0, expected_batch_size=8, key=0)
+    assert_clear(e, "l2_clip_norm", c)
+    with pytest.raises(ValueError) as e:
+        jaxdp.PrivacyPlan(**plan_kwargs(l2_clip_norm=c))
+    assert_clear(e, "l2_clip_norm", c)
+    with pytest.raises(ValueError) as e:
+        jaxdp.gradient_norm_stats(np.ones(3), np.ones(3), l2_clip_norm=c)
+    assert_clear(e, "l2_clip_norm", c)
+    with pytest.raises(ConfigError) as e:
+        validate_config(digits_config("privacy", "l2_clip_norm", c), 1437)
+    assert_clear(e, "privacy.l2_clip_norm", c)
+
+
+@FAST
+@given(sigma=bad_sigma)
+def test_negative_or_non_finite_noise_multiplier_is_refused(sigma):
+    with pytest.raises(ValueError) as e:
+        jaxdp.privatize(l2_clip_norm=1.0, noise_multiplier=sigma, expected_batch_size=8, key=0)
+    assert_clear(e, "noise_multiplier", sigma)
+    with pytest.raises(ValueError) as e:
+        jaxdp.PrivacyPlan(**plan_kwargs(noise_multiplier=sigma))
+    assert_clear(e, "noise_multiplier", sigma)
+    with pytest.raises(ValueError) as e:
+        accounting.make_accountant("rdp", sampling_rate=0.01, noise_multiplier=sigma)
+    assert_clear(e, "noise_multiplier", sigma)
+    with pytest.raises(ConfigError) as e:
+        validate_config(digits_config("privacy", "noise_multiplier", sigma), 1437)
+    assert "privacy.noise_multiplier=" in str(e.value) and "finite number >= 0" in str(e.value)
+
+
+def test_zero_noise_is_the_documented_non_private_mode():
+    """σ = 0 is legitimate for tests and audits: no noise is added and no ε is claimed."""
+    tx = jaxdp.privatize(l2_clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=4, key=0)
+    g = {"w": jnp.arange(3.0)}
+    out, _ = tx.update(g, tx.init(g))
+    np.testing.assert_array_equal(out["w"], g["w"] / 4)  # exactly the mean, no noise
+    plan = jaxdp.PrivacyPlan(**plan_kwargs(noise_multiplier=0.0))
+    assert plan.epsilon(1e-5) == math.inf  # never a finite ε without noise
+    with pytest.raises(ValueError, match="noise_multiplier=0: a run without noise has no privacy"):
+        plan.make_accountant()
+    with pytest.raises(ValueError) as e:
+        accounting.make_accountant("rdp", sampling_rate=0.01, noise_multiplier=0.0)
+    assert_clear(e, "noise_multiplier", 0.0)
+
+
+@FAST
+@given(delta=bad_delta)
+def test_delta_outside_zero_one_is_refused(delta):
+    acc = accounting.make_accountant("rdp", sampling_rate=0.01, noise_multiplier=1.0).compose(10)
+    for fn in (acc.epsilon, jaxdp.PrivacyPlan(**plan_kwargs()).epsilon):
+        with pytest.raises(ValueError) as e:
+            fn(delta)
+        assert_clear(e, "delta", delta)
+    with pytest.raises(ValueError) as e:
+        accounting.calibrate_noise_multiplier(3.0, delta, 0.01, 100)
+    assert_clear(e, "delta", delta)
+    with pytest.raises(ConfigError) as e:
+        validate_config(digits_config("privacy", "delta", delta), 1437)
+    assert f"privacy.delta={delta!r}" in str(e.value)
+
+
+@FAST
+@given(n=st.integers(2, 10**6), data=st.data())
+def test_delta_above_one_over_n_is_refused_where_n_is_known(n, data):
+    delta = data.draw(st.floats(min_value=1.0 / n, max_value=1.0, exclude_min=True, exclude_max=True))
+    plan = jaxdp.PrivacyPlan(**plan_kwargs(dataset_size=n, batch_size=1))
+    with pytest.raises(ValueError) as e:
+        plan.epsilon(delta)
+    assert_clear(e, "delta", delta)
+    assert f"1/dataset_size = 1/{n}" in str(e.value)
+    config = digits_config("privacy", "delta", delta)
+    config.batch_size = 1
+    with pytest.raises(ConfigError) as e:
+        validate_config(config, n)
+    assert_clear(e, "privacy.delta", delta)
+    plan.epsilon(0.5 / n)  # below 1/N is fine
+
+
+@FAST
+@given(q=bad_rate)
+def test_sampling_rate_outside_zero_one_is_refused(q):
+    with pytest.raises(ValueError) as e:
+        accounting.make_accountant("pld", sampling_rate=q, noise_multiplier=1.0)
+    assert_clear(e, "sampling_rate", q)
+    with pytest.raises(ValueError) as e:
+        PoissonSampler(dataset_size=100, sampling_rate=q)
+    assert_clear(e, "sampling_rate", q)
+    with pytest.raises(ValueError) as e:
+        accounting.calibrate_noise_multiplier(3.0, 1e-5, q, 100)
+    assert_clear(e, "sampling_rate", q)
+    with pytest.raises(ValueError) as e:
+        accounting.max_steps(3.0, 1e-5, q, 1.0)
+    assert_clear(e, "sampling_rate", q)
+
+
+@FAST
+@given(n=st.integers(1, 10**5), extra=st.integers(1, 10**5))
+def test_batch_size_above_dataset_size_is_refused(n, extra):
+    b = n + extra
+    with pytest.raises(ValueError) as e:
+        jaxdp.PrivacyPlan(**plan_kwargs(dataset_size=n, batch_size=b))
+    assert f"batch_size={b} is larger than the dataset ({n} examples); choose batch_size <= {n}" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        validate_config(digits_config(None, "batch_size", b), n)
+    assert f"batch_size={b} is larger than the training set ({n} examples); choose batch_size <= {n}" in str(e.value)
+
+
+@FAST
+@given(b=st.integers(-5, 0))
+def test_non_positive_batch_size_is_refused(b):
+    with pytest.raises(ValueError) as e:
+        jaxdp.PrivacyPlan(**plan_kwargs(batch_size=b))
+    assert_clear(e, "batch_size", b)
+    with pytest.raises(ValueError) as e:
+        jaxdp.privatize(l2_clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=b, key=0)
+    assert f"expected_batch_size={b!r} must be a positive int" in str(e.value)
+
+
+class BatchCentred(nnx.Module):
+    """A cross-example layer: subtracts the batch mean of its input (mixes examples)."""
+
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(x - x.mean(axis=0, keepdims=True))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), j=st.integers(1, 5))
+def test_cross_example_layer_cannot_mix_examples_in_clipped_grad(seed, j):
+    """Documented behaviour: each example is its own batch of one, so changing example j
+    changes the clipped sum by example j's own contribution only."""
+    graphdef, params, rest = nnx.split(BatchCentred(nnx.Rngs(0)), nnx.Param, ...)
+
+    def xent(p, x, y):
+        logits = nnx.merge(graphdef, p, rest)(x) + x[:, :3]  # a term that survives centring on one example
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+    fn = jaxdp.clipped_grad(xent, l2_clip_norm=0.5)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(6, 4)).astype(np.float32) * 3
+    y = rng.integers(0, 3, 6).astype(np.int32)
+    x2 = x.copy()
+    x2[j] = rng.normal(size=4) * 10  # replace one example
+    g, _ = fn(params, x, y)
+    g2, _ = fn(params, x2, y)
+    mask = np.eye(6, dtype=np.float32)[j]
+    gj, _ = fn(params, x, y, example_mask=mask)
+    gj2, _ = fn(params, x2, y, example_mask=mask)
+    for a, b, c, d in zip(*(jax.tree_util.tree_leaves(t) for t in (g, g2, gj, gj2)), strict=True):
+        np.testing.assert_allclose(a - c, b - d, rtol=1e-5, atol=1e-6)  # the other examples are untouched
+
+
+def test_batchnorm_anywhere_is_refused_by_name():
+    class Deep(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.List([nnx.Linear(4, 4, rngs=rngs), nnx.Sequential(nnx.BatchNorm(4, rngs=rngs))])
+
+    with pytest.raises(ValueError, match=r"'blocks/1/layers/0' is BatchNorm.*nnx.GroupNorm.*nnx.LayerNorm"):
+        jaxdp.models.check_dp_compatible(Deep(nnx.Rngs(0)))
+
+
+@FAST
+@given(dtype=st.sampled_from(["bfloat16", "float16"]), seed=st.integers(0, 2**16), sigma=st.floats(0.01, 100.0))
+def test_low_precision_leaves_get_float32_noise_rounded_once(dtype, seed, sigma):
+    """The noise is drawn in float32 and the noisy value rounded once (post-processing),
+    never a coarse bfloat16/float16 draw."""
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=64), dtype)
+    key = jax.random.key(seed)
+    got = jaxdp.add_noise(key, {"w": x}, sigma)["w"]
+    want = jaxdp.add_noise(key, {"w": x.astype(jnp.float32)}, sigma)["w"].astype(dtype)
+    assert got.dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@FAST
+@given(dtype=st.sampled_from(["int32", "int8", "uint8", "bool"]))
+def test_integer_leaves_cannot_carry_noise(dtype):
+    with pytest.raises(TypeError, match=rf"dtype {dtype}; only float and complex leaves.*Cast integer leaves"):
+        jaxdp.add_noise(jax.random.key(0), {"w": jnp.zeros(3, dtype)}, 1.0)
+
+
+@FAST
+@given(size=st.integers(1, 8), wrong=st.integers(1, 8))
+def test_mask_of_the_wrong_length_is_refused(size, wrong):
+    if size == wrong:
+        wrong += 1
+    fn = jaxdp.clipped_grad(loss, l2_clip_norm=1.0)
+    with pytest.raises(ValueError, match=rf"example_mask has shape \({wrong},\), expected \({size},\)"):
+        fn(jnp.zeros(3), jnp.ones((size, 3)), jnp.ones(size), example_mask=jnp.ones(wrong))
+
+
+def test_complex_loss_in_the_real_only_gradient_path_is_refused():
+    """Complex data fed to a real model gives a complex loss: refused with the fix, not
+    JAX's advice to pass holomorphic=True."""
+    model = jaxdp.models.MLP(4, 3, hidden=(8,), rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def mse(p, x, y):
+        return jnp.mean((nnx.merge(graphdef, p, rest)(x) - y[:, None]) ** 2)
+
+    x = jnp.ones((5, 4), jnp.complex64) * (1 + 2j)
+    with pytest.raises(TypeError, match=r"complex loss \(dtype complex64\).*ComplexCNN.*real and imaginary parts"):
+        jaxdp.clipped_grad(mse, l2_clip_norm=1.0)(params, x, jnp.ones(5))
+
+
+@settings(max_examples=10, deadline=None)
+@given(shape=st.sampled_from([(3,), (2, 5), (1, 4, 2)]), sigma=st.floats(0.5, 4.0))
+def test_complex_leaves_get_the_full_variance_on_both_parts(shape, sigma):
+    """Not jax.random.normal's complex convention (variance 1/2 per part): each part is
+    exactly a float32 N(0, σ²) draw, so the mechanism is the real one in 2n dimensions."""
+    key = jax.random.key(1)
+    z = jaxdp.add_noise(key, {"z": jnp.zeros(shape, jnp.complex64)}, sigma)["z"]
+    kr, ki = jax.random.split(jax.random.split(key, 1)[0])
+    np.testing.assert_allclose(z.real, sigma * jax.random.normal(kr, shape), rtol=1e-6)
+    np.testing.assert_allclose(z.imag, sigma * jax.random.normal(ki, shape), rtol=1e-6)
