@@ -267,7 +267,23 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
     """
     p = config.privacy
     planned = config.epochs * steps_per_epoch
-    q = config.batch_size / dataset_size
+    # privacy.bands = b > 1: banded matrix-factorization noise, which needs cyclic Poisson sampling
+    # (b groups, per-group rate b*B/N); see PrivacyPlan.bands.
+    bands = p.get("bands", 1)
+    if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
+        raise ConfigError(f"privacy.bands={bands!r} is invalid: need an int >= 1 (1 = DP-SGD, b > 1 = BandMF).")
+    if bands > 1 and config.sampling != "poisson":
+        raise ConfigError(
+            f"privacy.bands={bands} needs sampling='poisson' (run as cyclic Poisson over {bands} groups); "
+            f"got sampling={config.sampling!r}."
+        )
+    if bands * config.batch_size > dataset_size:
+        raise ConfigError(
+            f"privacy.bands={bands} x batch_size={config.batch_size} exceeds the training set ({dataset_size}); "
+            f"use privacy.bands <= {dataset_size // config.batch_size} or a smaller batch_size."
+        )
+    sampling = "cyclic_poisson" if bands > 1 else config.sampling
+    q = bands * config.batch_size / dataset_size
     delta = p.delta
     name = p.accountant
     try:  # unknown names and approximations (gdp) cannot back a run's guarantee
@@ -288,7 +304,9 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
                 "(sigma is then calibrated) or a noise multiplier."
             )
         t0 = time.perf_counter()
-        sigma = accounting.calibrate_noise_multiplier(target, delta, q, planned, accountant=name)
+        sigma = accounting.calibrate_noise_multiplier(
+            target, delta, q, planned, accountant=name, sampling=sampling, bands=bands
+        )
         print(
             f"jaxdp: calibrated sigma={sigma:.4f}: the smallest noise with epsilon <= {target} at delta={delta:g} "
             f"over {planned} steps (q={q:.4f}, {name}; took {time.perf_counter() - t0:.2f} s)",
@@ -301,7 +319,9 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
                 "set privacy.noise_multiplier=None to calibrate it, or privacy.target_epsilon=None for a "
                 "non-private run."
             )
-        steps = accounting.max_steps(target, delta, q, sigma, accountant=name, limit=planned)
+        steps = accounting.max_steps(
+            target, delta, q, sigma, accountant=name, limit=planned, sampling=sampling, bands=bands
+        )
         if steps == 0:
             raise ConfigError(
                 f"privacy.noise_multiplier={sigma} spends more than privacy.target_epsilon={target} in a single "
@@ -320,8 +340,9 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
         noise_multiplier=float(sigma),
         num_steps=steps,
         per_layer=bool(p.per_layer),
-        sampling=config.sampling,
+        sampling=sampling,
         accountant=name,
+        bands=bands,
     )
 
 
