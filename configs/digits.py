@@ -39,6 +39,9 @@ def get_config(arg=None):
     config.privacy.accountant = "rdp"  # rdp | pld (gdp is an approximation: reporting only)
     config.privacy.delta = 1e-5
     config.privacy.per_layer = False
+    # b > 1: banded matrix-factorization noise (BandMF), correlated over b steps, with cyclic Poisson
+    # sampling over b groups; 1 = DP-SGD. See README, "Correlated noise (BandMF)".
+    config.privacy.bands = 1
     # Seed of the noise and the Poisson draws. None = secret (OS entropy), as a private run needs;
     # an int makes them reproducible by anyone who reads it: tests and debugging only.
     config.privacy.noise_seed = None

@@ -7,10 +7,13 @@ Public API (everything else is an implementation detail):
 * :func:`gradient_norm_stats` — clipping diagnostics: norm statistics, fraction
   clipped and the clipping bias bound.
 * :func:`add_noise`, :func:`privatize` — Gaussian noise, as a function and as an
-  optax ``GradientTransformation`` that yields the noisy average.
+  optax ``GradientTransformation`` that yields the noisy average;
+  :func:`privatize_banded` — the same with noise correlated across steps by a
+  banded matrix factorization (BandMF; strategies in :mod:`jaxdp.bandmf`).
 * :class:`PrivacyPlan` — the frozen object tying sampler, clipping, noise and
   accounting together.
-* :class:`PoissonSampler` — Poisson sampling with static padded shapes + masks.
+* :class:`PoissonSampler` — Poisson sampling with static padded shapes + masks;
+  :class:`CyclicPoissonSampler` — its b-group cyclic variant for BandMF.
 """
 
 from jaxdp.clipping import (
@@ -21,16 +24,18 @@ from jaxdp.clipping import (
     gradient_norm_stats,
     per_example_norms,
 )
-from jaxdp.noise import PrivatizeState, add_noise, privatize
+from jaxdp.noise import BandedPrivatizeState, PrivatizeState, add_noise, privatize, privatize_banded
 from jaxdp.optimizers import conjugate_complex, dp_optimizer
 from jaxdp.plan import PrivacyPlan
-from jaxdp.sampling import PoissonSampler
+from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BandedPrivatizeState",
     "ClippedGradAux",
     "ClippedGradFn",
+    "CyclicPoissonSampler",
     "ExampleGradFn",
     "PoissonSampler",
     "PrivacyPlan",
@@ -42,4 +47,5 @@ __all__ = [
     "gradient_norm_stats",
     "per_example_norms",
     "privatize",
+    "privatize_banded",
 ]

@@ -23,12 +23,12 @@ from jaxdp.accounting import Accountant, make_accountant
 from jaxdp.accounting._base import check_delta, require_upper_bound
 from jaxdp.accounting._dp_accounting import dp_event as _dp_event
 from jaxdp.clipping import ClippedGradFn, ExampleGradFn, _check_clip_norm, clipped_grad
-from jaxdp.noise import privatize
-from jaxdp.sampling import PoissonSampler, ShuffleSampler, steps_per_epoch
+from jaxdp.noise import privatize, privatize_banded
+from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler, ShuffleSampler, steps_per_epoch
 
 __all__ = ["PrivacyPlan", "steps_per_epoch"]
 
-_SAMPLINGS = ("poisson", "shuffle")
+_SAMPLINGS = ("poisson", "shuffle", "cyclic_poisson")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +43,20 @@ class PrivacyPlan:
       num_steps: number of noisy steps the run will take.
       per_layer: clip each parameter leaf to C/sqrt(K) instead of the whole
         gradient to C (same total sensitivity C).
-      sampling: the batch sampler: ``"poisson"`` (accounted for) or ``"shuffle"``
-        (fixed-size batches, every example once per epoch; non-private runs only).
+      sampling: the batch sampler: ``"poisson"`` (accounted for), ``"shuffle"``
+        (fixed-size batches, every example once per epoch; non-private runs only)
+        or ``"cyclic_poisson"`` (b groups, step t Poisson-samples group t mod b
+        with rate b·B/N; required by ``bands > 1``).
       accountant: name of the registered accountant that reports ε (``"rdp"``,
         ``"pld"``, ``"gdp"`` or your own).
+      bands: b. 1 = DP-SGD (independent noise); b > 1 = banded matrix
+        factorization (BandMF): noise correlated over the last b steps by a
+        b-banded Toeplitz strategy, with cyclic Poisson sampling so that each
+        example's participations are at least b steps apart, accounted by the
+        amplified BandMF theorem (:class:`jaxdp.accounting.CyclicPoissonAccountant`).
+      noise_coefficients: the strategy ``(c_0, ..., c_{b-1})`` with ‖c‖₂ = 1;
+        ``None`` = optimised for ``(num_steps, bands)`` by
+        :func:`jaxdp.bandmf.optimal_coefficients` (cached).
 
     Example:
       >>> plan = PrivacyPlan(dataset_size=60000, batch_size=256, l2_clip_norm=1.0,
@@ -63,6 +73,8 @@ class PrivacyPlan:
     per_layer: bool = False
     sampling: str = "poisson"
     accountant: str = "rdp"
+    bands: int = 1
+    noise_coefficients: tuple[float, ...] | None = None
 
     def __post_init__(self):
         def positive_int(name, value, default):
@@ -100,11 +112,50 @@ class PrivacyPlan:
                 "sampling='poisson' for private runs (shuffle is for non-private runs, noise_multiplier=0)."
             )
         require_upper_bound(self.accountant)  # unknown names and approximations are refused
+        positive_int("bands", self.bands, 1)
+        if self.bands > 1 and self.sampling != "cyclic_poisson":
+            raise ValueError(
+                f"bands={self.bands} with sampling={self.sampling!r}: b-banded correlated noise is only private "
+                "as accounted when each example's participations are at least b steps apart; ordinary Poisson "
+                "or shuffled batches break that. Use sampling='cyclic_poisson' (or bands=1 for DP-SGD)."
+            )
+        if self.sampling == "cyclic_poisson" and self.bands * self.batch_size > self.dataset_size:
+            raise ValueError(
+                f"bands={self.bands} x batch_size={self.batch_size} exceeds dataset_size={self.dataset_size}: "
+                "cyclic Poisson samples the expected batch from one of b groups of N/b examples; use "
+                f"bands <= {self.dataset_size // self.batch_size} or a smaller batch_size."
+            )
+        if self.noise_coefficients is not None:
+            from jaxdp.bandmf import check_coefficients
+
+            c = check_coefficients(self.noise_coefficients)
+            if len(c) != self.bands:
+                raise ValueError(
+                    f"noise_coefficients has {len(c)} entries but bands={self.bands}; pass exactly b coefficients."
+                )
+            object.__setattr__(self, "noise_coefficients", tuple(float(v) for v in c))
 
     @property
     def sampling_rate(self) -> float:
-        """q = B / N."""
-        return self.batch_size / self.dataset_size
+        """q = B / N; for cyclic Poisson the per-group rate b·B / N (group size ≈ N / b)."""
+        return self.bands * self.batch_size / self.dataset_size
+
+    @property
+    def mechanism(self) -> str:
+        """``"dpsgd"`` (independent noise, bands = 1) or ``"bandmf"`` (b-banded correlated noise)."""
+        return "dpsgd" if self.bands == 1 else "bandmf"
+
+    def strategy(self):
+        """The strategy coefficients ``c`` (NumPy, ‖c‖₂ = 1): given, or optimised for this plan's steps."""
+        import numpy as np
+
+        from jaxdp.bandmf import optimal_coefficients
+
+        if self.noise_coefficients is not None:
+            return np.asarray(self.noise_coefficients)
+        if self.bands == 1:
+            return np.ones(1)
+        return optimal_coefficients(max(self.num_steps, self.bands), self.bands)
 
     @property
     def l2_sensitivity(self) -> float:
@@ -139,7 +190,19 @@ class PrivacyPlan:
         )
 
     def privatizer(self, key: jax.Array | int) -> optax.GradientTransformation:
-        """The plan's noise transform: noisy sum divided by the expected batch size."""
+        """The plan's noise transform: noisy sum divided by the expected batch size.
+
+        DP-SGD (``bands = 1``, default coefficients): :func:`jaxdp.privatize`;
+        otherwise :func:`jaxdp.privatize_banded` with :meth:`strategy`.
+        """
+        if self.bands > 1 or self.noise_coefficients is not None:
+            return privatize_banded(
+                l2_clip_norm=self.l2_clip_norm,
+                noise_multiplier=self.noise_multiplier,
+                expected_batch_size=self.batch_size,
+                key=key,
+                coefficients=self.strategy(),
+            )
         return privatize(
             l2_clip_norm=self.l2_clip_norm,
             noise_multiplier=self.noise_multiplier,
@@ -151,6 +214,15 @@ class PrivacyPlan:
         self, *, seed: int, physical_batch_size: int | None = None, multiple_of: int = 1
     ) -> PoissonSampler | ShuffleSampler:
         """The batch sampler the accounting assumes."""
+        if self.sampling == "cyclic_poisson":
+            return CyclicPoissonSampler(
+                dataset_size=self.dataset_size,
+                bands=self.bands,
+                sampling_rate=self.sampling_rate,
+                physical_batch_size=physical_batch_size,
+                seed=seed,
+                multiple_of=multiple_of,
+            )
         if self.sampling == "shuffle":
             return ShuffleSampler(
                 dataset_size=self.dataset_size, batch_size=self.batch_size, seed=seed, multiple_of=multiple_of
@@ -169,7 +241,7 @@ class PrivacyPlan:
         steps = self._steps(steps)
         if self.noise_multiplier == 0:
             return dp_accounting.NonPrivateDpEvent()
-        return _dp_event(self.sampling_rate, self.noise_multiplier, steps)
+        return _dp_event(self.sampling_rate, self.noise_multiplier, steps, bands=self.bands)
 
     def make_accountant(self) -> Accountant:
         """A fresh accountant (the plan's ``accountant``) for this plan's mechanism."""
@@ -180,6 +252,7 @@ class PrivacyPlan:
             sampling_rate=self.sampling_rate,
             noise_multiplier=self.noise_multiplier,
             sampling=self.sampling,
+            bands=self.bands,
         )
 
     def epsilon(self, delta: float, steps: int | None = None) -> float:

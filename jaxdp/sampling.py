@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["PoissonSampler", "default_physical_batch_size", "steps_per_epoch"]
+__all__ = ["CyclicPoissonSampler", "PoissonSampler", "default_physical_batch_size", "steps_per_epoch"]
 
 
 def steps_per_epoch(dataset_size: int | float, batch_size: int | float) -> int:
@@ -115,6 +115,72 @@ class PoissonSampler:
         """Yield ``(step, chunks)`` for ``step`` in ``[start, stop)``."""
         for step in range(start, stop):
             yield step, self.chunks(self.draw(step))
+
+
+class CyclicPoissonSampler(PoissonSampler):
+    """Cyclic Poisson sampling: b fixed groups, step t Poisson-samples only group ``t mod b``.
+
+    The examples are split once into ``bands`` groups of (almost) equal size by a
+    permutation drawn from ``seed``; at step t each member of group ``t mod b``
+    joins independently with probability ``sampling_rate`` (the *per-group*
+    rate, ``b · B / N`` for expected batch size B), and nobody else does. So an
+    example can only appear in steps at least b apart (b-min-separation), which
+    is what the amplified banded matrix-factorization analysis needs
+    (Choquette-Choo et al. 2023, "(Amplified) Banded Matrix Factorization", cyclic
+    Poisson sampling). With ``bands = 1`` it is ordinary Poisson sampling.
+
+    Same interface, fixed padded shapes and masks as :class:`PoissonSampler`;
+    draws are a deterministic function of ``(seed, step)``.
+
+    Args:
+      dataset_size: N.
+      bands: b >= 1, the number of groups (= the strategy's bands).
+      sampling_rate: q_group in (0, 1], the inclusion probability within the active group.
+      physical_batch_size, seed, multiple_of: as :class:`PoissonSampler`.
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset_size: int,
+        bands: int,
+        sampling_rate: float,
+        physical_batch_size: int | None = None,
+        seed: int = 0,
+        multiple_of: int = 1,
+    ):
+        if isinstance(bands, np.integer):
+            bands = int(bands)
+        if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
+            raise ValueError(f"bands={bands!r} must be a positive int (the number of cyclic groups).")
+        if isinstance(dataset_size, (int, np.integer)) and not isinstance(dataset_size, bool) and bands > dataset_size:
+            raise ValueError(
+                f"bands={bands} exceeds dataset_size={dataset_size}: every group needs at least one example; "
+                "use fewer bands."
+            )
+        self.bands = bands
+        super().__init__(
+            dataset_size=dataset_size,
+            sampling_rate=sampling_rate,
+            physical_batch_size=physical_batch_size,
+            seed=seed,
+            multiple_of=multiple_of,
+        )
+        order = np.random.default_rng([self.seed, 0x6D696E]).permutation(self.dataset_size)
+        self.groups = [np.sort(g) for g in np.array_split(order, bands)]
+        if physical_batch_size is None:  # sized for one group, not for the whole dataset
+            expected = max(1, round(len(self.groups[0]) * self.sampling_rate))
+            self.physical_batch_size = default_physical_batch_size(expected, self.sampling_rate, multiple_of)
+
+    def group_of(self, step: int) -> int:
+        """The group sampled at ``step``."""
+        return int(step) % self.bands
+
+    def draw(self, step: int) -> np.ndarray:
+        """Indices sampled at ``step`` (sorted): Bernoulli(q) over group ``step mod b`` only."""
+        members = self.groups[self.group_of(step)]
+        rng = np.random.default_rng([self.seed, int(step)])
+        return members[rng.random(len(members)) < self.sampling_rate]
 
 
 class ShuffleSampler:

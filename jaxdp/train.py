@@ -304,7 +304,23 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
     """
     p = config.privacy
     planned = config.epochs * steps_per_epoch
-    q = config.batch_size / dataset_size
+    # privacy.bands = b > 1: banded matrix-factorization noise, which needs cyclic Poisson sampling
+    # (b groups, per-group rate b*B/N); see PrivacyPlan.bands.
+    bands = p.get("bands", 1)
+    if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
+        raise ConfigError(f"privacy.bands={bands!r} is invalid: need an int >= 1 (1 = DP-SGD, b > 1 = BandMF).")
+    if bands > 1 and config.sampling != "poisson":
+        raise ConfigError(
+            f"privacy.bands={bands} needs sampling='poisson' (run as cyclic Poisson over {bands} groups); "
+            f"got sampling={config.sampling!r}."
+        )
+    if bands * config.batch_size > dataset_size:
+        raise ConfigError(
+            f"privacy.bands={bands} x batch_size={config.batch_size} exceeds the training set ({dataset_size}); "
+            f"use privacy.bands <= {dataset_size // config.batch_size} or a smaller batch_size."
+        )
+    sampling = "cyclic_poisson" if bands > 1 else config.sampling
+    q = bands * config.batch_size / dataset_size
     delta = p.delta
     name = p.accountant
     try:  # unknown names and approximations (gdp) cannot back a run's guarantee
@@ -325,7 +341,9 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
                 "(sigma is then calibrated) or a noise multiplier."
             )
         t0 = time.perf_counter()
-        sigma = accounting.calibrate_noise_multiplier(target, delta, q, planned, accountant=name)
+        sigma = accounting.calibrate_noise_multiplier(
+            target, delta, q, planned, accountant=name, sampling=sampling, bands=bands
+        )
         print(
             f"jaxdp: calibrated sigma={sigma:.4f}: the smallest noise with epsilon <= {target} at delta={delta:g} "
             f"over {planned} steps (q={q:.4f}, {name}; took {time.perf_counter() - t0:.2f} s)",
@@ -338,7 +356,9 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
                 "set privacy.noise_multiplier=None to calibrate it, or privacy.target_epsilon=None for a "
                 "non-private run."
             )
-        steps = accounting.max_steps(target, delta, q, sigma, accountant=name, limit=planned)
+        steps = accounting.max_steps(
+            target, delta, q, sigma, accountant=name, limit=planned, sampling=sampling, bands=bands
+        )
         if steps == 0:
             raise ConfigError(
                 f"privacy.noise_multiplier={sigma} spends more than privacy.target_epsilon={target} in a single "
@@ -357,8 +377,9 @@ def make_plan(config: ml_collections.ConfigDict, dataset_size: int, steps_per_ep
         noise_multiplier=float(sigma),
         num_steps=steps,
         per_layer=bool(p.per_layer),
-        sampling=config.sampling,
+        sampling=sampling,
         accountant=name,
+        bands=bands,
     )
 
 
@@ -631,7 +652,8 @@ def train(
         f"jaxdp: {config.dataset} N={n_train} model={config.model.name} devices={n_dev} "
         f"| q={plan.sampling_rate:.4f} steps={num_steps} sigma={plan.noise_multiplier:.4f} "
         f"C={plan.l2_clip_norm} delta={delta:g} -> epsilon={plan.epsilon(delta):.3f} at the end "
-        f"| physical batch {sampler.physical_batch_size}",
+        f"| physical batch {sampler.physical_batch_size}"
+        + (f" | BandMF: {plan.bands} bands, cyclic Poisson (q per group)" if plan.bands > 1 else ""),
         flush=True,
     )
     from tqdm.auto import tqdm
@@ -788,6 +810,8 @@ def train(
         "delta": delta,
         "target_epsilon": config.privacy.target_epsilon,
         "accountant": plan.accountant,
+        "mechanism": plan.mechanism,
+        "bands": plan.bands,
         "noise_multiplier": plan.noise_multiplier,
         "l2_clip_norm": plan.l2_clip_norm,
         "steps": num_steps,

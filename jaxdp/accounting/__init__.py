@@ -10,7 +10,13 @@ Example:
   2.3817
 """
 
-from jaxdp.accounting._base import Accountant, available_accountants, make_accountant, register_accountant
+from jaxdp.accounting._base import (
+    Accountant,
+    CyclicPoissonAccountant,
+    available_accountants,
+    make_accountant,
+    register_accountant,
+)
 from jaxdp.accounting._calibrate import calibrate_noise_multiplier, max_epochs, max_steps
 from jaxdp.accounting._dp_accounting import PldAccountant, RdpAccountant, dp_event
 from jaxdp.accounting._gdp import GdpAccountant, gdp_delta, gdp_epsilon, gdp_mu
@@ -19,6 +25,7 @@ from jaxdp.accounting._risk import AttackRisk, attack_risk, calibrate_noise_mult
 __all__ = [
     "Accountant",
     "AttackRisk",
+    "CyclicPoissonAccountant",
     "GdpAccountant",
     "PldAccountant",
     "RdpAccountant",

@@ -8,7 +8,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Accountant", "available_accountants", "make_accountant", "register_accountant"]
+__all__ = [
+    "Accountant",
+    "CyclicPoissonAccountant",
+    "available_accountants",
+    "make_accountant",
+    "register_accountant",
+]
 
 SAMPLINGS = ("poisson",)
 
@@ -208,9 +214,96 @@ def available_accountants() -> list[str]:
 
 
 def make_accountant(
-    name: str, *, sampling_rate: float, noise_multiplier: float, sampling: str = "poisson", **options
+    name: str,
+    *,
+    sampling_rate: float,
+    noise_multiplier: float,
+    sampling: str = "poisson",
+    bands: int = 1,
+    **options,
 ) -> Accountant:
-    """Build a registered accountant by name (``options`` go to its constructor)."""
+    """Build a registered accountant by name (``options`` go to its constructor).
+
+    ``sampling="cyclic_poisson"`` with ``bands=b`` accounts for amplified banded
+    matrix factorization (:class:`CyclicPoissonAccountant`): ``sampling_rate`` is
+    then the per-group rate and any registered accountant does the composition.
+    """
+    if isinstance(bands, np.integer):
+        bands = int(bands)
+    if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
+        raise ValueError(f"bands={bands!r} must be a positive int (1 = DP-SGD).")
+    if sampling == "cyclic_poisson":
+        inner = accountant_class(name)(
+            sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, sampling="poisson", **options
+        )
+        return CyclicPoissonAccountant(inner, bands=bands)
+    if bands != 1:
+        raise ValueError(
+            f"bands={bands} with sampling={sampling!r}: b-banded correlated noise is only accounted for with "
+            "b-min-separated participation; use sampling='cyclic_poisson' (PrivacyPlan(bands=b) does), or bands=1."
+        )
     return accountant_class(name)(
         sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, sampling=sampling, **options
     )
+
+
+class CyclicPoissonAccountant(Accountant):
+    """Amplified BandMF: b-banded strategy (‖c‖₂ = 1) with cyclic Poisson sampling over ``bands`` groups.
+
+    Theorem used (Choquette-Choo, Ganesh, McKenna, McMahan, Rush, Thakurta, Xu,
+    "(Amplified) Banded Matrix Factorization: A unified approach to private
+    training", NeurIPS 2023, Thm. 4 with its cyclic Poisson sampling, Alg. 2):
+    if ``C`` is lower-triangular and b-banded with column norms at most 1 and the
+    dataset is split into b groups of which step t Poisson-samples group
+    ``t mod b`` with probability q, then T steps of BandMF with noise multiplier
+    σ satisfy every privacy guarantee that DP-SGD with Poisson sampling rate q
+    and noise multiplier σ satisfies after ``ceil(T / b)`` steps. (Each example
+    is in one group, so it can participate in at most ``ceil(T / b)`` steps.)
+
+    So after ``steps`` steps this reports the wrapped accountant's value after
+    ``ceil(steps / b)`` compositions of the Poisson-subsampled Gaussian; with
+    ``b = 1`` it *is* the DP-SGD accountant.
+
+    Args:
+      inner: the accountant (any registered one, e.g. ``rdp``/``pld``) of one
+        group's Poisson-subsampled Gaussian, with the per-group sampling rate.
+      bands: b.
+    """
+
+    def __init__(self, inner: Accountant, *, bands: int):
+        if not isinstance(inner, Accountant):
+            raise TypeError(f"inner={inner!r} must be a jaxdp Accountant.")
+        if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
+            raise ValueError(f"bands={bands!r} must be a positive int.")
+        self.inner = inner
+        self.bands = bands
+        self.name = inner.name
+        self.is_upper_bound = inner.is_upper_bound
+        self.sampling_rate = inner.sampling_rate
+        self.noise_multiplier = inner.noise_multiplier
+        self.sampling = "cyclic_poisson"
+        self._steps = 0
+
+    def rounds(self, steps: int) -> int:
+        """Participations of the most exposed example in ``steps`` steps: ``ceil(steps / b)``."""
+        return -(-int(steps) // self.bands)
+
+    def epsilon_for(self, delta: float, steps: int) -> float:
+        return 0.0 if steps == 0 else self.inner.epsilon_for(delta, self.rounds(steps))
+
+    def delta_for(self, epsilon: float, steps: int) -> float:
+        return 0.0 if steps == 0 else self.inner.delta_for(epsilon, self.rounds(steps))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "bands": self.bands}
+
+    def load_state_dict(self, state: dict) -> Accountant:
+        if state.get("bands") != self.bands:
+            raise ValueError(
+                f"accountant state has bands={state.get('bands')!r} but this accountant has {self.bands}; "
+                "restore into an accountant built for the same mechanism."
+            )
+        return super().load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return f"CyclicPoissonAccountant({self.inner!r}, bands={self.bands}, steps={self._steps})"

@@ -70,12 +70,14 @@ def calibrate_noise_multiplier(
     accountant: str = "rdp",
     rtol: float = 1e-4,
     sampling: str = "poisson",
+    bands: int = 1,
     allow_approximation: bool = False,
 ) -> float:
     """Smallest noise multiplier σ whose run spends at most ``target_epsilon``.
 
     Root-finding in log σ (Brent) over the named accountant's ε(δ) after ``steps``
-    steps, started from the CLT (gdp) estimate.
+    steps, started from the CLT (gdp) estimate. For amplified banded MF pass
+    ``sampling="cyclic_poisson"``, ``bands=b`` and the per-group sampling rate.
 
     Returns:
       σ such that ε(σ) <= target_epsilon, and σ / (1 + rtol) does not meet the
@@ -95,13 +97,13 @@ def calibrate_noise_multiplier(
     require_upper_bound(accountant, allow_approximation)
 
     def epsilon(sigma):
-        acc = make_accountant(accountant, sampling_rate=q, noise_multiplier=sigma, sampling=sampling)
+        acc = make_accountant(accountant, sampling_rate=q, noise_multiplier=sigma, sampling=sampling, bands=bands)
         return acc.epsilon_for(delta, steps)
 
     return smallest_sigma(
         epsilon,
         eps,
-        guess=_clt_guess(eps, delta, q, steps),
+        guess=_clt_guess(eps, delta, q, -(-steps // bands) if sampling == "cyclic_poisson" else steps),
         rtol=rtol,
         what=f"epsilon={eps} at delta={delta} in {steps} steps",
     )
@@ -134,6 +136,7 @@ def max_steps(
     accountant: str = "rdp",
     limit: int = 10**8,
     sampling: str = "poisson",
+    bands: int = 1,
     allow_approximation: bool = False,
 ) -> int:
     """Largest number of steps (at most ``limit``) whose ε stays <= ``target_epsilon``.
@@ -144,7 +147,11 @@ def max_steps(
     delta = check_delta(delta)
     require_upper_bound(accountant, allow_approximation)
     acc = make_accountant(
-        accountant, sampling_rate=_check_common(sampling_rate, 1), noise_multiplier=noise_multiplier, sampling=sampling
+        accountant,
+        sampling_rate=_check_common(sampling_rate, 1),
+        noise_multiplier=noise_multiplier,
+        sampling=sampling,
+        bands=bands,
     )
 
     def ok(t):

@@ -16,10 +16,16 @@ from jaxdp.accounting._base import Accountant, register_accountant
 __all__ = ["PldAccountant", "RdpAccountant", "dp_event"]
 
 
-def dp_event(sampling_rate: float, noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
-    """``steps`` compositions of the Poisson-subsampled Gaussian mechanism."""
+def dp_event(sampling_rate: float, noise_multiplier: float, steps: int, *, bands: int = 1) -> dp_accounting.DpEvent:
+    """``steps`` steps of DP-SGD (``bands=1``) or of amplified b-banded MF with cyclic Poisson sampling.
+
+    DP-SGD: ``steps`` compositions of the Poisson-subsampled Gaussian. BandMF
+    (b bands, strategy column norm 1, ``sampling_rate`` = the per-group rate):
+    ``ceil(steps / b)`` compositions of the same event (see
+    :class:`jaxdp.accounting.CyclicPoissonAccountant` for the theorem).
+    """
     one = dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
-    return dp_accounting.SelfComposedDpEvent(one, steps)
+    return dp_accounting.SelfComposedDpEvent(one, -(-steps // bands))
 
 
 @contextlib.contextmanager
