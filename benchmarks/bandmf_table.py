@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_core import _time  # same directory: median seconds per call
 from flax import nnx
 
 import jaxdp
@@ -105,18 +106,6 @@ def accuracy_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _median_time(fn, repeats, iters):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
-
-
 def noise_cost(batch=256, bands_list=(4, 16), repeats=15, iters=10) -> list[dict]:
     """Step time with DP-SGD noise vs with b-banded noise, interleaved in one process."""
     graphdef, params, rest = nnx.split(CNN((28, 28, 1), 10, features=(16, 32), rngs=nnx.Rngs(0)), nnx.Param, ...)
@@ -160,8 +149,8 @@ def noise_cost(batch=256, bands_list=(4, 16), repeats=15, iters=10) -> list[dict
         jax.block_until_ready(run_noise())
     for _ in range(repeats):  # interleaved block by block: load drifts on a shared machine
         for b, (run_step, run_noise) in runners.items():
-            step_t[b].append(_median_time(run_step, 1, iters))
-            noise_t[b].append(_median_time(run_noise, 1, iters * 5))
+            step_t[b].append(_time(run_step, 1, iters))
+            noise_t[b].append(_time(run_noise, 1, iters * 5))
     base = statistics.median(step_t[1])
     rows = []
     for b in runners:
