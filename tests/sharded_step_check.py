@@ -45,9 +45,11 @@ def ascend_along_prev(params, prev):  # DP-SAT-like: moves once the previous pri
 HOOKS = {"example_grad": two_point_example_grad, "perturb": ascend_along_prev}
 
 
-def run(model, x, y, mask, num_devices, microbatch_size=None, hooks=None):
+def run(model, x, y, mask, num_devices, microbatch_size=None, hooks=None, plan_kwargs=None):
     loss_fn, params = nnx_loss(model)
-    plan = jaxdp.PrivacyPlan(dataset_size=1000, batch_size=24, l2_clip_norm=0.5, noise_multiplier=1.3, num_steps=2)
+    plan = jaxdp.PrivacyPlan(
+        dataset_size=1000, batch_size=24, l2_clip_norm=0.5, noise_multiplier=1.3, num_steps=2, **(plan_kwargs or {})
+    )
     mesh = distributed.make_mesh(num_devices)
     tx, step, _ = make_private_step(
         plan,
@@ -88,6 +90,9 @@ def main():
         p8m, _, _, _ = run(model, x, y, mask, 8, microbatch_size=2)
         h1, _, _, _ = run(model, x, y, mask, 1, hooks=HOOKS)
         h8, _, h8_rep, _ = run(model, x, y, mask, 8, microbatch_size=2, hooks=HOOKS)
+        banded = {"bands": 2, "sampling": "cyclic_poisson"}  # step 2's noise uses step 1's (history state)
+        b1, _, _, _ = run(model, x, y, mask, 1, plan_kwargs=banded)
+        b8, _, b8_rep, _ = run(model, x, y, mask, 8, plan_kwargs=banded)
         # Explicit one-step formula: noise drawn once from the key the privatizer holds.
         grad_fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm=0.5)
         g, _ = grad_fn(params0, x, y, example_mask=mask)
@@ -104,6 +109,9 @@ def main():
             "hooks_diff_8_vs_1": max_diff(h8, h1),
             "hooks_change_the_result": max_diff(h1, p1),
             "hooks_replicated_8": h8_rep,
+            "bandmf_diff_8_vs_1": max_diff(b8, b1),
+            "bandmf_differs_from_dpsgd": max_diff(b1, p1),
+            "bandmf_replicated_8": b8_rep,
             "diff_8_one_step_vs_formula": max_diff(q1, expected1),
             "param_scale": max(float(np.max(np.abs(np.asarray(v)))) for v in jax.tree_util.tree_leaves(p1)),
         }

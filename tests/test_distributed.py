@@ -44,6 +44,15 @@ def test_gradient_hooks_give_the_same_result_on_eight_devices(measured, model):
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_banded_noise_gives_the_same_result_on_eight_devices(measured, model):
+    """BandMF (b = 2): the correlated noise state is replicated like the params; 8 devices == 1 device."""
+    m = measured[model]
+    assert m["bandmf_replicated_8"]
+    assert m["bandmf_differs_from_dpsgd"] > 1e-4, m  # the banded noise is really in the path
+    assert m["bandmf_diff_8_vs_1"] < 1e-5 * max(1.0, m["param_scale"]), m
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_noise_is_added_once_across_devices(measured, model):
     """params - lr * (clipped_sum + N(0, (σC)^2) from the state's key) / B, exactly once."""
     m = measured[model]
