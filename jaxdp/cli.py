@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             return _fail(str(e))
         return 0
+    try:  # train and audit: one config, bad files/keys/values are one line
+        config = apply_overrides(load_config(args.config), overrides)
+    except ConfigError as e:
+        return _fail(str(e))
     if args.command == "train":
-        try:
-            config = apply_overrides(load_config(args.config), overrides)
-        except ConfigError as e:
-            return _fail(str(e))
         from jaxdp.train import TrainingError, train  # heavy imports only once the config is known good
 
         try:
@@ -112,10 +112,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"jaxdp: error: {e}", file=sys.stderr)
             return 1
     if args.command == "audit":
-        try:
-            config = apply_overrides(load_config(args.config), overrides)
-        except ConfigError as e:
-            return _fail(str(e))
         return _audit(config, args)
     return 0
 

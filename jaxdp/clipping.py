@@ -214,23 +214,21 @@ class ClippedGradFn:
         ``loss`` is the per-example loss. Materialises every example's gradient:
         use it on small batches.
         """
-        batched_nums = _normalise_argnums(self.batch_argnums, len(batch))
-        in_axes = (None, *[0 if (i + 1) in batched_nums else None for i in range(len(batch))])
+        loss, _, grads = self._per_example(params, _normalise_argnums(self.batch_argnums, len(batch)), batch)
+        return grads, loss
 
-        def one(p, *a):
-            loss, _, grad = self._single_example(p, batched_nums, a)
-            return grad, loss
-
-        return jax.vmap(one, in_axes=in_axes)(params, *batch)
-
-    # -- one chunk of examples --------------------------------------------
-    def _chunk(self, params, batched_nums, args, mask):
+    def _per_example(self, params, batched_nums, args):
+        """``(loss, aux, grads)`` of every example, ``vmap`` of :meth:`_single_example`."""
         in_axes = (None, *[0 if (i + 1) in batched_nums else None for i in range(len(args))])
 
         def one(p, *a):
             return self._single_example(p, batched_nums, a)
 
-        loss, aux, grads = jax.vmap(one, in_axes=in_axes)(params, *args)
+        return jax.vmap(one, in_axes=in_axes)(params, *args)
+
+    # -- one chunk of examples --------------------------------------------
+    def _chunk(self, params, batched_nums, args, mask):
+        loss, aux, grads = self._per_example(params, batched_nums, args)
         leaves, treedef = jax.tree_util.tree_flatten(grads)
         leaf_sq = [_sq_norm_per_example(leaf) for leaf in leaves]
         norms = jnp.sqrt(sum(leaf_sq))
