@@ -10,18 +10,33 @@ is what :func:`jaxdp.privatize` adds noise for.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jaxdp import _ghost
+from jaxdp._ghost import GhostUnsupported
+
 PyTree = Any
 
+#: The clipping implementations :func:`clipped_grad` accepts (see its docstring).
+CLIPPING_IMPLS = ("vmap", "ghost", "auto")
+
+
+class GhostFallbackWarning(UserWarning):
+    """``clipping_impl='auto'`` fell back to the vmap path (said once per clipped-gradient function)."""
+
+
 __all__ = [
+    "CLIPPING_IMPLS",
     "ClippedGradAux",
     "ClippedGradFn",
     "ExampleGradFn",
+    "GhostFallbackWarning",
+    "GhostUnsupported",
     "clipped_grad",
     "gradient_norm_stats",
     "per_example_norms",
@@ -130,6 +145,7 @@ class ClippedGradFn:
         return_norms: bool,
         per_layer: bool,
         example_grad: ExampleGradFn | None = None,
+        clipping_impl: str = "vmap",
     ):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn={loss_fn!r} is not callable; pass loss_fn(params, *batch).")
@@ -153,6 +169,19 @@ class ClippedGradFn:
                 "((loss, aux), grad), or None for the plain per-example gradient."
             )
         self.example_grad = example_grad
+        if clipping_impl not in CLIPPING_IMPLS:
+            raise ValueError(
+                f"clipping_impl={clipping_impl!r} is not one of {CLIPPING_IMPLS}: 'vmap' materialises per-example "
+                "gradients (any model), 'ghost' takes per-example norms without them (dense, conv, embedding, "
+                "bias and scale parameters), 'auto' uses ghost where every parameter is covered, else vmap."
+            )
+        if clipping_impl == "ghost" and example_grad is not None:
+            raise ValueError(
+                "clipping_impl='ghost' cannot clip a custom example_grad estimator (its gradient is not a single "
+                "backward pass); use clipping_impl='vmap' or 'auto' (which uses vmap for it)."
+            )
+        self.clipping_impl = clipping_impl
+        self._fallback_said = False
 
     @property
     def l2_sensitivity(self) -> float:
@@ -160,8 +189,8 @@ class ClippedGradFn:
         return self.l2_clip_norm
 
     # -- one example -------------------------------------------------------
-    def _single_example(self, params, batched_nums, args):
-        """Loss, aux and gradient of ``loss_fn`` on one example (a batch of one)."""
+    def _loss_on_one(self, batched_nums, args):
+        """``p -> (loss, aux)`` of ``loss_fn`` on one example (``args``' batched entries without their example axis)."""
 
         def loss_on_one(p):
             call_args = [
@@ -193,7 +222,11 @@ class ClippedGradFn:
                 )
             return jnp.reshape(loss, ()), aux
 
-        value_and_grad = jax.value_and_grad(loss_on_one, has_aux=True)
+        return loss_on_one
+
+    def _single_example(self, params, batched_nums, args):
+        """Loss, aux and gradient of ``loss_fn`` on one example (a batch of one)."""
+        value_and_grad = jax.value_and_grad(self._loss_on_one(batched_nums, args), has_aux=True)
         if self.example_grad is None:
             (loss, aux), grad = value_and_grad(params)
             return loss, aux, grad
@@ -227,23 +260,34 @@ class ClippedGradFn:
         return jax.vmap(one, in_axes=in_axes)(params, *args)
 
     # -- one chunk of examples --------------------------------------------
-    def _chunk(self, params, batched_nums, args, mask):
-        loss, aux, grads = self._per_example(params, batched_nums, args)
-        leaves, treedef = jax.tree_util.tree_flatten(grads)
-        leaf_sq = [_sq_norm_per_example(leaf) for leaf in leaves]
+    def _weights(self, leaf_sq, mask):
+        """Clip factors per leaf, the kept examples, the norms and the counters, from per-leaf squared norms."""
         norms = jnp.sqrt(sum(leaf_sq))
         clip = self.l2_clip_norm
         finite = jnp.isfinite(norms)
         if self.per_layer:
             # Each of the K leaves gets budget C / sqrt(K): the total stays <= C.
-            budget = clip / math.sqrt(len(leaves))
+            budget = clip / math.sqrt(len(leaf_sq))
             factors = [jnp.minimum(1.0, budget / jnp.maximum(jnp.sqrt(s), 1e-30)) for s in leaf_sq]
             clipped_any = sum((f < 1.0).astype(jnp.int32) for f in factors) > 0
         else:
             factor = jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-30))
-            factors = [factor] * len(leaves)
+            factors = [factor] * len(leaf_sq)
             clipped_any = factor < 1.0
         keep = finite & (mask > 0)
+        unmasked = mask > 0
+        stats = (
+            jnp.sum(clipped_any & finite & unmasked).astype(jnp.int32),
+            jnp.sum(~finite & unmasked).astype(jnp.int32),
+        )
+        return factors, keep, norms, stats
+
+    def _chunk(self, params, batched_nums, args, mask, plan=None):
+        if plan is not None:
+            return self._ghost_chunk(params, batched_nums, args, mask, plan)
+        loss, aux, grads = self._per_example(params, batched_nums, args)
+        leaves, treedef = jax.tree_util.tree_flatten(grads)
+        factors, keep, norms, stats = self._weights([_sq_norm_per_example(leaf) for leaf in leaves], mask)
         summed = []
         for leaf, f in zip(leaves, factors, strict=True):
             # Scale and sum in at least float32: in bfloat16 the rounding of
@@ -256,11 +300,71 @@ class ClippedGradFn:
             contrib = jnp.where(keep.reshape(shape), leaf * w.reshape(shape), jnp.zeros((), leaf.dtype))
             summed.append(jnp.sum(contrib, axis=0))
         grad_sum = jax.tree_util.tree_unflatten(treedef, summed)
-        unmasked = mask > 0
-        stats = (
-            jnp.sum(clipped_any & finite & unmasked).astype(jnp.int32),
-            jnp.sum(~finite & unmasked).astype(jnp.int32),
-        )
+        return grad_sum, loss, aux, norms, stats
+
+    # -- ghost clipping ----------------------------------------------------
+    def _ghost_plan(self, params, batched_nums, args):
+        """The analysed one-example loss for the ghost path, or None to use vmap (``auto``, not covered)."""
+        if self.clipping_impl == "vmap":
+            return None
+        if self.example_grad is not None:  # 'ghost' refused it in __init__
+            reason = "a custom example_grad estimator is set"
+        else:
+            one = [
+                jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), a)
+                if (i + 1) in batched_nums
+                else a
+                for i, a in enumerate(args)
+            ]
+            try:
+                return _ghost.analyse(lambda p, *a: self._loss_on_one(batched_nums, a)(p), params, one)
+            except _ghost.GhostUnsupported as e:
+                if self.clipping_impl == "ghost":
+                    raise
+                reason = str(e)
+        if not self._fallback_said:
+            self._fallback_said = True
+            warnings.warn(f"clipping_impl='auto': using the vmap path because {reason}", GhostFallbackWarning, 2)
+        return None
+
+    def _ghost_chunk(self, params, batched_nums, args, mask, plan):
+        closed, sites, out_tree = plan
+        names = _ghost.leaf_names(params)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        size = mask.shape[0]
+        in_axes = (0, *[0 if (i + 1) in batched_nums else None for i in range(len(args))])
+
+        def one(probes, *a):
+            outs, operands = _ghost.run_with_probes(closed, sites, names, leaves + jax.tree_util.tree_leaves(a), probes)
+            loss, aux = jax.tree_util.tree_unflatten(out_tree, outs)
+            return loss, aux, operands
+
+        def total(probes):
+            loss, aux, operands = jax.vmap(one, in_axes=in_axes)(probes, *args)
+            return jnp.sum(loss.astype(jnp.float32)), (loss, aux, operands)
+
+        probes = [jnp.zeros((size, *s.out_shape), s.out_dtype) for s in sites]
+        _, vjp_fn, (loss, aux, operands) = jax.vjp(total, probes, has_aux=True)
+        (cotangents,) = vjp_fn(jnp.ones((), jnp.float32))
+
+        leaf_sq = [jnp.zeros((size,), jnp.float32) for _ in leaves]
+        for k, site in enumerate(sites):
+            leaf_sq[site.leaf] = _ghost.site_sq_norms(site, leaves[site.leaf], operands[k], cotangents[k])
+        factors, keep, norms, stats = self._weights(leaf_sq, mask)
+
+        def kept(x):
+            # `where` (not a multiply): a dropped example's NaN/inf contributes exactly zero.
+            return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+        summed = [jnp.zeros(leaf.shape, jnp.promote_types(leaf.dtype, jnp.float32)) for leaf in leaves]
+        for k, site in enumerate(sites):
+            g = cotangents[k]
+            w = jnp.where(keep, factors[site.leaf], 0.0).astype(jnp.promote_types(g.dtype, jnp.float32))
+            g_w = kept(g * w.reshape((-1,) + (1,) * (g.ndim - 1)))
+            ops = [kept(o) for o in operands[k]]
+            total_k = _ghost.site_weighted_sum(site, leaves[site.leaf], ops, g_w)
+            summed[site.leaf] = total_k.astype(summed[site.leaf].dtype)
+        grad_sum = jax.tree_util.tree_unflatten(treedef, summed)
         return grad_sum, loss, aux, norms, stats
 
     def __call__(self, params: PyTree, *batch: Any, example_mask: Any = None):
@@ -282,10 +386,11 @@ class ClippedGradFn:
                 raise ValueError(
                     f"example_mask has shape {mask.shape}, expected ({size},): one 0/1 weight per example."
                 )
+        plan = self._ghost_plan(params, batched_nums, batch)
         if self.microbatch_size is None or self.microbatch_size >= size:
-            grad_sum, loss, aux, norms, (n_clip, n_bad) = self._chunk(params, batched_nums, batch, mask)
+            grad_sum, loss, aux, norms, (n_clip, n_bad) = self._chunk(params, batched_nums, batch, mask, plan)
         else:
-            grad_sum, loss, aux, norms, (n_clip, n_bad) = self._scan(params, batched_nums, batch, mask, size)
+            grad_sum, loss, aux, norms, (n_clip, n_bad) = self._scan(params, batched_nums, batch, mask, size, plan)
         return grad_sum, ClippedGradAux(
             loss=loss,
             norms=norms if self.return_norms else None,
@@ -294,7 +399,7 @@ class ClippedGradFn:
             num_nonfinite=n_bad,
         )
 
-    def _scan(self, params, batched_nums, batch, mask, size):
+    def _scan(self, params, batched_nums, batch, mask, size, plan=None):
         m = self.microbatch_size
         chunks = -(-size // m)
         pad = chunks * m - size
@@ -315,7 +420,7 @@ class ClippedGradFn:
             chunk_args = list(args)
             for n, v in zip(batched_nums, chunk_batched, strict=True):
                 chunk_args[n - 1] = v
-            g, loss, aux, norms, stats = self._chunk(params, batched_nums, chunk_args, chunk_mask)
+            g, loss, aux, norms, stats = self._chunk(params, batched_nums, chunk_args, chunk_mask, plan)
             acc = jax.tree_util.tree_map(jnp.add, acc, g)
             return acc, (loss, aux, norms, stats)
 
@@ -341,6 +446,7 @@ def clipped_grad(
     return_norms: bool = False,
     per_layer: bool = False,
     example_grad: ExampleGradFn | None = None,
+    clipping_impl: str = "vmap",
 ) -> ClippedGradFn:
     """Sum of per-example clipped gradients of an ordinary batch loss.
 
@@ -371,6 +477,15 @@ def clipped_grad(
         example's ``value_and_grad(p)`` and nothing else, so whatever it returns
         depends on that example only: it is clipped like any gradient and the
         sensitivity stays C.
+      clipping_impl: how the per-example norms are found; the result is the same
+        (to float tolerance) either way. ``"vmap"`` (default) materialises every
+        example's gradient: any model. ``"ghost"`` takes the norms from each
+        layer's inputs and output gradients without per-example gradients of the
+        whole model (dense, convolution, embedding, bias and scale parameters;
+        see ``jaxdp/_ghost.py``) and raises :class:`GhostUnsupported` naming the
+        parameter a model uses otherwise (shared weights, weight standardisation,
+        low precision, ``example_grad``). ``"auto"``: ghost where every parameter
+        is covered, else vmap, saying why once (:class:`GhostFallbackWarning`).
 
     Returns:
       ``fn(params, *batch, example_mask=None) -> (grad_sum, ClippedGradAux)``.
@@ -410,6 +525,7 @@ def clipped_grad(
         return_norms=return_norms,
         per_layer=per_layer,
         example_grad=example_grad,
+        clipping_impl=clipping_impl,
     )
 
 

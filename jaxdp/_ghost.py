@@ -1,0 +1,367 @@
+"""Ghost clipping: per-example gradient norms without per-example gradients of the whole model.
+
+The vmap path (``clipping_impl="vmap"``) computes every example's full gradient,
+``batch x params`` numbers. For a parameter that enters the loss through one
+operation that is *linear in it*, y = op(x, W) (a dense layer, a convolution, an
+embedding lookup, a bias add, a norm layer's scale), the example's gradient is a
+function of that example's input ``x_i`` and output cotangent ``g_i = dl_i/dy_i``
+alone, and its norm often has a cheap closed form:
+
+* dense (``dot_general``): ``||X_i^T G_i||^2 = <X_i X_i^T, G_i G_i^T>`` over the
+  example's T positions: ``T^2 (d_in + d_out)`` work instead of ``T d_in d_out``
+  (the "ghost norm"; we take whichever is cheaper);
+* embedding (``gather`` of rows): ``sum_{t,s} [idx_t = idx_s] <g_t, g_s>``;
+* anything else linear in W (convolutions, bias, scale): the example's gradient of
+  *that one parameter* (small for biases and scales), never of the whole model.
+
+How: the loss of one example is traced to a jaxpr and re-run by a small
+interpreter that adds a zero "probe" to the output of each such operation and
+records its other operand. One backward pass to the probes (not to the
+parameters) gives every ``g_i``; the norms follow per parameter; the clipped sum
+is then one *weighted* backward pass per parameter, ``sum_i w_i X_i^T G_i``
+(book-keeping: no second pass through the network).
+
+Soundness is checked, not assumed: each parameter leaf must reach exactly one such
+operation through shape-only steps (reshape, transpose, broadcast, dtype casts,
+nested ``jit``), with the other operand free of parameters. Any other use (shared
+weights, weight standardisation, a parameter in a nonlinearity or in the loss
+itself, control flow) makes the model *not covered*: ``"ghost"`` raises
+:class:`GhostUnsupported` naming the parameter and the operation, and ``"auto"``
+falls back to the vmap path. A wrong norm would be a privacy bug, so when in
+doubt the analysis refuses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.extend.core as jcore
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+# Shape-only steps a parameter may take before its one linear use (all unary).
+_STRUCTURAL = {"reshape", "broadcast_in_dim", "convert_element_type", "transpose", "squeeze", "expand_dims", "copy"}
+# Of those, the ones that keep the gradient's norm (bijective relayouts).
+_NORM_KEEPING = {"reshape", "transpose", "convert_element_type", "squeeze", "expand_dims", "copy"}
+# Operations linear in each operand separately (when the other has no parameter).
+_LINEAR = {"dot_general", "conv_general_dilated", "mul", "add", "sub", "gather"}
+# Calls inlined when a parameter flows into them (their body is analysed instead).
+_CALLS = {"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint", "custom_jvp_call", "custom_vjp_call"}
+
+
+class GhostUnsupported(ValueError):
+    """The loss uses a parameter in a way ghost clipping cannot take the per-example norm of."""
+
+
+@dataclass(frozen=True)
+class _Tag:
+    """A value derived from parameter leaf ``leaf`` by the shape-only steps ``chain``."""
+
+    leaf: int
+    chain: tuple = ()
+
+
+@dataclass
+class _Site:
+    """One linear use of a parameter leaf: ``y = consumer(..., chain(leaf), ...)``."""
+
+    leaf: int
+    chain: tuple  # jaxpr eqns, applied in order to the leaf
+    eqn: Any  # the consumer eqn
+    pos: int  # operand position of the parameter-derived value
+    out_shape: tuple
+    out_dtype: Any
+    literals: dict = field(default_factory=dict)  # operand position -> literal value
+
+
+def _inner(eqn):
+    """(jaxpr, consts) of a call-like eqn, or None."""
+    p = eqn.params
+    for key in ("jaxpr", "call_jaxpr"):
+        if key in p:
+            j = p[key]
+            if isinstance(j, jcore.ClosedJaxpr):
+                return j.jaxpr, j.consts
+            if isinstance(j, jcore.Jaxpr):
+                return j, ()
+    return None
+
+
+def _bind(eqn, invals):
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*invals, **bind_params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _describe(leaf: int, names: list[str]) -> str:
+    return names[leaf] if leaf < len(names) else f"leaf {leaf}"
+
+
+class _Interpreter:
+    """Evaluates a one-example jaxpr, tracking parameter-derived values.
+
+    ``probes is None``: analysis (records the sites). Otherwise ``probes[k]`` is
+    added to the output of site ``k`` and its non-parameter operands are kept in
+    ``self.operands[k]``.
+    """
+
+    def __init__(self, names: list[str], probes=None, sites=None):
+        self.names = names
+        self.probes = probes
+        self.sites: list[_Site] = [] if sites is None else sites
+        self.operands: list[list] = []
+        self.used: dict[int, str] = {}
+
+    def _refuse(self, tag: _Tag, what: str):
+        raise GhostUnsupported(
+            f"parameter {_describe(tag.leaf, self.names)} is {what}; ghost clipping needs every parameter to enter "
+            "the loss once, through one operation linear in it (dense, convolution, embedding lookup, bias add, "
+            "scale). Use clipping_impl='vmap' (or 'auto', which falls back to it) for this model."
+        )
+
+    def run(self, jaxpr, consts, args, tags):
+        env: dict = {}
+        tenv: dict = {}
+
+        def read(v):
+            if isinstance(v, jcore.Literal):
+                return v.val, None
+            return env[v], tenv.get(v)
+
+        for v, c in zip(jaxpr.constvars, consts, strict=True):
+            env[v] = c
+        for v, a, t in zip(jaxpr.invars, args, tags, strict=True):
+            env[v] = a
+            if t is not None:
+                tenv[v] = t
+
+        for eqn in jaxpr.eqns:
+            ins = [read(v) for v in eqn.invars]
+            vals = [a for a, _ in ins]
+            intags = [t for _, t in ins]
+            tagged = [i for i, t in enumerate(intags) if t is not None]
+            name = eqn.primitive.name
+            outtags = [None] * len(eqn.outvars)
+            if not tagged:
+                outs = _bind(eqn, vals)
+            elif name in _CALLS and _inner(eqn) is not None:
+                inner, inner_consts = _inner(eqn)
+                n_extra = len(vals) - len(inner.invars)  # e.g. custom_jvp consts precede
+                if n_extra != 0:
+                    self._refuse(intags[tagged[0]], f"passed into `{name}` with an unexpected signature")
+                outs, outtags = self.run(inner, inner_consts, vals, intags)
+            elif name in _STRUCTURAL and len(vals) == 1:
+                outs = _bind(eqn, vals)
+                t = intags[0]
+                outtags = [_Tag(t.leaf, (*t.chain, eqn))]
+            elif name in _LINEAR and len(tagged) == 1:
+                outs = self._site(eqn, vals, intags, tagged[0])
+            else:
+                t = intags[tagged[0]]
+                what = f"used by `{name}`" if len(tagged) == 1 else f"combined with another parameter in `{name}`"
+                self._refuse(t, what)
+            for v, o, t in zip(eqn.outvars, outs, outtags, strict=True):
+                if isinstance(v, jcore.DropVar):
+                    continue
+                env[v] = o
+                if t is not None:
+                    tenv[v] = t
+        outs = [read(v) for v in jaxpr.outvars]
+        return [a for a, _ in outs], [t for _, t in outs]
+
+    def _site(self, eqn, vals, intags, pos):
+        tag = intags[pos]
+        if tag.leaf in self.used:
+            self._refuse(tag, f"used twice (by `{self.used[tag.leaf]}` and `{eqn.primitive.name}`: shared weights)")
+        self.used[tag.leaf] = eqn.primitive.name
+        (out,) = _bind(eqn, vals)
+        k = len(self.operands)
+        if self.probes is None:
+            literals = {i: v.val for i, v in enumerate(eqn.invars) if isinstance(v, jcore.Literal)}
+            self.sites.append(_Site(tag.leaf, tag.chain, eqn, pos, tuple(out.shape), out.dtype, literals))
+        self.operands.append([v for i, v in enumerate(vals) if i != pos and not isinstance(eqn.invars[i], jcore.Literal)])
+        if self.probes is not None:
+            out = out + self.probes[k]
+        return [out]
+
+
+def _apply_site(site: _Site, leaf_value, operands):
+    """``consumer(..., chain(leaf), ...)`` with the recorded non-parameter operands."""
+    w = leaf_value
+    for eqn in site.chain:
+        (w,) = _bind(eqn, [w])
+    it = iter(operands)
+    vals = []
+    for i in range(len(site.eqn.invars)):
+        if i == site.pos:
+            vals.append(w)
+        elif i in site.literals:
+            vals.append(site.literals[i])
+        else:
+            vals.append(next(it))
+    (out,) = _bind(site.eqn, vals)
+    return out
+
+
+def _f32(x):
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _dense_layout(site: _Site, x, g):
+    """(X, G) as (B, T, d_in), (B, T, d_out) for a plain dense ``dot_general``, or None."""
+    (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
+    if lb or rb:
+        return None
+    # x: (B, *example operand shape); g: (B, *output shape).
+    xc = rc if site.pos == 0 else lc  # contracting dims of the non-parameter operand
+    x_nd = x.ndim - 1
+    x_free = [d for d in range(x_nd) if d not in xc]
+    w_rank = len(site.eqn.invars[site.pos].aval.shape)
+    w_free = w_rank - len(lc if site.pos == 0 else rc)
+    b = x.shape[0]
+    x_perm = [0] + [d + 1 for d in x_free] + [d + 1 for d in xc]
+    t = int(np.prod([x.shape[d + 1] for d in x_free], dtype=np.int64))
+    d_in = int(np.prod([x.shape[d + 1] for d in xc], dtype=np.int64))
+    xm = jnp.transpose(x, x_perm).reshape(b, t, d_in)
+    # Output layout: lhs free dims, then rhs free dims.
+    g_nd = g.ndim - 1
+    if site.pos == 1:  # x is lhs: (x free, w free)
+        gm = g.reshape(b, t, -1)
+    else:  # W is lhs: (w free, x free)
+        perm = [0] + list(range(1 + w_free, 1 + g_nd)) + list(range(1, 1 + w_free))
+        gm = jnp.transpose(g, perm).reshape(b, t, -1)
+    return xm, gm
+
+
+def _gather_layout(site: _Site, x, g):
+    """(idx, valid, G) as (B, T), (B, T), (B, T, D) for an embedding-row ``gather``, or None."""
+    if site.pos != 0:
+        return None
+    p = site.eqn.params
+    dn = p["dimension_numbers"]
+    table = site.eqn.invars[0].aval.shape
+    idx = x
+    if (
+        len(table) != 2
+        or tuple(dn.collapsed_slice_dims) != (0,)
+        or tuple(dn.start_index_map) != (0,)
+        or tuple(getattr(dn, "operand_batching_dims", ())) != ()
+        or tuple(p["slice_sizes"]) != (1, table[1])
+        or tuple(dn.offset_dims) != (idx.ndim - 2,)  # (B,)-leading idx: last output dim
+        or idx.shape[-1] != 1
+    ):
+        return None
+    b = idx.shape[0]
+    i = idx.reshape(b, -1)
+    mode = str(p["mode"])
+    if "FILL_OR_DROP" in mode:
+        valid = (i >= 0) & (i < table[0])
+    else:  # clip / promise_in_bounds: out-of-range rows are clamped
+        i = jnp.clip(i, 0, table[0] - 1)
+        valid = jnp.ones(i.shape, bool)
+    return i, valid, g.reshape(b, i.shape[1], table[1])
+
+
+def site_sq_norms(site: _Site, leaf_value, operands, g) -> jax.Array:
+    """Per-example squared norm of this parameter leaf's gradient, shape (B,)."""
+    bijective = all(e.primitive.name in _NORM_KEEPING for e in site.chain)
+    name = site.eqn.primitive.name
+    if bijective and name == "dot_general" and len(operands) == 1:
+        layout = _dense_layout(site, operands[0], g)
+        if layout is not None:
+            xm, gm = (_f32(a) for a in layout)
+            t, d_in, d_out = xm.shape[1], xm.shape[2], gm.shape[2]
+            if t * (d_in + d_out) < d_in * d_out:  # ghost norm: T x T Gram matrices
+                return jnp.einsum("bts,bts->b", xm @ jnp.swapaxes(xm, 1, 2), gm @ jnp.swapaxes(gm, 1, 2))
+            per_ex = jnp.einsum("btd,bte->bde", xm, gm)
+            return jnp.sum(jnp.square(per_ex), axis=(1, 2))
+    if bijective and name == "gather" and len(operands) == 1:
+        layout = _gather_layout(site, operands[0], g)
+        if layout is not None:
+            i, valid, gm = layout
+            t, v = i.shape[1], site.eqn.invars[0].aval.shape[0]
+            if t * t < v:
+                gm = _f32(gm) * valid[..., None]
+                same = (i[:, :, None] == i[:, None, :]).astype(gm.dtype)
+                return jnp.einsum("bts,bts->b", same, gm @ jnp.swapaxes(gm, 1, 2))
+    # General linear use: this one leaf's per-example gradient (a bias, a scale, a conv kernel).
+
+    def one(ops, gi):
+        _, vjp = jax.vjp(lambda w: _apply_site(site, w, ops), leaf_value)
+        (gw,) = vjp(gi)
+        return jnp.sum(jnp.square(_f32(gw)))
+
+    return jax.vmap(one)(operands, g)
+
+
+def site_weighted_sum(site: _Site, leaf_value, operands, g_weighted):
+    """``sum_i`` of example i's gradient of this leaf with cotangent ``g_weighted[i]``: one batched backward."""
+
+    def batched(w):
+        return jax.vmap(lambda ops: _apply_site(site, w, ops))(operands)
+
+    _, vjp = jax.vjp(batched, leaf_value)
+    (gw,) = vjp(g_weighted.astype(site.out_dtype))
+    return gw
+
+
+def leaf_names(params: PyTree) -> list[str]:
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    return ["params" + jax.tree_util.keystr(p) for p, _ in paths]
+
+
+def analyse(fun, params, example_args) -> tuple[Any, list[_Site], Any]:
+    """Trace ``fun(params, *example_args)`` (one example) and find its parameter sites.
+
+    Returns ``(closed_jaxpr, sites, out_tree)``; raises :class:`GhostUnsupported`.
+    """
+    leaves = jax.tree_util.tree_leaves(params)
+    for name, leaf in zip(leaf_names(params), leaves, strict=True):
+        if jnp.iscomplexobj(leaf):
+            raise GhostUnsupported(f"parameter {name} is complex; ghost clipping covers real parameters only.")
+    out_tree = []
+
+    def flat(p, *a):
+        out = fun(p, *a)
+        leaves_out, tree = jax.tree_util.tree_flatten(out)
+        out_tree.append(tree)
+        return leaves_out
+
+    abstract = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)), params)
+    closed = jax.make_jaxpr(flat)(abstract, *example_args)
+    n = len(leaves)
+    tags = [_Tag(i) for i in range(n)] + [None] * (len(closed.jaxpr.invars) - n)
+    interp = _Interpreter(leaf_names(params))
+
+    def evaluate(*args):
+        outs, outtags = interp.run(closed.jaxpr, closed.consts, args, tags)
+        for t in outtags:
+            if t is not None:
+                interp._refuse(t, "returned by the loss function itself")
+        return outs
+
+    in_avals = [v.aval for v in closed.jaxpr.invars]
+    jax.eval_shape(evaluate, *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in in_avals])
+    for site in interp.sites:
+        if jnp.finfo(site.out_dtype).bits < 32:
+            raise GhostUnsupported(
+                f"parameter {_describe(site.leaf, interp.names)} is used in {jnp.dtype(site.out_dtype).name} "
+                f"(by `{site.eqn.primitive.name}`); ghost clipping computes norms and the clipped sum in float32 "
+                "or wider only, so that rounding cannot push a clipped gradient above C."
+            )
+    return closed, interp.sites, out_tree[0]
+
+
+def run_with_probes(closed, sites, names, flat_args, probes):
+    """Evaluate the analysed jaxpr with probes added at the sites; returns (outs, operands per site)."""
+    tags = [_Tag(i) for i in range(len(names))] + [None] * (len(flat_args) - len(names))
+    interp = _Interpreter(names, probes=probes, sites=sites)
+    outs, _ = interp.run(closed.jaxpr, closed.consts, flat_args, tags)
+    if len(interp.operands) != len(sites):
+        raise AssertionError("ghost clipping: the probed run found a different number of sites than the analysis")
+    return outs, interp.operands
