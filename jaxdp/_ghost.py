@@ -10,6 +10,7 @@ alone, and its norm often has a cheap closed form:
 * dense (``dot_general``): ``||X_i^T G_i||^2 = <X_i X_i^T, G_i G_i^T>`` over the
   example's T positions: ``T^2 (d_in + d_out)`` work instead of ``T d_in d_out``
   (the "ghost norm"; we take whichever is cheaper);
+* convolution: the same, with X_i the example's input patches (im2col);
 * embedding (``gather`` of rows): ``sum_{t,s} [idx_t = idx_s] <g_t, g_s>``;
 * anything else linear in W (convolutions, bias, scale): the example's gradient of
   *that one parameter* (small for biases and scales), never of the whole model.
@@ -213,7 +214,7 @@ def _f32(x):
 
 
 def _dense_layout(site: _Site, x, g):
-    """(X, G) as (B, T, d_in), (B, T, d_out) for a plain dense ``dot_general``, or None."""
+    """([X], G) as [(B, T, d_in)], (B, T, d_out) for a plain dense ``dot_general``, or None."""
     (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
     if lb or rb:
         return None
@@ -235,7 +236,54 @@ def _dense_layout(site: _Site, x, g):
     else:  # W is lhs: (w free, x free)
         perm = [0] + list(range(1 + w_free, 1 + g_nd)) + list(range(1, 1 + w_free))
         gm = jnp.transpose(g, perm).reshape(b, t, -1)
-    return xm, gm
+    return [xm], gm
+
+
+def _conv_layout(site: _Site, x, g):
+    """(pieces, G) for a convolution, or None: ``pieces[k]`` (B, T, C) is the input seen at window offset k.
+
+    The example's kernel gradient is ``[X_k^T G]_k`` (the im2col product, in blocks);
+    its norm does not depend on how the kernel lays those blocks out.
+    """
+    p = site.eqn.params
+    if site.pos != 1 or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return None
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    if lhs_spec[0] != 0 or out_spec[0] != 0:
+        return None
+    if any(d != 1 for d in p["lhs_dilation"]):
+        return None
+    rhs_shape = site.eqn.invars[1].aval.shape
+    window = [rhs_shape[d] for d in rhs_spec[2:]]
+    b = x.shape[0]
+    lhs = x.reshape((b * x.shape[1], *x.shape[2:]))  # fold the examples into the conv's batch dim
+    # (batch, spatial..., channels), padded; then one strided slice per window offset
+    # (kh * kw copies of the input: cheaper on CPU than a patch-extracting convolution).
+    lhs = jnp.transpose(lhs, [lhs_spec[0], *lhs_spec[2:], lhs_spec[1]])
+    lhs = jnp.pad(lhs, [(0, 0), *p["padding"], (0, 0)])
+    out_spatial = [g.shape[1 + d] for d in out_spec[2:]]
+    strides, dil = p["window_strides"], p["rhs_dilation"]
+    pieces = []
+    for offset in np.ndindex(*window):
+        start = [0, *(o * d for o, d in zip(offset, dil, strict=True)), 0]
+        limit = [
+            lhs.shape[0],
+            *(s0 + (n - 1) * st + 1 for s0, n, st in zip(start[1:-1], out_spatial, strides, strict=True)),
+            lhs.shape[-1],
+        ]
+        pieces.append(jax.lax.slice(lhs, start, limit, [1, *strides, 1]))
+    # One (B, T, C) block per window offset: the kernel gradient's block at that offset is
+    # X_offset^T G (no concatenated im2col matrix: on CPU the small matmuls are ~3x faster).
+    pieces = [piece.reshape(b, -1, piece.shape[-1]) for piece in pieces]
+    # Few input channels (e.g. a first layer on grey images): group offsets into blocks of
+    # >= 16 columns, as one thin matmul per offset is slower than a wider one.
+    group = max(1, -(-16 // lhs.shape[-1]))
+    if group > 1:
+        pieces = [jnp.concatenate(pieces[i : i + group], axis=-1) for i in range(0, len(pieces), group)]
+    perm = [out_spec[0], *out_spec[2:], out_spec[1]]  # positions (batch, spatial...) first, features last
+    g = g.reshape((b * g.shape[1], *g.shape[2:]))
+    g = jnp.transpose(g, perm)
+    return pieces, g.reshape(b, -1, g.shape[-1])
 
 
 def _gather_layout(site: _Site, x, g):
@@ -271,15 +319,17 @@ def site_sq_norms(site: _Site, leaf_value, operands, g) -> jax.Array:
     """Per-example squared norm of this parameter leaf's gradient, shape (B,)."""
     bijective = all(e.primitive.name in _NORM_KEEPING for e in site.chain)
     name = site.eqn.primitive.name
-    if bijective and name == "dot_general" and len(operands) == 1:
-        layout = _dense_layout(site, operands[0], g)
+    if bijective and name in ("dot_general", "conv_general_dilated") and len(operands) == 1:
+        layout = (_dense_layout if name == "dot_general" else _conv_layout)(site, operands[0], g)
         if layout is not None:
-            xm, gm = (_f32(a) for a in layout)
-            t, d_in, d_out = xm.shape[1], xm.shape[2], gm.shape[2]
+            pieces, gm = layout
+            pieces, gm = [_f32(x) for x in pieces], _f32(gm)
+            t, d_in, d_out = gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2]
             if t * (d_in + d_out) < d_in * d_out:  # ghost norm: T x T Gram matrices
-                return jnp.einsum("bts,bts->b", xm @ jnp.swapaxes(xm, 1, 2), gm @ jnp.swapaxes(gm, 1, 2))
-            per_ex = jnp.einsum("btd,bte->bde", xm, gm)
-            return jnp.sum(jnp.square(per_ex), axis=(1, 2))
+                gram = sum(x @ jnp.swapaxes(x, 1, 2) for x in pieces)
+                return jnp.einsum("bts,bts->b", gram, gm @ jnp.swapaxes(gm, 1, 2))
+            pieces, gm = jax.lax.optimization_barrier((pieces, gm))
+            return sum(jnp.sum(jnp.square(jnp.einsum("btd,bte->bde", x, gm)), axis=(1, 2)) for x in pieces)
     if bijective and name == "gather" and len(operands) == 1:
         layout = _gather_layout(site, operands[0], g)
         if layout is not None:
