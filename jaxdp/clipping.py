@@ -9,8 +9,8 @@ is what :func:`jaxdp.privatize` adds noise for.
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -26,8 +26,7 @@ PyTree = Any
 CLIPPING_IMPLS = ("vmap", "ghost", "auto")
 
 
-class GhostFallbackWarning(UserWarning):
-    """``clipping_impl='auto'`` fell back to the vmap path (said once per clipped-gradient function)."""
+_log = logging.getLogger("jaxdp")
 
 
 __all__ = [
@@ -35,7 +34,6 @@ __all__ = [
     "ClippedGradAux",
     "ClippedGradFn",
     "ExampleGradFn",
-    "GhostFallbackWarning",
     "GhostUnsupported",
     "clipped_grad",
     "gradient_norm_stats",
@@ -324,7 +322,7 @@ class ClippedGradFn:
                 reason = str(e)
         if not self._fallback_said:
             self._fallback_said = True
-            warnings.warn(f"clipping_impl='auto': using the vmap path because {reason}", GhostFallbackWarning, 2)
+            _log.warning("clipping_impl='auto': using the vmap path because %s", reason)
         return None
 
     def _ghost_chunk(self, params, batched_nums, args, mask, plan):
@@ -485,7 +483,7 @@ def clipped_grad(
         see ``jaxdp/_ghost.py``) and raises :class:`GhostUnsupported` naming the
         parameter a model uses otherwise (shared weights, weight standardisation,
         low precision, ``example_grad``). ``"auto"``: ghost where every parameter
-        is covered, else vmap, saying why once (:class:`GhostFallbackWarning`).
+        is covered, else vmap, saying why once (a warning on the ``jaxdp`` logger).
 
     Returns:
       ``fn(params, *batch, example_mask=None) -> (grad_sum, ClippedGradAux)``.

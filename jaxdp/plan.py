@@ -172,11 +172,14 @@ class PrivacyPlan:
         microbatch_size: int | None = None,
         return_norms: bool = False,
         example_grad: ExampleGradFn | None = None,
+        clipping_impl: str = "vmap",
     ) -> ClippedGradFn:
         """The plan's clipped-gradient function (performance knobs, and a per-example estimator, as arguments).
 
         ``example_grad`` (see :func:`jaxdp.clipped_grad`) changes *what* is clipped
         but only ever sees one example, so the sensitivity, and so the plan, is unchanged.
+        ``clipping_impl`` ("vmap" | "ghost" | "auto") changes how the per-example norms
+        are found, never what is clipped.
         """
         return clipped_grad(
             loss_fn,
@@ -187,6 +190,7 @@ class PrivacyPlan:
             return_norms=return_norms,
             per_layer=self.per_layer,
             example_grad=example_grad,
+            clipping_impl=clipping_impl,
         )
 
     def privatizer(self, key: jax.Array | int) -> optax.GradientTransformation:

@@ -32,7 +32,7 @@ from flax import nnx
 from jaxdp import accounting, distributed
 from jaxdp import data as data_lib
 from jaxdp.accounting._base import require_upper_bound
-from jaxdp.clipping import ExampleGradFn, gradient_norm_stats
+from jaxdp.clipping import CLIPPING_IMPLS, ExampleGradFn, gradient_norm_stats
 from jaxdp.config import ConfigError
 from jaxdp.data.augment import multiplicity_loss, random_crop_flip
 from jaxdp.models import check_dp_compatible, make_model
@@ -128,10 +128,13 @@ def make_private_step(
     mesh: jax.sharding.Mesh | None = None,
     example_grad: ExampleGradFn | None = None,
     perturb: Callable[[Any, Any], Any] | None = None,
+    clipping_impl: str = "vmap",
 ):
     """Build the jitted pieces of a DP-SGD step from a plan.
 
     Args:
+      clipping_impl: "vmap" | "ghost" | "auto", how per-example norms are found
+        (:func:`jaxdp.clipped_grad`); performance only, same result.
       example_grad: a per-example gradient estimator used instead of the plain
         per-example gradient (:func:`jaxdp.clipped_grad`); it sees one example at
         a time, so the plan's sensitivity holds (e.g. BAM).
@@ -158,7 +161,13 @@ def make_private_step(
       own shard of the batch and the sums are reduced across devices
       (:func:`jaxdp.distributed.data_parallel`).
     """
-    grad_fn = plan.clipped_grad(loss_fn, microbatch_size=microbatch_size, return_norms=True, example_grad=example_grad)
+    grad_fn = plan.clipped_grad(
+        loss_fn,
+        microbatch_size=microbatch_size,
+        return_norms=True,
+        example_grad=example_grad,
+        clipping_impl=clipping_impl,
+    )
     if mesh is not None:
         grad_fn = distributed.data_parallel(grad_fn, mesh)
     privatizer = plan.privatizer(noise_key)
@@ -279,6 +288,8 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
     need(isinstance(mb, int) and mb >= 0, "microbatch_size", mb, "need an int >= 0 (0 = no microbatching)")
     pb = config.physical_batch_size
     need(isinstance(pb, int) and pb >= 0, "physical_batch_size", pb, "need an int >= 0 (0 = automatic)")
+    impl = config.get("clipping_impl", "vmap")
+    need(impl in CLIPPING_IMPLS, "clipping_impl", impl, f"need one of {CLIPPING_IMPLS} (performance only)")
 
 
 def _evaluate(predict, params, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> float:
@@ -567,6 +578,7 @@ def _setup(
         mesh=mesh,
         example_grad=example_grad,
         perturb=perturb,
+        clipping_impl=config.get("clipping_impl", "vmap"),
     )
     n_dev = mesh.devices.size
     sampler = plan.sampler(
