@@ -17,6 +17,8 @@ Public API (everything else is an implementation detail):
 """
 
 from jaxdp.clipping import (
+    CLIPPING_IMPLS,
+    GhostUnsupported,
     ClippedGradAux,
     ClippedGradFn,
     ExampleGradFn,
@@ -32,11 +34,13 @@ from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIPPING_IMPLS",
     "BandedPrivatizeState",
     "ClippedGradAux",
     "ClippedGradFn",
     "CyclicPoissonSampler",
     "ExampleGradFn",
+    "GhostUnsupported",
     "PoissonSampler",
     "PrivacyPlan",
     "PrivatizeState",
