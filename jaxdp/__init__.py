@@ -18,10 +18,10 @@ Public API (everything else is an implementation detail):
 
 from jaxdp.clipping import (
     CLIPPING_IMPLS,
-    GhostUnsupported,
     ClippedGradAux,
     ClippedGradFn,
     ExampleGradFn,
+    GhostUnsupported,
     clipped_grad,
     gradient_norm_stats,
     per_example_norms,

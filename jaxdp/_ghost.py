@@ -51,7 +51,17 @@ _NORM_KEEPING = {"reshape", "transpose", "convert_element_type", "squeeze", "exp
 # Operations linear in each operand separately (when the other has no parameter).
 _LINEAR = {"dot_general", "conv_general_dilated", "mul", "add", "sub", "gather"}
 # Calls inlined when a parameter flows into them (their body is analysed instead).
-_CALLS = {"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint", "custom_jvp_call", "custom_vjp_call"}
+_CALLS = {
+    "jit",
+    "pjit",
+    "closed_call",
+    "core_call",
+    "remat",
+    "remat2",
+    "checkpoint",
+    "custom_jvp_call",
+    "custom_vjp_call",
+}
 
 
 class GhostUnsupported(ValueError):
@@ -185,7 +195,9 @@ class _Interpreter:
         if self.probes is None:
             literals = {i: v.val for i, v in enumerate(eqn.invars) if isinstance(v, jcore.Literal)}
             self.sites.append(_Site(tag.leaf, tag.chain, eqn, pos, tuple(out.shape), out.dtype, literals))
-        self.operands.append([v for i, v in enumerate(vals) if i != pos and not isinstance(eqn.invars[i], jcore.Literal)])
+        self.operands.append(
+            [v for i, v in enumerate(vals) if i != pos and not isinstance(eqn.invars[i], jcore.Literal)]
+        )
         if self.probes is not None:
             out = out + self.probes[k]
         return [out]

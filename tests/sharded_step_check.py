@@ -45,7 +45,7 @@ def ascend_along_prev(params, prev):  # DP-SAT-like: moves once the previous pri
 HOOKS = {"example_grad": two_point_example_grad, "perturb": ascend_along_prev}
 
 
-def run(model, x, y, mask, num_devices, microbatch_size=None, hooks=None, plan_kwargs=None):
+def run(model, x, y, mask, num_devices, microbatch_size=None, hooks=None, plan_kwargs=None, clipping_impl="vmap"):
     loss_fn, params = nnx_loss(model)
     plan = jaxdp.PrivacyPlan(
         dataset_size=1000, batch_size=24, l2_clip_norm=0.5, noise_multiplier=1.3, num_steps=2, **(plan_kwargs or {})
@@ -58,6 +58,7 @@ def run(model, x, y, mask, num_devices, microbatch_size=None, hooks=None, plan_k
         noise_key=jax.random.key(42),
         microbatch_size=microbatch_size,
         mesh=mesh,
+        clipping_impl=clipping_impl,
         **(hooks or {}),
     )
     state = distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))
@@ -93,6 +94,7 @@ def main():
         banded = {"bands": 2, "sampling": "cyclic_poisson"}  # step 2's noise uses step 1's (history state)
         b1, _, _, _ = run(model, x, y, mask, 1, plan_kwargs=banded)
         b8, _, b8_rep, _ = run(model, x, y, mask, 8, plan_kwargs=banded)
+        g8, _, g8_rep, _ = run(model, x, y, mask, 8, microbatch_size=2, clipping_impl="ghost")
         # Explicit one-step formula: noise drawn once from the key the privatizer holds.
         grad_fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm=0.5)
         g, _ = grad_fn(params0, x, y, example_mask=mask)
@@ -112,6 +114,8 @@ def main():
             "bandmf_diff_8_vs_1": max_diff(b8, b1),
             "bandmf_differs_from_dpsgd": max_diff(b1, p1),
             "bandmf_replicated_8": b8_rep,
+            "ghost_diff_8_vs_vmap_1": max_diff(g8, p1),
+            "ghost_replicated_8": g8_rep,
             "diff_8_one_step_vs_formula": max_diff(q1, expected1),
             "param_scale": max(float(np.max(np.abs(np.asarray(v)))) for v in jax.tree_util.tree_leaves(p1)),
         }

@@ -53,6 +53,14 @@ def test_banded_noise_gives_the_same_result_on_eight_devices(measured, model):
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_ghost_clipping_on_eight_devices_equals_vmap_on_one(measured, model):
+    """clipping_impl='ghost', 8 devices, microbatched == the vmap path on 1 device (same noise key)."""
+    m = measured[model]
+    assert m["ghost_replicated_8"]
+    assert m["ghost_diff_8_vs_vmap_1"] < 1e-5 * max(1.0, m["param_scale"]), m
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_noise_is_added_once_across_devices(measured, model):
     """params - lr * (clipped_sum + N(0, (σC)^2) from the state's key) / B, exactly once."""
     m = measured[model]

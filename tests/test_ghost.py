@@ -152,7 +152,7 @@ def test_each_clipped_contribution_is_within_the_bound():
         loss_fn, params, x, y = _nnx_problem(
             Block(30, 5, 8, 3, rngs=nnx.Rngs(seed)), np.random.default_rng(seed).integers(0, 30, (4, 5)), 3, seed
         )
-        params = jax.tree_util.tree_map(lambda p: p * (1 + 3 * seed), params)  # large gradients too
+        params = jax.tree_util.tree_map(lambda p, s=1 + 3 * seed: p * s, params)  # large gradients too
         for i in range(4):
             mask = jnp.zeros((4,)).at[i].set(1.0)
             g, aux = _run(loss_fn, params, x, y, mask, "ghost", clip=0.3)
