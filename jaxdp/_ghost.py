@@ -347,7 +347,7 @@ def site_sq_norms(site: _Site, leaf_value, operands, g) -> jax.Array:
         if layout is not None:
             i, valid, gm = layout
             t, v = i.shape[1], site.eqn.invars[0].aval.shape[0]
-            if t * t < v:
+            if t * t < 8 * v:
                 gm = _f32(gm) * valid[..., None]
                 same = (i[:, :, None] == i[:, None, :]).astype(gm.dtype)
                 return jnp.einsum("bts,bts->b", same, gm @ jnp.swapaxes(gm, 1, 2))
