@@ -516,6 +516,11 @@ def _check_resumed_steps(params_step: int, accountant, step_count: int, resume_f
         )
 
 
+def _initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    d = config.distributed
+    distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+
+
 class _Run(NamedTuple):
     dataset: Any
     plan: PrivacyPlan
@@ -537,9 +542,7 @@ def _setup(
     perturb: Callable[[Any, Any], Any] | None = None,
 ) -> _Run:
     """Everything before the first step. Bad values surface here as ConfigError."""
-    distributed.initialize(
-        config.distributed.coordinator_address, config.distributed.num_processes, config.distributed.process_id
-    )
+    _initialize_distributed(config)
     dataset = data_lib.load(config.dataset, config.data_dir or None)
     n_train = len(dataset.x_train)
     validate_config(config, n_train)
@@ -613,6 +616,8 @@ def train(
     """
     from jaxdp.checkpoint import Checkpointer
 
+    # Before anything touches a JAX backend (orbax's manager asks for the process index).
+    _initialize_distributed(config)
     if config.ema_decay:
         from jaxdp.ema import ParameterEMA
 
