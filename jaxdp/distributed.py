@@ -34,9 +34,13 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
 
     With an empty ``coordinator_address`` this does nothing (single host). On TPU
     pods and managed clusters, pass ``coordinator_address="auto"`` to let JAX
-    discover everything itself.
+    discover everything itself. A second call in a process that already joined
+    does nothing, so :func:`jaxdp.train.train` can call it after the user did.
+
+    It must run before anything starts a JAX backend (``jax.devices()``, a
+    computation, an orbax ``CheckpointManager``): JAX raises otherwise.
     """
-    if not coordinator_address:
+    if not coordinator_address or jax.distributed.is_initialized():
         return
     if coordinator_address == "auto":
         jax.distributed.initialize()
@@ -67,8 +71,24 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:
-    """Place every leaf of ``tree`` on every device of ``mesh``."""
-    return jax.device_put(tree, replicated_sharding(mesh))
+    """Place every leaf of ``tree`` on every device of ``mesh``.
+
+    Multi-host: every process must pass the same values (the model is built from
+    the public ``config.seed``, the noise key from the broadcast secret seed); each
+    places its copy on its own devices only, since ``jax.device_put`` refuses a
+    sharding with devices of other processes.
+    """
+    sharding = replicated_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        x = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(put, tree)
 
 
 def shard_batch(mesh: Mesh, tree: Any) -> Any:

@@ -527,6 +527,26 @@ def _check_resumed_steps(params_step: int, accountant, step_count: int, resume_f
         )
 
 
+def _check_same_checkpoint_everywhere(latest: int | None, directory: str) -> None:
+    """Multi-host resume: every process must find the same latest checkpoint, or they would
+    start from different steps (and wait on each other forever)."""
+    from jax.experimental import multihost_utils
+
+    seen = multihost_utils.process_allgather(np.int64(-1 if latest is None else latest)).tolist()
+    if len(set(seen)) > 1:
+        found = ", ".join(f"process {i}: {'none' if e < 0 else f'epoch {e}'}" for i, e in enumerate(seen))
+        raise TrainingError(
+            f"--resume: the processes see different latest checkpoints under {directory} ({found}). "
+            "Checkpoints are written once, for all processes: a multi-host run needs a workdir that every "
+            "host shares (e.g. an NFS mount), given as the same path on each."
+        )
+
+
+def _initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    d = config.distributed
+    distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+
+
 class _Run(NamedTuple):
     dataset: Any
     plan: PrivacyPlan
@@ -548,9 +568,7 @@ def _setup(
     perturb: Callable[[Any, Any], Any] | None = None,
 ) -> _Run:
     """Everything before the first step. Bad values surface here as ConfigError."""
-    distributed.initialize(
-        config.distributed.coordinator_address, config.distributed.num_processes, config.distributed.process_id
-    )
+    _initialize_distributed(config)
     dataset = data_lib.load(config.dataset, config.data_dir or None)
     n_train = len(dataset.x_train)
     validate_config(config, n_train)
@@ -625,6 +643,8 @@ def train(
     """
     from jaxdp.checkpoint import Checkpointer
 
+    # Before anything touches a JAX backend (orbax's manager asks for the process index).
+    _initialize_distributed(config)
     if config.ema_decay:
         from jaxdp.ema import ParameterEMA
 
@@ -632,6 +652,8 @@ def train(
 
     checkpointer = Checkpointer(os.path.join(config.workdir, "checkpoints"), keep=config.checkpoint.keep)
     resume_from = checkpointer.latest() if resume else None
+    if resume and jax.process_count() > 1:
+        _check_same_checkpoint_everywhere(resume_from, checkpointer.directory)
     if resume and resume_from is None:
         print(f"jaxdp: no checkpoint under {checkpointer.directory}; starting from the beginning.", flush=True)
     saved_meta = checkpointer.meta(resume_from) if resume_from is not None else None
@@ -659,7 +681,10 @@ def train(
 
     workdir = config.workdir
     os.makedirs(workdir, exist_ok=True)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    # Multi-host: every process runs the same loop, process 0 alone writes the logs (orbax
+    # coordinates the checkpoints itself); the others would race it on a shared workdir.
+    primary = jax.process_index() == 0
+    metrics_path = os.path.join(workdir, "metrics.jsonl") if primary else os.devnull
     print(
         f"jaxdp: {config.dataset} N={n_train} model={config.model.name} devices={n_dev} "
         f"| q={plan.sampling_rate:.4f} steps={num_steps} sigma={plan.noise_multiplier:.4f} "
@@ -711,7 +736,7 @@ def train(
         if accountant is not None:
             accountant.load_state_dict(meta["accountant"])
         _check_resumed_steps(int(jax.device_get(state.step)), accountant, step_count, resume_from)
-    tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+    tb = _tensorboard_writer(os.path.join(workdir, "tensorboard")) if primary else None
     with open(metrics_path, "w") as log, bar:
         for record in history:  # a resumed run rewrites the epochs it already has
             log.write(json.dumps(record) + "\n")
@@ -842,7 +867,8 @@ def train(
     checkpointer.close()
     if tb is not None:
         tb.close()
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if primary:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     print(json.dumps(summary), flush=True)
     return summary
