@@ -44,8 +44,19 @@ import numpy as np
 
 PyTree = Any
 
-# Shape-only steps a parameter may take before its one linear use (all unary).
-_STRUCTURAL = {"reshape", "broadcast_in_dim", "convert_element_type", "transpose", "squeeze", "expand_dims", "copy"}
+# Linear unary steps a parameter may take before its one linear use (re-applied, then transposed, per site).
+_STRUCTURAL = {
+    "reshape",
+    "broadcast_in_dim",
+    "convert_element_type",
+    "transpose",
+    "squeeze",
+    "expand_dims",
+    "copy",
+    "slice",
+    "neg",
+    "rev",
+}
 # Of those, the ones that keep the gradient's norm (bijective relayouts).
 _NORM_KEEPING = {"reshape", "transpose", "convert_element_type", "squeeze", "expand_dims", "copy"}
 # Operations linear in each operand separately (when the other has no parameter).
@@ -76,6 +87,14 @@ class _Tag:
     chain: tuple = ()
 
 
+@dataclass(frozen=True)
+class _Zeros:
+    """Stands in for an operand whose value the parameter's gradient does not depend on."""
+
+    shape: tuple
+    dtype: Any
+
+
 @dataclass
 class _Site:
     """One linear use of a parameter leaf: ``y = consumer(..., chain(leaf), ...)``."""
@@ -86,7 +105,7 @@ class _Site:
     pos: int  # operand position of the parameter-derived value
     out_shape: tuple
     out_dtype: Any
-    literals: dict = field(default_factory=dict)  # operand position -> literal value
+    literals: dict = field(default_factory=dict)  # operand position -> literal value (or _Zeros)
 
 
 def _inner(eqn):
@@ -192,12 +211,17 @@ class _Interpreter:
         self.used[tag.leaf] = eqn.primitive.name
         (out,) = _bind(eqn, vals)
         k = len(self.operands)
+        # A sum's gradient does not depend on the other addend: keep its shape, not its value.
+        shape_only = eqn.primitive.name in ("add", "sub")
         if self.probes is None:
             literals = {i: v.val for i, v in enumerate(eqn.invars) if isinstance(v, jcore.Literal)}
+            if shape_only:
+                literals.update({i: _Zeros(v.aval.shape, v.aval.dtype) for i, v in enumerate(eqn.invars) if i != pos})
             self.sites.append(_Site(tag.leaf, tag.chain, eqn, pos, tuple(out.shape), out.dtype, literals))
-        self.operands.append(
-            [v for i, v in enumerate(vals) if i != pos and not isinstance(eqn.invars[i], jcore.Literal)]
+        recorded = (
+            () if shape_only else [i for i, v in enumerate(eqn.invars) if i != pos and not isinstance(v, jcore.Literal)]
         )
+        self.operands.append([vals[i] for i in recorded])
         if self.probes is not None:
             out = out + self.probes[k]
         return [out]
@@ -213,6 +237,8 @@ def _apply_site(site: _Site, leaf_value, operands):
     for i in range(len(site.eqn.invars)):
         if i == site.pos:
             vals.append(w)
+        elif isinstance(site.literals.get(i), _Zeros):
+            vals.append(jnp.zeros(site.literals[i].shape, site.literals[i].dtype))
         elif i in site.literals:
             vals.append(site.literals[i])
         else:
@@ -365,7 +391,7 @@ def site_weighted_sum(site: _Site, leaf_value, operands, g_weighted):
     """``sum_i`` of example i's gradient of this leaf with cotangent ``g_weighted[i]``: one batched backward."""
 
     def batched(w):
-        return jax.vmap(lambda ops: _apply_site(site, w, ops))(operands)
+        return jax.vmap(lambda ops: _apply_site(site, w, ops), axis_size=g_weighted.shape[0])(operands)
 
     _, vjp = jax.vjp(batched, leaf_value)
     (gw,) = vjp(g_weighted.astype(site.out_dtype))

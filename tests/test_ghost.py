@@ -275,3 +275,50 @@ def test_bad_clipping_impl_and_example_grad_with_ghost_are_errors():
         jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, clipping_impl="fast")
     with pytest.raises(ValueError, match="cannot clip a custom example_grad"):
         jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, clipping_impl="ghost", example_grad=lambda vg, p: vg(p))
+
+
+class Layouts(nnx.Module):
+    """Less common uses: a weight on the left of the matmul, two contracting dims, NCHW and
+    dilated convolutions, a depthwise convolution, a sliced and a scaled parameter."""
+
+    def __init__(self, rngs):
+        key = rngs.params
+        self.w_left = nnx.Param(0.3 * jax.random.normal(key(), (5, 12)))  # (out, in) @ x^T
+        self.w_two = nnx.Param(0.3 * jax.random.normal(key(), (3, 4, 6)))  # contracts two dims
+        self.k_nchw = nnx.Param(0.3 * jax.random.normal(key(), (4, 3, 3, 3)))  # OIHW
+        self.k_depth = nnx.Param(0.3 * jax.random.normal(key(), (3, 3, 1, 4)))  # HWIO, 4 groups
+        self.pos = nnx.Param(0.3 * jax.random.normal(key(), (20, 4)))  # sliced to 12 rows
+        self.scale = nnx.Param(jnp.ones((4,)))
+        self.head = nnx.Linear(10 + 6 + 4 * 4 + 4 * 4 + 4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        b = x.shape[0]
+        flat = x[:, :12]
+        xx = jnp.stack([flat, jnp.tanh(flat)], axis=-1)  # (b, 12, 2): two positions per example
+        a = jax.lax.dot_general(self.w_left[...], xx, (((1,), (1,)), ((), ())))  # parameter on the left
+        a = a.transpose(1, 0, 2).reshape(b, -1)
+        two = jnp.einsum("bij,ijo->bo", x[:, :12].reshape(b, 3, 4), self.w_two[...])
+        img = x[:, 12:].reshape(b, 3, 4, 4)  # NCHW
+        c = jax.lax.conv_general_dilated(img, self.k_nchw[...], (1, 1), "SAME", rhs_dilation=(2, 2))
+        d = jax.lax.conv_general_dilated(
+            jnp.tanh(c).transpose(0, 2, 3, 1),
+            self.k_depth[...],
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=4,
+        )
+        tok = (flat.reshape(b, 12, 1) * self.pos[:12] * 0.5).sum(1) * -self.scale[...]
+        feats = [a, two, jnp.tanh(c).mean(1).reshape(b, -1), d.mean(-1).reshape(b, -1), tok]
+        return self.head(jnp.tanh(jnp.concatenate(feats, axis=-1)))
+
+
+def test_less_common_layouts_equal_vmap():
+    x = np.random.default_rng(5).normal(size=(6, 12 + 48)).astype(np.float32)
+    loss_fn, params, x, y = _nnx_problem(Layouts(nnx.Rngs(0)), x, 3)
+    mask = jnp.ones((6,)).at[3].set(0.0)
+    for per_layer in (False, True):
+        g_vmap, a_vmap = _run(loss_fn, params, x, y, mask, "vmap", per_layer=per_layer, clip=0.2)
+        g_ghost, a_ghost = _run(loss_fn, params, x, y, mask, "ghost", per_layer=per_layer, clip=0.2)
+        tree_allclose(g_ghost, g_vmap, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a_ghost.norms)[:3], np.asarray(a_vmap.norms)[:3], rtol=1e-4)
