@@ -179,7 +179,7 @@ def _synthetic_tokens(n_train=2048, n_test=512, seed=0):
     def split(n):
         y = rng.integers(0, TOKEN_CLASSES, n).astype(np.int32)
         x = rng.integers(0, VOCAB, (n, SEQ_LEN))
-        marked = rng.random((n, SEQ_LEN)) < 0.25
+        marked = rng.random((n, SEQ_LEN)) < 0.15
         x = np.where(marked, signature[y][np.arange(n)[:, None], rng.integers(0, 8, (n, SEQ_LEN))], x)
         return x.astype(np.int32), y
 
@@ -546,15 +546,19 @@ def scale_worker(job: dict) -> dict:
     for _ in range(job["steps"]):
         idx = rng.integers(0, len(dataset.x_train), batch)
         batches.append(distributed.shard_batch(mesh, (dataset.x_train[idx], dataset.y_train[idx], mask)))
+    # Each step is waited for: with several steps in flight, the forced CPU devices' collectives
+    # (the psum of the clipped sums) of different steps can hold all of XLA's CPU threads and
+    # wait on each other until XLA aborts (seen here: "rendezvous ... only 1 of 2 arrived").
     for xb, yb, mb in batches:  # same seed, same batches, same noise key: the params must match 1 device
-        state[0], _ = step(state[0], None, xb, yb, mb)
+        state[0], m = step(state[0], None, xb, yb, mb)
+        jax.block_until_ready(m["loss_sum"])
     leaves = [np.asarray(v) for v in jax.tree_util.tree_leaves(state[0].params)]
     np.savez(job["params_path"], *leaves)
     xb, yb, mb = batches[0]
 
     def run():
         state[0], m = step(state[0], None, xb, yb, mb)
-        return m["loss_sum"]
+        return jax.block_until_ready(m["loss_sum"])
 
     t0 = time.perf_counter()
     jax.block_until_ready(run())
@@ -728,7 +732,9 @@ def run_bench(
                 "accountant": accountant,
                 "seed": seed,
             }
+            t0 = time.perf_counter()
             row = _run_subprocess("config", job) if isolate else measure_config(job)
+            row["wall_s"] = time.perf_counter() - t0
             row["calibration"] = cal
             row["sampling_rate"] = b / n_train
             row["isolated_process"] = isolate
@@ -854,7 +860,8 @@ def render_markdown(header: str, rows: list[dict], scale: list[dict], elapsed: f
             "",
             f"Scale-out: private step of {s0['model']}, global batch {s0['batch']}, forced CPU devices "
             f"(--xla_force_host_platform_device_count, one subprocess per count; they share this machine's "
-            f"{os.cpu_count()} cores), same seed; param difference to 1 device after {s0['steps']} steps",
+            f"{os.cpu_count()} cores; each step waited for before the next), same seed; param difference to 1 device "
+            f"after {s0['steps']} steps",
             "",
             "| devices | ex/s | vs 1 device | max abs param diff vs 1 device |",
             "|---|---|---|---|",
@@ -945,8 +952,11 @@ def _plot(path: str, rows: list[dict]) -> None:
             )
             if "accuracy_nonprivate" in r:
                 ax_a.axhline(r["accuracy_nonprivate"], color=color, ls=":", lw=1)
+    ticks = sorted({c["epsilon_target"] for r in rows for c in r["calibration"]})
     for ax in (ax_t, ax_a):
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("target epsilon")
     ax_t.set_yscale("log")
     ax_t.set_ylabel("examples / s")
