@@ -25,9 +25,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
-## Throughput benchmark: non-private vs private vs naive loop, ratios in one process.
+## Throughput per epsilon (quick grid): private vs non-private step, memory, accuracy, device scale-out.
+## The older private / non-private / naive-loop table: $(PY) benchmarks/bench_core.py
 bench: $(STAMP)
-	$(PY) benchmarks/bench_core.py
+	$(VENV)/bin/jaxdp bench --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxdp tests benchmarks configs experiments

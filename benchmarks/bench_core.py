@@ -6,7 +6,7 @@ For each model at a fixed batch: examples/s of
   * a naive private step (python loop over examples, one jitted grad each),
 and the ratios private / non-private and private / naive.
 
-    python benchmarks/bench_core.py                 # what `make bench` runs
+    python benchmarks/bench_core.py                 # (`make bench` runs `jaxdp bench`)
     python benchmarks/bench_core.py --batch 128 --models cnn
 
 Writes the markdown table to stdout and a JSON file to benchmarks/out/.
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import jax
@@ -28,6 +27,7 @@ import optax
 from flax import nnx
 
 import jaxdp
+from jaxdp.bench import time_per_call as _time  # one timing helper for every benchmark
 from jaxdp.models import CNN, MLP
 from jaxdp.train import TrainState, classification_loss, make_nonprivate_step, make_private_step
 
@@ -38,19 +38,6 @@ MODELS = {
     "cnn-nnxconv": (lambda: CNN((28, 28, 1), 10, features=(16, 32), conv="nnx", rngs=nnx.Rngs(0)), (28, 28, 1)),
     "mlp": (lambda: MLP(784, 10, hidden=(256, 256), rngs=nnx.Rngs(0)), (28, 28, 1)),
 }
-
-
-def _time(fn, repeats: int, iters: int) -> float:
-    """Median seconds per call over `repeats` blocks of `iters` calls (after one warm-up call)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
 
 
 def bench_model(name: str, batch: int, repeats: int, iters: int, naive_examples: int) -> dict:

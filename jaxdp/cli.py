@@ -3,6 +3,7 @@
 jaxdp train --config configs/NAME.py[:arg] [key=value ...]
 jaxdp account --sampling-rate Q (--noise-multiplier S | --target-epsilon E | --target-tpr T) --steps N
 jaxdp audit --config configs/NAME.py[:arg] [key=value ...] [--canaries M] [--confidence 0.95]
+jaxdp bench [--quick | --full] [--models ...] [--batch-sizes ...] [--epsilons 1 2 4 8] [--devices 1 2 4 8] [--out DIR]
 """
 
 from __future__ import annotations
@@ -68,6 +69,36 @@ def _parser() -> argparse.ArgumentParser:
         "to see the audit fail; never for real runs",
     )
     audit.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+    bench = sub.add_parser(
+        "bench",
+        help="throughput per epsilon: private vs non-private step, memory, accuracy, device scale-out",
+        description="For models x batch sizes x target epsilons: calibrate sigma, time the private and the "
+        "non-private step side by side in one process, read memory, train a fixed budget for accuracy; then time "
+        "the private step on 1, 2, 4, 8 forced CPU devices. Writes a markdown table to stdout and CSV, JSON, "
+        "markdown and PNG to --out. e.g. jaxdp bench --models mnist_cnn --epsilons 1 8",
+    )
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small grid, a few minutes on 2 CPU cores (default)")
+    size.add_argument("--full", action="store_true", help="more batch sizes, epochs and timing repeats")
+    bench.add_argument(
+        "--models", nargs="+", default=None, help="mnist_cnn, wrn16_4, transformer (default) and/or mlp (tiny)"
+    )
+    bench.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: per model, quick or full")
+    bench.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 2.0, 4.0, 8.0])
+    bench.add_argument("--delta", type=float, default=1e-5)
+    bench.add_argument("--accountant", default="rdp", help="accountant used to calibrate sigma (default rdp)")
+    bench.add_argument("--clipping-impl", default="vmap", help="vmap (default), ghost or auto, where available")
+    bench.add_argument(
+        "--devices", nargs="*", type=int, default=[1, 2, 4, 8], help="forced CPU device counts (none: skip)"
+    )
+    bench.add_argument("--epochs", type=int, default=None, help="epochs of each accuracy run (0: no accuracy runs)")
+    bench.add_argument("--repeats", type=int, default=None, help="interleaved timing blocks (default 5, --full 9)")
+    bench.add_argument("--out", default="benchmarks/out", help="output folder (default benchmarks/out)")
+    bench.add_argument(
+        "--in-process", action="store_true", help="measure every configuration in this process (no subprocesses)"
+    )
+    bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -87,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(item)
         else:
             parser.error(f"unrecognised argument {item!r}; overrides look like key=value or --config.key=value")
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "account":
         from jaxdp.accounting import report
 
@@ -113,6 +146,32 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.command == "audit":
         return _audit(config, args)
+    return 0
+
+
+def _bench(args) -> int:
+    from jaxdp.bench import DEFAULT_MODELS, BenchError, run_bench
+
+    if args.repeats is not None and args.repeats < 1:
+        return _fail(f"--repeats {args.repeats} is invalid: need at least 1 timing block.")
+    try:
+        run_bench(
+            models=args.models or DEFAULT_MODELS,
+            batch_sizes=args.batch_sizes,
+            epsilons=args.epsilons,
+            delta=args.delta,
+            accountant=args.accountant,
+            clipping_impl=args.clipping_impl,
+            devices=args.devices,
+            out_dir=args.out,
+            full=args.full,
+            epochs=args.epochs,
+            repeats=args.repeats,
+            isolate=not args.in_process,
+            progress=not args.no_progress,
+        )
+    except BenchError as e:
+        return _fail(str(e))
     return 0
 
 

@@ -91,3 +91,44 @@ def test_dpconv_matches_nnx_conv_values_and_gradients():
         gx_o = jax.grad(lambda xb, m=ours: loss(m, xb))(x)
         gx_r = jax.grad(lambda xb, m=ref: loss(m, xb))(x)
         np.testing.assert_allclose(gx_o, gx_r, rtol=1e-4, atol=1e-5)
+
+
+def test_transformer_shapes_registry_and_no_example_mixing():
+    """TransformerClassifier: (B, T) int tokens -> (B, classes); example i's logits and gradient see only example i."""
+    import jax
+    import numpy as np
+
+    from jaxdp.models import TransformerClassifier
+
+    model = TransformerClassifier(50, 3, max_len=8, dim=16, heads=4, depth=2, mlp_dim=32, rngs=nnx.Rngs(0))
+    check_dp_compatible(model)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 50, size=(4, 8)), jnp.int32)
+    logits = model(tokens)
+    assert logits.shape == (4, 3) and logits.dtype == jnp.float32
+    assert model(tokens[:, :5]).shape == (4, 3)  # shorter sequences use the first positions
+    # Changing the other examples leaves example 0's logits unchanged.
+    other = tokens.at[1:].set(jnp.asarray(rng.integers(0, 50, size=(3, 8)), jnp.int32))
+    np.testing.assert_allclose(model(other)[0], logits[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model(tokens[:1])[0], logits[0], rtol=1e-5, atol=1e-6)
+    # Per-example gradients (vmap of grad on batches of one) equal a python loop of batch-of-one gradients.
+    graphdef, params = nnx.split(model)
+
+    def loss(p, t):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, p)(t)))
+
+    batched = jax.vmap(jax.grad(lambda p, t: loss(p, t[None])), in_axes=(None, 0))(params, tokens)
+    for i in range(4):
+        single = jax.grad(loss)(params, tokens[i : i + 1])
+        for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(batched), strict=True):
+            np.testing.assert_allclose(np.asarray(b[i]), np.asarray(a), rtol=1e-4, atol=1e-6)
+    built = make_model("transformer", input_shape=(8,), num_classes=5, seed=0, vocab_size=50, dim=16)
+    assert built(tokens).shape == (4, 5)
+    with pytest.raises(ValueError, match="vocab_size"):
+        make_model("transformer", input_shape=(8,), num_classes=5, seed=0)
+    with pytest.raises(ValueError, match="input_shape"):
+        make_model("transformer", input_shape=(8, 8, 1), num_classes=5, seed=0, vocab_size=50)
+    with pytest.raises(ValueError, match="max_len=8"):
+        model(jnp.zeros((2, 9), jnp.int32))
+    with pytest.raises(ValueError, match="heads=3"):
+        TransformerClassifier(50, 3, max_len=8, dim=16, heads=3, rngs=nnx.Rngs(0))

@@ -16,6 +16,7 @@ from jaxdp.models._complex import (
 from jaxdp.models._conv import DPConv, conv_same
 from jaxdp.models._nets import CNN, MLP, make_model
 from jaxdp.models._recipes import DPMnistCNN, WideResNet, WSConv
+from jaxdp.models._transformer import TransformerClassifier
 from jaxdp.models._validate import check_dp_compatible
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "ComplexGroupNorm",
     "DPConv",
     "DPMnistCNN",
+    "TransformerClassifier",
     "WSConv",
     "WideResNet",
     "cardioid",

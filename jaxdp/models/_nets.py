@@ -84,7 +84,9 @@ class CNN(nnx.Module):
 
 
 def make_model(name: str, *, input_shape: Sequence[int], num_classes: int, seed: int, **kwargs) -> nnx.Module:
-    """Build a model by config name (``"mlp"`` or ``"cnn"``)."""
+    """Build a model by config name: ``"mlp"``, ``"cnn"``, ``"dp_mnist_cnn"``, ``"wrn"``, ``"complex_cnn"``
+    or ``"transformer"`` (inputs are int token ids of shape ``input_shape = (length,)``; pass
+    ``vocab_size=`` in ``kwargs``)."""
     rngs = nnx.Rngs(seed)
     try:
         return _build(name, input_shape, num_classes, rngs, kwargs)
@@ -121,6 +123,17 @@ def _build(name, input_shape, num_classes, rngs, kwargs):
         from jaxdp.models._complex import ComplexCNN
 
         return ComplexCNN(input_shape, num_classes, rngs=rngs, **kwargs)
+    if name == "transformer":
+        from jaxdp.models._transformer import TransformerClassifier
+
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"model 'transformer' needs token sequences, input_shape=(length,), got input_shape={tuple(input_shape)}."
+            )
+        if "vocab_size" not in kwargs:
+            raise ValueError("model 'transformer' needs model.kwargs.vocab_size (number of token ids), e.g. 256.")
+        return TransformerClassifier(num_classes=num_classes, max_len=int(input_shape[0]), rngs=rngs, **kwargs)
     raise ValueError(
-        f"model={name!r} is not a known model; choose 'mlp', 'cnn', 'dp_mnist_cnn', 'wrn' or 'complex_cnn'."
+        f"model={name!r} is not a known model; choose 'mlp', 'cnn', 'dp_mnist_cnn', 'wrn', 'complex_cnn' "
+        "or 'transformer'."
     )

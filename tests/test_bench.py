@@ -1,0 +1,148 @@
+"""``jaxdp bench``: a tiny grid runs in-process and writes parseable outputs; bad options are clear errors.
+
+Nothing here asserts a time: throughput is measured, never asserted.
+"""
+
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from jaxdp import bench, cli
+
+
+def test_tiny_grid_writes_csv_json_markdown_png(tmp_path, capsys):
+    out = tmp_path / "out"
+    result = bench.run_bench(
+        models=["mlp"],
+        batch_sizes=[32],
+        epsilons=[4.0],
+        out_dir=str(out),
+        devices=[],
+        epochs=1,
+        repeats=1,
+        isolate=False,
+        progress=False,
+    )
+    printed = capsys.readouterr().out
+    assert "| mlp | 2,410 | 32 | vmap |" in printed and "does not depend on epsilon" in printed
+    for key in ("csv", "json", "md", "png"):
+        assert os.path.getsize(result["files"][key]) > 0, key
+    with open(result["files"]["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(result["files"]["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["model"] == "mlp" and row["clipping_impl"] == "vmap" and float(row["epsilon_target"]) == 4.0
+    assert float(row["private_ex_per_s"]) > 0 and float(row["nonprivate_ex_per_s"]) > 0
+    assert 0.0 <= float(row["test_accuracy"]) <= 1.0
+    assert float(row["epsilon_spent"]) <= 4.0 + 1e-9
+    with open(result["files"]["json"]) as f:
+        data = json.load(f)
+    assert {"header", "note", "rows", "scale", "elapsed_s"} <= set(data)
+    (r,) = data["rows"]
+    for key in (
+        "compile_s_private",
+        "compile_s_nonprivate",
+        "private_over_nonprivate",
+        "xla_mb_private",
+        "peak_kind",
+        "peak_mb_after_private",
+        "calibration",
+        "accuracy",
+        "references",
+    ):
+        assert key in r, key
+    assert r["accuracy"][0]["epsilon_target"] == 4.0
+
+
+def test_sigma_rises_as_epsilon_falls():
+    cal = bench.calibrate([8.0, 4.0, 2.0, 1.0], 1e-5, dataset_size=1437, batch=64, epochs=3, accountant="rdp")
+    sigmas = [c["sigma"] for c in cal]
+    assert all(a < b for a, b in zip(sigmas, sigmas[1:], strict=False)), sigmas
+    for c in cal:  # the calibrated sigma spends at most the target, and not much less
+        assert c["epsilon_target"] * 0.95 <= c["epsilon_spent"] <= c["epsilon_target"] + 1e-9
+
+
+def test_references_hook_reports_ratio_or_not_installed(tmp_path, monkeypatch, capsys):
+    def fake(model, batch, repeats):
+        return 100.0
+
+    def missing(model, batch, repeats):
+        raise ImportError("no module named 'opacus'")
+
+    monkeypatch.setitem(bench.references, "fake", fake)
+    monkeypatch.setitem(bench.references, "opacus", missing)
+    result = bench.run_bench(
+        models=["mlp"],
+        batch_sizes=[16],
+        epsilons=[8.0],
+        out_dir=str(tmp_path),
+        devices=[],
+        epochs=0,
+        repeats=1,
+        isolate=False,
+        progress=False,
+    )
+    refs = result["rows"][0]["references"]
+    assert math.isclose(refs["fake"]["jaxdp_over_ref"], result["rows"][0]["private_ex_per_s"] / 100.0)
+    assert "not installed" in refs["opacus"]["error"]
+    printed = capsys.readouterr().out
+    assert "jaxdp/fake" in printed and "n/a" in printed and "not run" in printed
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "resnet"], r"--models 'resnet' is not a benchmarked model; choose from mnist_cnn"),
+        (["--epsilons", "0"], r"--epsilons 0.0 is invalid"),
+        (["--epsilons", "inf"], r"--epsilons inf is invalid"),
+        (["--batch-sizes", "0"], r"--batch-sizes 0 is invalid"),
+        (["--delta", "2"], r"--delta 2.0 is invalid"),
+        (["--accountant", "nope"], r"--accountant"),
+        (["--clipping-impl", "fast"], r"--clipping-impl 'fast' is not known; choose one of vmap, ghost, auto"),
+        (["--devices", "0"], r"--devices 0 is invalid"),
+        (["--models", "mlp", "--batch-sizes", "30", "--devices", "1", "4"], r"global batch of 30 .* divisible by 4"),
+        (["--models", "mlp", "--batch-sizes", "5000", "--devices"], r"--batch-sizes 5000 is larger than mlp's"),
+        (["--repeats", "0"], r"--repeats 0 is invalid"),
+        (["--epochs", "-1"], r"--epochs -1 is invalid"),
+    ],
+)
+def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
+    import re
+
+    assert cli.main(["bench", "--out", str(tmp_path), "--in-process", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxdp: error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+def test_clipping_impl_is_passed_only_when_not_vmap():
+    assert bench._impl_kwargs("vmap") == {}
+    assert bench._impl_kwargs("ghost") == {"clipping_impl": "ghost"}
+
+
+@pytest.mark.slow
+def test_subprocess_per_config_and_device_scale_out(tmp_path):
+    """The default path: a fresh process per configuration, and 1 vs 2 forced CPU devices agree after k steps."""
+    result = bench.run_bench(
+        models=["mlp"],
+        batch_sizes=[16],
+        epsilons=[8.0],
+        out_dir=str(tmp_path),
+        devices=[1, 2],
+        epochs=0,
+        repeats=1,
+        scale_steps=2,
+        progress=False,
+    )
+    assert result["rows"][0]["isolated_process"] and result["rows"][0]["private_ex_per_s"] > 0
+    one, two = result["scale"]
+    assert (one["devices"], two["devices"]) == (1, 2) and one["platform"] == "cpu"
+    assert one["max_abs_param_diff_vs_1"] == 0.0
+    assert two["max_abs_param_diff_vs_1"] < 1e-5
+    with open(result["files"]["devices_csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 2
