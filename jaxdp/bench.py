@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -288,26 +287,19 @@ def _check_options(models, batch_sizes, epsilons, delta, accountant, clipping_im
         require_upper_bound(accountant)
     except ValueError as e:
         raise BenchError(f"--accountant: {e}") from None
-    if clipping_impl not in CLIPPING_IMPLS:
-        raise BenchError(f"--clipping-impl {clipping_impl!r} is not known; choose one of {', '.join(CLIPPING_IMPLS)}.")
-    if clipping_impl != "vmap":
-        from jaxdp.train import make_private_step
-
-        if "clipping_impl" not in inspect.signature(make_private_step).parameters:
-            raise BenchError(
-                f"--clipping-impl {clipping_impl} needs a jaxdp whose make_private_step takes clipping_impl=; "
-                "this one only has per-example (vmap) clipping. Use --clipping-impl vmap."
-            )
+    impls = list(clipping_impl) if isinstance(clipping_impl, list | tuple) else [clipping_impl]
+    if not impls:
+        raise BenchError(f"--clipping-impl is empty; give one or more of {', '.join(CLIPPING_IMPLS)}.")
+    for impl in impls:
+        if impl not in CLIPPING_IMPLS:
+            raise BenchError(f"--clipping-impl {impl!r} is not known; choose one of {', '.join(CLIPPING_IMPLS)}.")
+    if len(set(impls)) != len(impls):
+        raise BenchError(f"--clipping-impl {' '.join(impls)} names one implementation twice; list each once.")
     for n in devices:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise BenchError(f"--devices {n!r} is invalid: need positive device counts, e.g. --devices 1 2 4 8.")
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0):
         raise BenchError(f"--epochs {epochs!r} is invalid: need an int >= 0 (0 = no accuracy runs).")
-
-
-def _impl_kwargs(clipping_impl: str) -> dict:
-    """``clipping_impl`` is passed on only when it is not the default, so older jaxdp versions work."""
-    return {} if clipping_impl == "vmap" else {"clipping_impl": clipping_impl}
 
 
 def calibrate(
@@ -365,7 +357,8 @@ def measure_config(job: dict) -> dict:
     """Everything measured for one (model, batch): timing, memory, references, accuracy per σ.
 
     ``job`` holds model, batch, repeats, block_s, epochs, sigmas (list of calibration
-    dicts), clipping_impl, delta, accountant, seed.
+    dicts), clipping_impls (timed side by side; the accuracy runs use the first),
+    delta, accountant, seed.
     """
     import jax
     import jax.numpy as jnp
@@ -375,7 +368,8 @@ def measure_config(job: dict) -> dict:
     from jaxdp.train import TrainState, classification_loss, make_nonprivate_step, make_private_step
 
     spec = MODELS[job["model"]]
-    batch, impl = job["batch"], job["clipping_impl"]
+    batch, impls = job["batch"], job["clipping_impls"]
+    impl = impls[0]  # the accuracy runs use the first
     dataset = spec.data()
     graphdef, params, rest = nnx.split(spec.build(job["seed"]), nnx.Param, ...)
     loss_fn = classification_loss(graphdef, rest)
@@ -400,30 +394,51 @@ def measure_config(job: dict) -> dict:
     jax.block_until_ready(run_nonprivate())
     peak_np, _ = _peak_bytes()
 
-    # Private step (σ does not change its cost; 1.0 here).
+    # Private step per clipping implementation (σ does not change its cost; 1.0 here), each
+    # compiled, run once and its process peak read, in the order given.
     plan = jaxdp.PrivacyPlan(
         dataset_size=len(dataset.x_train), batch_size=batch, l2_clip_norm=1.0, noise_multiplier=1.0, num_steps=1
     )
-    tx, p_step, _ = make_private_step(plan, loss_fn, opt, noise_key=jax.random.key(0), **_impl_kwargs(impl))
-    p_state = [TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))]
-    t0 = time.perf_counter()
-    p_compiled = p_step.lower(p_state[0], None, x, y, mask).compile()
-    compile_p = time.perf_counter() - t0
+    runners, private = {"nonprivate": run_nonprivate}, []
+    for impl_i in impls:
+        tx, p_step, _ = make_private_step(plan, loss_fn, opt, noise_key=jax.random.key(0), clipping_impl=impl_i)
+        p_state = [TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))]
+        t0 = time.perf_counter()
+        p_compiled = p_step.lower(p_state[0], None, x, y, mask).compile()
+        compile_p = time.perf_counter() - t0
 
-    def run_private():
-        p_state[0], metrics = p_compiled(p_state[0], None, x, y, mask)
-        return metrics["loss_sum"]
+        def run_private(p_compiled=p_compiled, p_state=p_state):
+            p_state[0], metrics = p_compiled(p_state[0], None, x, y, mask)
+            return metrics["loss_sum"]
 
-    jax.block_until_ready(run_private())
-    peak_p, _ = _peak_bytes()
+        jax.block_until_ready(run_private())
+        peak_p, _ = _peak_bytes()
+        runners[f"private:{impl_i}"] = run_private
+        coverage = jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).ghost_coverage(params, x, y)
+        path = impl_i if impl_i != "auto" else ("ghost" if coverage is None else "vmap")
+        private.append(
+            {
+                "clipping_impl": impl_i,
+                "path": path,
+                "compile_s": compile_p,
+                "xla_mb": _xla_bytes(p_compiled) / 2**20,
+                "peak_mb_after": peak_p / 2**20,
+                "ghost_refused_because": coverage,
+            }
+        )
 
     # Interleaved timing, blocks of about block_s seconds each.
     iters = {}
-    for name, fn in (("nonprivate", run_nonprivate), ("private", run_private)):
+    for name, fn in runners.items():
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         iters[name] = max(1, round(job["block_s"] / max(time.perf_counter() - t0, 1e-6)))
-    t = time_interleaved({"nonprivate": run_nonprivate, "private": run_private}, job["repeats"], iters)
+    t = time_interleaved(runners, job["repeats"], iters)
+    for p in private:
+        seconds = t[f"private:{p['clipping_impl']}"]
+        p["ex_per_s"] = batch / seconds
+        p["over_nonprivate"] = t["nonprivate"] / seconds
+    first = private[0]
     row = {
         "model": job["model"],
         "data": spec.data_label,
@@ -432,17 +447,20 @@ def measure_config(job: dict) -> dict:
         "clipping_impl": impl,
         "dataset_size": len(dataset.x_train),
         "compile_s_nonprivate": compile_np,
-        "compile_s_private": compile_p,
+        "compile_s_private": first["compile_s"],
         "nonprivate_ex_per_s": batch / t["nonprivate"],
-        "private_ex_per_s": batch / t["private"],
-        "private_over_nonprivate": t["nonprivate"] / t["private"],
+        "private_ex_per_s": first["ex_per_s"],
+        "private_over_nonprivate": first["over_nonprivate"],
         "xla_mb_nonprivate": _xla_bytes(np_compiled) / 2**20,
-        "xla_mb_private": _xla_bytes(p_compiled) / 2**20,
+        "xla_mb_private": first["xla_mb"],
         "peak_kind": peak_kind,
         "peak_mb_start": peak0 / 2**20,
         "peak_mb_after_nonprivate": peak_np / 2**20,
-        "peak_mb_after_private": peak_p / 2**20,
-        "timing": f"median of {job['repeats']} interleaved blocks ({iters['nonprivate']} / {iters['private']} steps)",
+        "peak_mb_after_private": first["peak_mb_after"],
+        "private": private,
+        "timing": "median of {} interleaved blocks ({} steps)".format(
+            job["repeats"], " / ".join(str(iters[k]) for k in runners)
+        ),
         "references": {},
     }
     for name, ref in references.items():
@@ -494,7 +512,7 @@ def _train_accuracy(spec, dataset, graphdef, params, rest, loss_fn, batch, epoch
             accountant=job["accountant"],
         )
         tx, step, accumulate = make_private_step(
-            plan, loss_fn, opt, noise_key=jax.random.key(job["seed"] + 3), **_impl_kwargs(impl)
+            plan, loss_fn, opt, noise_key=jax.random.key(job["seed"] + 3), clipping_impl=impl
         )
         state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
         sampler = plan.sampler(seed=job["seed"] + 4)
@@ -538,7 +556,7 @@ def scale_worker(job: dict) -> dict:
     )
     mesh = distributed.make_mesh(n)
     tx, step, _ = make_private_step(
-        plan, loss_fn, opt, noise_key=jax.random.key(0), mesh=mesh, **_impl_kwargs(job["clipping_impl"])
+        plan, loss_fn, opt, noise_key=jax.random.key(0), mesh=mesh, clipping_impl=job["clipping_impl"]
     )
     state = [distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))]
     mask = np.ones((batch,), np.float32)
@@ -636,7 +654,7 @@ def run_bench(
     epsilons: Sequence[float] = DEFAULT_EPSILONS,
     delta: float = 1e-5,
     accountant: str = "rdp",
-    clipping_impl: str = "vmap",
+    clipping_impl: str | Sequence[str] = ("auto", "vmap"),
     devices: Sequence[int] = (1, 2, 4, 8),
     out_dir: str = os.path.join("benchmarks", "out"),
     full: bool = False,
@@ -655,7 +673,10 @@ def run_bench(
       batch_sizes: the same batch sizes for every model; default each model's quick
         (or ``full``) batches.
       epsilons: target ε values; σ is calibrated for each at ``delta`` with ``accountant``.
-      clipping_impl: "vmap" (per-example gradients), or "ghost"/"auto" where this jaxdp has them.
+      clipping_impl: one or more of "vmap" (per-example gradients), "ghost" (norms from layer
+        inputs and output gradients) and "auto" (ghost where the model is covered, else vmap);
+        all are timed side by side in one process; the accuracy runs and the scale-out table
+        use the first.
       devices: forced-CPU device counts of the scale-out table (empty: no table).
       full: the long grid (more batches, epochs and repeats) instead of the quick one.
       epochs: epochs of every accuracy run (default per model; 0 = no accuracy runs).
@@ -675,6 +696,7 @@ def run_bench(
     devices = list(devices)
     batch_sizes = list(batch_sizes) if batch_sizes else None
     _check_options(models, batch_sizes, epsilons, delta, accountant, clipping_impl, devices, epochs)
+    impls = list(clipping_impl) if isinstance(clipping_impl, list | tuple) else [clipping_impl]
     scale_model = scale_model or models[0]
     if scale_model not in MODELS:
         raise BenchError(f"--scale-model {scale_model!r} is not a benchmarked model; choose from {', '.join(MODELS)}.")
@@ -699,7 +721,7 @@ def run_bench(
     header = (
         f"jax {jax.__version__}, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"{len(jax.devices())} device(s); {platform.machine()}, {os.cpu_count()} CPU cores; "
-        f"delta={delta:g}, accountant={accountant}, clipping_impl={clipping_impl}, C=1"
+        f"delta={delta:g}, accountant={accountant}, clipping_impl={' / '.join(impls)}, C=1"
     )
     t_start = time.perf_counter()
     rows = []
@@ -727,7 +749,7 @@ def run_bench(
                 "block_s": block_s,
                 "epochs": e,
                 "sigmas": cal,
-                "clipping_impl": clipping_impl,
+                "clipping_impls": impls,
                 "delta": delta,
                 "accountant": accountant,
                 "seed": seed,
@@ -742,7 +764,7 @@ def run_bench(
             bar.update(1)
         bar.set_postfix(model=scale_model, stage="devices")
         scale = (
-            _scale_out(scale_model, scale_batch, devices, scale_steps, repeats, block_s, clipping_impl, seed, bar)
+            _scale_out(scale_model, scale_batch, devices, scale_steps, repeats, block_s, impls[0], seed, bar)
             if devices
             else []
         )
@@ -755,11 +777,12 @@ def run_bench(
 
 # --------------------------------------------------------------------------- outputs
 def flat_rows(rows: list[dict]) -> list[dict]:
-    """One record per (model, batch, ε): throughput repeated (it does not depend on ε), accuracy per ε."""
+    """One record per (model, batch, clipping implementation, ε): throughput repeated (it does not depend on ε),
+    accuracy per ε (trained with the first implementation: the clipped sum is the same)."""
     out = []
     for r in rows:
         acc_by_eps = {a["epsilon_target"]: a["test_accuracy"] for a in r["accuracy"]}
-        for cal in r["calibration"]:
+        for p, cal in ((p, cal) for p in r["private"] for cal in r["calibration"]):
             rec = {
                 k: r[k]
                 for k in (
@@ -782,6 +805,16 @@ def flat_rows(rows: list[dict]) -> list[dict]:
                     "peak_mb_after_private",
                 )
             }
+            rec.update(
+                clipping_impl=p["clipping_impl"],
+                clipping_path=p["path"],
+                compile_s_private=p["compile_s"],
+                private_ex_per_s=p["ex_per_s"],
+                private_over_nonprivate=p["over_nonprivate"],
+                xla_mb_private=p["xla_mb"],
+                peak_mb_after_private=p["peak_mb_after"],
+                accuracy_trained_with=r["clipping_impl"],
+            )
             rec.update(cal)
             rec["test_accuracy"] = acc_by_eps.get(cal["epsilon_target"], math.nan)
             rec["test_accuracy_nonprivate"] = r.get("accuracy_nonprivate", math.nan)
@@ -800,7 +833,9 @@ def render_markdown(header: str, rows: list[dict], scale: list[dict], elapsed: f
     lines = [f"jaxdp bench: {header}", ""]
     lines.append(
         "Throughput (measured once per model and batch: sigma only scales the noise added once per step, so it "
-        "does not depend on epsilon)"
+        "does not depend on epsilon). The clipping implementations of a model are timed side by side with its "
+        "non-private step in one process; 'auto (ghost)' means auto took the ghost path. Reference ratios are "
+        "jaxdp's first implementation over the reference."
     )
     lines.append("")
     cols = [
@@ -822,22 +857,24 @@ def render_markdown(header: str, rows: list[dict], scale: list[dict], elapsed: f
         for n in ref_names:
             ref = r["references"].get(n, {})
             refs.append(_fmt(ref.get("jaxdp_over_ref"), ".2f") if "error" not in ref else "n/a")
-        lines.append(
-            f"| {r['model']} | {r['params']:,} | {r['batch']} | {r['clipping_impl']} "
-            f"| {r['compile_s_nonprivate']:.1f} / {r['compile_s_private']:.1f} "
-            f"| {_fmt(r['nonprivate_ex_per_s'])} | {_fmt(r['private_ex_per_s'])} "
-            f"| {r['private_over_nonprivate']:.2f} "
-            f"| {_fmt(r['xla_mb_nonprivate'], ',.1f')} / {_fmt(r['xla_mb_private'], ',.1f')} "
-            f"| {_fmt(r['peak_mb_after_nonprivate'])} / {_fmt(r['peak_mb_after_private'])} "
-            + "".join(f"| {v} " for v in refs)
-            + "|"
-        )
+        for i, p in enumerate(r["private"]):
+            impl = p["clipping_impl"] + (f" ({p['path']})" if p["clipping_impl"] == "auto" else "")
+            lines.append(
+                f"| {r['model']} | {r['params']:,} | {r['batch']} | {impl} "
+                f"| {r['compile_s_nonprivate']:.1f} / {p['compile_s']:.1f} "
+                f"| {_fmt(r['nonprivate_ex_per_s'])} | {_fmt(p['ex_per_s'])} "
+                f"| {p['over_nonprivate']:.2f} "
+                f"| {_fmt(r['xla_mb_nonprivate'], ',.1f')} / {_fmt(p['xla_mb'], ',.1f')} "
+                f"| {_fmt(r['peak_mb_after_nonprivate'])} / {_fmt(p['peak_mb_after'])} "
+                + "".join(f"| {v if i == 0 else '–'} " for v in refs)
+                + "|"
+            )
     kinds = sorted({r["peak_kind"] for r in rows})
     lines.append("")
     lines.append(
         f"Memory: 'XLA step MB' is the compiled step's planned memory (arguments + outputs + temporaries); "
-        f"'peak MB' is the process {' / '.join(kinds)} read after the non-private step ran, then after the private "
-        "step ran (a process peak only grows, so the second includes the first"
+        f"'peak MB' is the process {' / '.join(kinds)} read after the non-private step ran, then after each private "
+        "step ran, in the order listed (a process peak only grows, so each includes the ones before"
         + ("; each (model, batch) ran in a fresh process)." if all(r["isolated_process"] for r in rows) else ").")
     )
     lines += ["", "Accuracy after the fixed budget (test split)", ""]
@@ -940,7 +977,14 @@ def _plot(path: str, rows: list[dict]) -> None:
         color = f"C{i % 10}"
         eps = [c["epsilon_target"] for c in r["calibration"]]
         label = f"{r['model']} B={r['batch']}"
-        ax_t.plot(eps, [r["private_ex_per_s"]] * len(eps), "o-", color=color, label=f"{label} private")
+        for j, p in enumerate(r["private"]):
+            ax_t.plot(
+                eps,
+                [p["ex_per_s"]] * len(eps),
+                ["o-", "s-.", "^:"][j % 3],
+                color=color,
+                label=f"{label} private ({p['clipping_impl']})",
+            )
         ax_t.plot(eps, [r["nonprivate_ex_per_s"]] * len(eps), "--", color=color, label=f"{label} non-private")
         if r["accuracy"]:
             ax_a.plot(

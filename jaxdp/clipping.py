@@ -308,14 +308,8 @@ class ClippedGradFn:
         if self.example_grad is not None:  # 'ghost' refused it in __init__
             reason = "a custom example_grad estimator is set"
         else:
-            one = [
-                jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), a)
-                if (i + 1) in batched_nums
-                else a
-                for i, a in enumerate(args)
-            ]
             try:
-                return _ghost.analyse(lambda p, *a: self._loss_on_one(batched_nums, a)(p), params, one)
+                return self._analyse(batched_nums, params, args)
             except _ghost.GhostUnsupported as e:
                 if self.clipping_impl == "ghost":
                     raise
@@ -324,6 +318,29 @@ class ClippedGradFn:
             self._fallback_said = True
             _log.warning("clipping_impl='auto': using the vmap path because %s", reason)
         return None
+
+    def ghost_coverage(self, params: PyTree, *batch: Any) -> str | None:
+        """``None`` when ``clipping_impl="ghost"`` covers this loss, else why not (what ``"auto"`` would log).
+
+        Only traces (abstractly); nothing is computed.
+        """
+        if self.example_grad is not None:
+            return "a custom example_grad estimator is set"
+        try:
+            self._analyse(_normalise_argnums(self.batch_argnums, len(batch)), params, batch)
+        except _ghost.GhostUnsupported as e:
+            return str(e)
+        return None
+
+    def _analyse(self, batched_nums, params, args):
+        """The one-example loss traced and its parameter uses checked (:func:`jaxdp._ghost.analyse`)."""
+        one = [
+            jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(jnp.shape(v)[1:], jnp.result_type(v)), a)
+            if (i + 1) in batched_nums
+            else a
+            for i, a in enumerate(args)
+        ]
+        return _ghost.analyse(lambda p, *a: self._loss_on_one(batched_nums, a)(p), params, one)
 
     def _ghost_chunk(self, params, batched_nums, args, mask, plan):
         closed, sites, out_tree = plan

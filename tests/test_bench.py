@@ -19,6 +19,7 @@ def test_tiny_grid_writes_csv_json_markdown_png(tmp_path, capsys):
         models=["mlp"],
         batch_sizes=[32],
         epsilons=[4.0],
+        clipping_impl="vmap",
         out_dir=str(out),
         devices=[],
         epochs=1,
@@ -104,6 +105,7 @@ def test_references_hook_reports_ratio_or_not_installed(tmp_path, monkeypatch, c
         (["--delta", "2"], r"--delta 2.0 is invalid"),
         (["--accountant", "nope"], r"--accountant"),
         (["--clipping-impl", "fast"], r"--clipping-impl 'fast' is not known; choose one of vmap, ghost, auto"),
+        (["--clipping-impl", "vmap", "vmap"], r"--clipping-impl vmap vmap names one implementation twice"),
         (["--devices", "0"], r"--devices 0 is invalid"),
         (["--models", "mlp", "--batch-sizes", "30", "--devices", "1", "4"], r"global batch of 30 .* divisible by 4"),
         (["--models", "mlp", "--batch-sizes", "5000", "--devices"], r"--batch-sizes 5000 is larger than mlp's"),
@@ -120,9 +122,29 @@ def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
     assert re.search(message, err), err
 
 
-def test_clipping_impl_is_passed_only_when_not_vmap():
-    assert bench._impl_kwargs("vmap") == {}
-    assert bench._impl_kwargs("ghost") == {"clipping_impl": "ghost"}
+def test_clipping_impls_are_timed_side_by_side(tmp_path, capsys):
+    """Each implementation gets its own line; auto says which path it took; the CSV has a record per impl."""
+    result = bench.run_bench(
+        models=["mlp"],
+        batch_sizes=[16],
+        epsilons=[8.0],
+        clipping_impl=["auto", "vmap"],
+        out_dir=str(tmp_path),
+        devices=[],
+        epochs=0,
+        repeats=1,
+        isolate=False,
+        progress=False,
+    )
+    printed = capsys.readouterr().out
+    assert "| mlp | 2,410 | 16 | auto (ghost) |" in printed and "| mlp | 2,410 | 16 | vmap |" in printed
+    (row,) = result["rows"]
+    assert [p["clipping_impl"] for p in row["private"]] == ["auto", "vmap"]
+    assert row["private"][0]["path"] == "ghost" and row["private"][0]["ghost_refused_because"] is None
+    assert all(p["ex_per_s"] > 0 and p["over_nonprivate"] > 0 for p in row["private"])
+    with open(result["files"]["csv"]) as f:
+        records = list(csv.DictReader(f))
+    assert [(r["clipping_impl"], r["clipping_path"]) for r in records] == [("auto", "ghost"), ("vmap", "vmap")]
 
 
 @pytest.mark.slow

@@ -322,3 +322,10 @@ def test_less_common_layouts_equal_vmap():
         g_ghost, a_ghost = _run(loss_fn, params, x, y, mask, "ghost", per_layer=per_layer, clip=0.2)
         tree_allclose(g_ghost, g_vmap, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(np.asarray(a_ghost.norms)[:3], np.asarray(a_vmap.norms)[:3], rtol=1e-4)
+
+
+def test_ghost_coverage_says_why_without_computing():
+    loss_fn, params, x, y = problem("transformer")
+    assert jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).ghost_coverage(params, x, y) is None
+    loss_fn, params, x, y = _nnx_problem(Shared(nnx.Rngs(0)), np.ones((3, 4), np.float32), 2)
+    assert "used twice" in jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).ghost_coverage(params, x, y)
