@@ -165,7 +165,9 @@ def _synthetic_images(n_train=2048, n_test=512, shape=(32, 32, 3), classes=10, s
     return Dataset("synthetic_cifar_shape", x_tr, y_tr, x_te, y_te, classes)
 
 
-VOCAB, SEQ_LEN, TOKEN_CLASSES = 64, 32, 4
+# A vocabulary of 1,000: the embedding table is then most of the model, as in real token models,
+# and its per-example gradients are what the vmap path pays for.
+VOCAB, SEQ_LEN, TOKEN_CLASSES = 1000, 32, 4
 
 
 def _synthetic_tokens(n_train=2048, n_test=512, seed=0):
@@ -225,7 +227,7 @@ MODELS: dict[str, ModelSpec] = {
         _digits28,
         "digits 8x8 upsampled to 28x28 (real; no MNIST here)",
         ("adam", 2e-3),
-        quick_batches=(128,),
+        quick_batches=(256,),
         full_batches=(128, 256, 512),
         quick_epochs=15,
         full_epochs=40,
@@ -245,8 +247,8 @@ MODELS: dict[str, ModelSpec] = {
         _synthetic_tokens,
         f"synthetic tokens (T={SEQ_LEN}, vocab {VOCAB}, {TOKEN_CLASSES} classes)",
         ("adam", 3e-3),
-        quick_batches=(64,),
-        full_batches=(64, 256),
+        quick_batches=(256,),
+        full_batches=(64, 256, 1024),
         quick_epochs=4,
         full_epochs=15,
     ),
