@@ -8,6 +8,7 @@ and the ratios private / non-private and private / naive.
 
     python benchmarks/bench_core.py                 # (`make bench` runs `jaxdp bench`)
     python benchmarks/bench_core.py --batch 128 --models cnn
+    python benchmarks/bench_core.py --clipping-impl vmap   # per-example gradients materialised (default: auto)
 
 Writes the markdown table to stdout and a JSON file to benchmarks/out/.
 """
@@ -40,7 +41,7 @@ MODELS = {
 }
 
 
-def bench_model(name: str, batch: int, repeats: int, iters: int, naive_examples: int) -> dict:
+def bench_model(name: str, batch: int, repeats: int, iters: int, naive_examples: int, impl: str = "auto") -> dict:
     make, shape = MODELS[name]
     graphdef, params, rest = nnx.split(make(), nnx.Param, ...)
     loss_fn = classification_loss(graphdef, rest)
@@ -64,7 +65,7 @@ def bench_model(name: str, batch: int, repeats: int, iters: int, naive_examples:
     compile_np = time.perf_counter() - t0
 
     # jaxdp private.
-    tx, p_step, _ = make_private_step(plan, loss_fn, opt, noise_key=jax.random.key(0))
+    tx, p_step, _ = make_private_step(plan, loss_fn, opt, noise_key=jax.random.key(0), clipping_impl=impl)
     p_state = [TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))]
 
     def run_private():
@@ -98,6 +99,7 @@ def bench_model(name: str, batch: int, repeats: int, iters: int, naive_examples:
     t_naive = _time(run_naive, max(1, repeats // 2), 1) * batch / n_naive  # per full batch
     return {
         "model": name,
+        "clipping_impl": impl,
         "batch": batch,
         "params": int(sum(v.size for v in jax.tree_util.tree_leaves(params))),
         "nonprivate_ex_per_s": batch / t_np,
@@ -117,13 +119,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--naive-examples", type=int, default=64, help="examples timed in the naive loop (scaled)")
+    parser.add_argument("--clipping-impl", default="auto", choices=["vmap", "ghost", "auto"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bench_core.json"))
     args = parser.parse_args()
 
     device = jax.devices()[0]
-    header = f"device: {device.platform} ({device.device_kind}), {len(jax.devices())} device(s); jax {jax.__version__}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    header = f"device: {device.platform} ({device.device_kind}), {len(jax.devices())} device(s); jax {jax.__version__}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; clipping_impl={args.clipping_impl}"
     print(header)
-    rows = [bench_model(m, args.batch, args.repeats, args.iters, args.naive_examples) for m in args.models]
+    rows = [
+        bench_model(m, args.batch, args.repeats, args.iters, args.naive_examples, args.clipping_impl)
+        for m in args.models
+    ]
     print()
     print(
         "| model | params | batch | non-private ex/s | jaxdp private ex/s | naive loop ex/s | private / non-private | private / naive | compile s (np / p) |"
