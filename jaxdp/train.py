@@ -689,7 +689,7 @@ def train(
         f"jaxdp: {config.dataset} N={n_train} model={config.model.name} devices={n_dev} "
         f"| q={plan.sampling_rate:.4f} steps={num_steps} sigma={plan.noise_multiplier:.4f} "
         f"C={plan.l2_clip_norm} delta={delta:g} -> epsilon={plan.epsilon(delta):.3f} at the end "
-        f"| physical batch {sampler.physical_batch_size}"
+        f"| physical batch {sampler.physical_batch_size} | clipping {config.get('clipping_impl', 'vmap')}"
         + (f" | BandMF: {plan.bands} bands, cyclic Poisson (q per group)" if plan.bands > 1 else ""),
         flush=True,
     )
@@ -848,6 +848,7 @@ def train(
         "target_epsilon": config.privacy.target_epsilon,
         "accountant": plan.accountant,
         "mechanism": plan.mechanism,
+        "clipping_impl": config.get("clipping_impl", "vmap"),
         "bands": plan.bands,
         "noise_multiplier": plan.noise_multiplier,
         "l2_clip_norm": plan.l2_clip_norm,
