@@ -34,6 +34,7 @@ doubt the analysis refuses.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +62,15 @@ _STRUCTURAL = {
 _NORM_KEEPING = {"reshape", "transpose", "convert_element_type", "squeeze", "expand_dims", "copy"}
 # Operations linear in each operand separately (when the other has no parameter).
 _LINEAR = {"dot_general", "conv_general_dilated", "mul", "add", "sub", "gather"}
-# Calls inlined when a parameter flows into them (their body is analysed instead).
+# Calls inlined when a parameter flows into them (their body is analysed instead). A custom
+# derivative rule (custom_jvp / custom_vjp) is inlined only when it is known to be the exact
+# derivative of its body (_EXACT_RULES): otherwise vmap would clip the custom rule's gradient
+# and ghost the body's, so a parameter flowing into one is refused.
+_CUSTOM_RULES = {"custom_jvp_call", "custom_vjp_call"}
+_EXACT_RULES = {
+    # DPConv's im2col backward, tested equal to the derivative of its body (tests/test_models.py).
+    (os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "_conv.py"), "conv_same"),
+}
 _CALLS = {
     "jit",
     "pjit",
@@ -119,6 +128,14 @@ def _inner(eqn):
             if isinstance(j, jcore.Jaxpr):
                 return j, ()
     return None
+
+
+def _exact_rule(eqn) -> bool:
+    """Whether a custom_jvp/custom_vjp call is one whose rule is the exact derivative of its body."""
+    info = getattr(_inner(eqn)[0], "debug_info", None) if _inner(eqn) is not None else None
+    src = getattr(info, "func_src_info", None) or ""
+    name, _, where = src.partition(" at ")
+    return (os.path.abspath(where.rsplit(":", 1)[0]) if where else "", name) in _EXACT_RULES
 
 
 def _bind(eqn, invals):
@@ -179,6 +196,10 @@ class _Interpreter:
             outtags = [None] * len(eqn.outvars)
             if not tagged:
                 outs = _bind(eqn, vals)
+            elif name in _CUSTOM_RULES and not _exact_rule(eqn):
+                self._refuse(
+                    intags[tagged[0]], f"passed into `{name}`, a custom derivative rule ghost clipping cannot check"
+                )
             elif name in _CALLS and _inner(eqn) is not None:
                 inner, inner_consts = _inner(eqn)
                 n_extra = len(vals) - len(inner.invars)  # e.g. custom_jvp consts precede
@@ -298,7 +319,7 @@ def _conv_layout(site: _Site, x, g):
     # (batch, spatial..., channels), padded; then one strided slice per window offset
     # (kh * kw copies of the input: cheaper on CPU than a patch-extracting convolution).
     lhs = jnp.transpose(lhs, [lhs_spec[0], *lhs_spec[2:], lhs_spec[1]])
-    lhs = jnp.pad(lhs, [(0, 0), *p["padding"], (0, 0)])
+    lhs = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in p["padding"]), (0, 0, 0)])
     out_spatial = [g.shape[1 + d] for d in out_spec[2:]]
     strides, dil = p["window_strides"], p["rhs_dilation"]
     pieces = []
@@ -353,8 +374,27 @@ def _gather_layout(site: _Site, x, g):
     return i, valid, g.reshape(b, i.shape[1], table[1])
 
 
-def site_sq_norms(site: _Site, leaf_value, operands, g) -> jax.Array:
-    """Per-example squared norm of this parameter leaf's gradient, shape (B,)."""
+def _unit_roundoff(x) -> float:
+    return float(jnp.finfo(x.dtype).eps) / 2
+
+
+def _frobenius(x) -> jax.Array:
+    """Per-example Frobenius norm of a (B, ...) array."""
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))))
+
+
+def site_norms(site: _Site, leaf_value, operands, g):
+    """Per-example squared norm of this leaf's gradient: ``(estimate, bound, per_example_grads or None)``.
+
+    ``estimate`` is the computed squared norm (reported as the norm). ``bound`` is what the
+    clip factor uses: an upper bound, under float rounding, on the squared norm of what
+    :func:`site_weighted_sum` will add for the example. The closed forms add up many terms
+    that can cancel (outputs whose gradients nearly cancel across positions), and a rounded
+    estimate of a small result can be far too small; the bound adds the standard rounding
+    error bound of each formula, in terms of ``P = ||X|| ||G||`` (a bound on every term's
+    size), and of the weighted backward's own rounding. Where the gradient is materialised
+    (the general path), it is returned and summed as is, like the vmap path: no slack needed.
+    """
     bijective = all(e.primitive.name in _NORM_KEEPING for e in site.chain)
     name = site.eqn.primitive.name
     if bijective and name in ("dot_general", "conv_general_dilated") and len(operands) == 1:
@@ -362,29 +402,44 @@ def site_sq_norms(site: _Site, leaf_value, operands, g) -> jax.Array:
         if layout is not None:
             pieces, gm = layout
             pieces, gm = [_f32(x) for x in pieces], _f32(gm)
+            u = _unit_roundoff(gm)
             t, d_in, d_out = gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2]
+            big_p = jnp.sqrt(sum(_frobenius(x) ** 2 for x in pieces)) * _frobenius(gm)
+            summing = (t + 4) * u * big_p  # the weighted backward's rounding, per example
             if t * (d_in + d_out) < d_in * d_out:  # ghost norm: T x T Gram matrices
                 gram = sum(x @ jnp.swapaxes(x, 1, 2) for x in pieces)
-                return jnp.einsum("bts,bts->b", gram, gm @ jnp.swapaxes(gm, 1, 2))
+                sq = jnp.einsum("bts,bts->b", gram, gm @ jnp.swapaxes(gm, 1, 2))
+                slack = 2 * (d_in + d_out + t * t + 4) * u * jnp.square(big_p)
+                return sq, jnp.square(jnp.sqrt(jnp.maximum(sq, 0.0) + slack) + 2 * summing), None
             pieces, gm = jax.lax.optimization_barrier((pieces, gm))
-            return sum(jnp.sum(jnp.square(jnp.einsum("btd,bte->bde", x, gm)), axis=(1, 2)) for x in pieces)
+            sq = sum(jnp.sum(jnp.square(jnp.einsum("btd,bte->bde", x, gm)), axis=(1, 2)) for x in pieces)
+            entries = (t + 1) * u * big_p  # each entry of X^T G rounded, in norm
+            bound = jnp.sqrt(sq) * (1 + 2 * (d_in * d_out + 2) * u) + entries + summing
+            return sq, jnp.square(bound), None
     if bijective and name == "gather" and len(operands) == 1:
         layout = _gather_layout(site, operands[0], g)
         if layout is not None:
             i, valid, gm = layout
             t, v = i.shape[1], site.eqn.invars[0].aval.shape[0]
             if t * t < 8 * v:
-                gm = _f32(gm) * valid[..., None]
+                gm = jnp.where(valid[..., None], _f32(gm), 0.0)  # dropped rows: their cotangent may be NaN
+                u = _unit_roundoff(gm)
                 same = (i[:, :, None] == i[:, None, :]).astype(gm.dtype)
-                return jnp.einsum("bts,bts->b", same, gm @ jnp.swapaxes(gm, 1, 2))
+                sq = jnp.einsum("bts,bts->b", same, gm @ jnp.swapaxes(gm, 1, 2))
+                big_p = jnp.sqrt(float(t)) * _frobenius(gm)  # one-hot rows: ||X|| <= sqrt(T)
+                slack = 2 * (gm.shape[2] + t * t + 4) * u * jnp.square(big_p)
+                bound = jnp.sqrt(jnp.maximum(sq, 0.0) + slack) + 2 * (t + 4) * u * big_p
+                return sq, jnp.square(bound), None
     # General linear use: this one leaf's per-example gradient (a bias, a scale, a conv kernel).
 
     def one(ops, gi):
         _, vjp = jax.vjp(lambda w: _apply_site(site, w, ops), leaf_value)
         (gw,) = vjp(gi)
-        return jnp.sum(jnp.square(_f32(gw)))
+        return gw
 
-    return jax.vmap(one)(operands, g)
+    per_ex = _f32(jax.vmap(one)(operands, g))
+    sq = jnp.sum(jnp.square(per_ex), axis=tuple(range(1, per_ex.ndim)))
+    return sq, sq, per_ex
 
 
 def site_weighted_sum(site: _Site, leaf_value, operands, g_weighted):
@@ -410,8 +465,7 @@ def analyse(fun, params, example_args) -> tuple[Any, list[_Site], Any]:
     """
     leaves = jax.tree_util.tree_leaves(params)
     for name, leaf in zip(leaf_names(params), leaves, strict=True):
-        if jnp.iscomplexobj(leaf):
-            raise GhostUnsupported(f"parameter {name} is complex; ghost clipping covers real parameters only.")
+        _check_dtype(jnp.result_type(leaf), f"parameter {name} is")
     out_tree = []
 
     def flat(p, *a):
@@ -436,13 +490,39 @@ def analyse(fun, params, example_args) -> tuple[Any, list[_Site], Any]:
     in_avals = [v.aval for v in closed.jaxpr.invars]
     jax.eval_shape(evaluate, *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in in_avals])
     for site in interp.sites:
-        if jnp.finfo(site.out_dtype).bits < 32:
-            raise GhostUnsupported(
-                f"parameter {_describe(site.leaf, interp.names)} is used in {jnp.dtype(site.out_dtype).name} "
-                f"(by `{site.eqn.primitive.name}`); ghost clipping computes norms and the clipped sum in float32 "
-                "or wider only, so that rounding cannot push a clipped gradient above C."
+        # Every value on the way, not only the result: a bfloat16 cast of the weight or of the
+        # input (mixed precision) rounds the gradient after its norm was taken.
+        dtypes = [v.aval.dtype for e in site.chain for v in e.outvars]
+        dtypes += [v.aval.dtype for i, v in enumerate(site.eqn.invars) if not _is_index(site, i)]
+        dtypes += [site.out_dtype]
+        for dtype in dtypes:
+            _check_dtype(
+                dtype,
+                f"parameter {_describe(site.leaf, interp.names)} meets a {jnp.dtype(dtype).name} value in "
+                f"`{site.eqn.primitive.name}`:",
             )
     return closed, interp.sites, out_tree[0]
+
+
+def _is_index(site: _Site, i: int) -> bool:
+    """The indices operand of a gather (integer by nature)."""
+    return site.eqn.primitive.name == "gather" and i == 1
+
+
+def _check_dtype(dtype, what: str) -> None:
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise GhostUnsupported(
+            f"{what} complex; ghost clipping covers real arithmetic only (its norm formulas do not conjugate). "
+            "Use clipping_impl='vmap'."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise GhostUnsupported(f"{what} {dtype.name}, not floating point; use clipping_impl='vmap'.")
+    if jnp.finfo(dtype).bits < 32:
+        raise GhostUnsupported(
+            f"{what} {dtype.name}; ghost clipping computes norms and the clipped sum in float32 or wider only, so "
+            "that rounding cannot push a clipped gradient above C. Use clipping_impl='vmap' for low precision."
+        )
 
 
 def run_with_probes(closed, sites, names, flat_args, probes):

@@ -258,18 +258,24 @@ class ClippedGradFn:
         return jax.vmap(one, in_axes=in_axes)(params, *args)
 
     # -- one chunk of examples --------------------------------------------
-    def _weights(self, leaf_sq, mask):
-        """Clip factors per leaf, the kept examples, the norms and the counters, from per-leaf squared norms."""
+    def _weights(self, leaf_sq, mask, leaf_bound=None):
+        """Clip factors per leaf, the kept examples, the norms and the counters, from per-leaf squared norms.
+
+        ``leaf_bound`` (ghost path): upper bounds of the squared norms under rounding, used for
+        the factors (the reported norms stay the estimates ``leaf_sq``).
+        """
+        leaf_bound = leaf_sq if leaf_bound is None else leaf_bound
         norms = jnp.sqrt(sum(leaf_sq))
+        bound = jnp.sqrt(sum(leaf_bound))
         clip = self.l2_clip_norm
-        finite = jnp.isfinite(norms)
+        finite = jnp.isfinite(norms) & jnp.isfinite(bound)
         if self.per_layer:
             # Each of the K leaves gets budget C / sqrt(K): the total stays <= C.
             budget = clip / math.sqrt(len(leaf_sq))
-            factors = [jnp.minimum(1.0, budget / jnp.maximum(jnp.sqrt(s), 1e-30)) for s in leaf_sq]
+            factors = [jnp.minimum(1.0, budget / jnp.maximum(jnp.sqrt(s), 1e-30)) for s in leaf_bound]
             clipped_any = sum((f < 1.0).astype(jnp.int32) for f in factors) > 0
         else:
-            factor = jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-30))
+            factor = jnp.minimum(1.0, clip / jnp.maximum(bound, 1e-30))
             factors = [factor] * len(leaf_sq)
             clipped_any = factor < 1.0
         keep = finite & (mask > 0)
@@ -309,7 +315,10 @@ class ClippedGradFn:
             reason = "a custom example_grad estimator is set"
         else:
             try:
-                return self._analyse(batched_nums, params, args)
+                plan = self._analyse(batched_nums, params, args)
+                if self.clipping_impl == "auto":
+                    self._trace_ghost(plan, batched_nums, params, args)
+                return plan
             except _ghost.GhostUnsupported as e:
                 if self.clipping_impl == "ghost":
                     raise
@@ -326,11 +335,28 @@ class ClippedGradFn:
         """
         if self.example_grad is not None:
             return "a custom example_grad estimator is set"
+        batched_nums = _normalise_argnums(self.batch_argnums, len(batch))
         try:
-            self._analyse(_normalise_argnums(self.batch_argnums, len(batch)), params, batch)
+            self._trace_ghost(self._analyse(batched_nums, params, batch), batched_nums, params, batch)
         except _ghost.GhostUnsupported as e:
             return str(e)
         return None
+
+    def _trace_ghost(self, plan, batched_nums, params, args):
+        """``auto``: trace the whole ghost chunk abstractly; a failure is a reason to use vmap, not an error."""
+
+        def abstract(v):
+            return jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) if hasattr(v, "shape") else v
+
+        size = jax.tree_util.tree_leaves(args[batched_nums[0] - 1])[0].shape[0]
+        try:
+            jax.eval_shape(
+                lambda p, a: self._ghost_chunk(p, batched_nums, a, jnp.ones((size,), jnp.float32), plan),
+                jax.tree_util.tree_map(abstract, params),
+                jax.tree_util.tree_map(abstract, list(args)),
+            )
+        except Exception as e:  # anything: auto must never fail where vmap works
+            raise _ghost.GhostUnsupported(f"the ghost path did not trace ({type(e).__name__}: {e})") from e
 
     def _analyse(self, batched_nums, params, args):
         """The one-example loss traced and its parameter uses checked (:func:`jaxdp._ghost.analyse`)."""
@@ -363,9 +389,14 @@ class ClippedGradFn:
         (cotangents,) = vjp_fn(jnp.ones((), jnp.float32))
 
         leaf_sq = [jnp.zeros((size,), jnp.float32) for _ in leaves]
+        leaf_bound = list(leaf_sq)
+        materialised = {}
         for k, site in enumerate(sites):
-            leaf_sq[site.leaf] = _ghost.site_sq_norms(site, leaves[site.leaf], operands[k], cotangents[k])
-        factors, keep, norms, stats = self._weights(leaf_sq, mask)
+            sq, bound, per_ex = _ghost.site_norms(site, leaves[site.leaf], operands[k], cotangents[k])
+            leaf_sq[site.leaf], leaf_bound[site.leaf] = sq, bound
+            if per_ex is not None:
+                materialised[k] = per_ex
+        factors, keep, norms, stats = self._weights(leaf_sq, mask, leaf_bound)
 
         def kept(x):
             # `where` (not a multiply): a dropped example's NaN/inf contributes exactly zero.
@@ -375,9 +406,13 @@ class ClippedGradFn:
         for k, site in enumerate(sites):
             g = cotangents[k]
             w = jnp.where(keep, factors[site.leaf], 0.0).astype(jnp.promote_types(g.dtype, jnp.float32))
-            g_w = kept(g * w.reshape((-1,) + (1,) * (g.ndim - 1)))
-            ops = [kept(o) for o in operands[k]]
-            total_k = _ghost.site_weighted_sum(site, leaves[site.leaf], ops, g_w)
+            if k in materialised:  # the gradients whose norms were taken, scaled and summed (as on the vmap path)
+                per_ex = materialised[k]
+                total_k = jnp.sum(kept(per_ex * w.reshape((-1,) + (1,) * (per_ex.ndim - 1))), axis=0)
+            else:
+                g_w = kept(g * w.reshape((-1,) + (1,) * (g.ndim - 1)))
+                ops = [kept(o) for o in operands[k]]
+                total_k = _ghost.site_weighted_sum(site, leaves[site.leaf], ops, g_w)
             summed[site.leaf] = total_k.astype(summed[site.leaf].dtype)
         grad_sum = jax.tree_util.tree_unflatten(treedef, summed)
         return grad_sum, loss, aux, norms, stats
