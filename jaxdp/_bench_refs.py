@@ -303,14 +303,14 @@ def build_opacus(model_name: str, batch: int, *, seed: int = 0, threads: int | N
     def step():
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(x), y)
-        loss.backward()
+        with warnings.catch_warnings():
+            # The inputs do not require grad, so torch notes its full backward hooks fire on module outputs only.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            loss.backward()
         optimizer.step()
         return None
 
-    with warnings.catch_warnings():
-        # The inputs do not require grad, so torch notes its full backward hooks fire on module outputs only.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-        compile_s = _first_call(step)
+    compile_s = _first_call(step)
     return Runner(
         "opacus",
         step,
