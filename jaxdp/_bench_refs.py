@@ -1,0 +1,396 @@
+"""Reference DP-SGD implementations timed against jaxdp's private step (``pip install 'jaxdp[bench]'``).
+
+Each reference runs one *full* private step on the same architecture, batch and
+inputs as jaxdp: per-example gradients, clipping to C = 1, one Gaussian noise draw
+(σ = 1), averaging, SGD. Only the clipping/noise implementation differs:
+
+* ``jax_privacy``: ``jax_privacy.clipped_grad`` (sum of clipped per-example
+  gradients) + ``jax_privacy.noise_addition.gaussian_privatizer`` + SGD, on our
+  Flax model and our :func:`jaxdp.train.classification_loss`.
+* ``optax``: ``jax.vmap(jax.grad(loss))`` + ``optax.contrib.differentially_private_aggregate``
+  + SGD, again on our model and loss.
+* ``opacus``: a PyTorch twin of the model (same layers, shapes and parameter
+  count; GroupNorm, weight-standardised convs) made private with Opacus's
+  ``PrivacyEngine`` (hooks mode, flat clipping), ``torch.set_num_threads`` set to
+  the cores JAX uses.
+
+A reference is a callable ``(model_name, batch, repeats) -> dict`` with keys
+``ex_per_s``, ``compile_s`` (first step, compilation included), ``params`` and
+``notes``; :data:`REFERENCES` maps names to them, :func:`jaxdp_private` times
+jaxdp's own step with the same signature. A missing package raises
+``ImportError`` saying what to install. For side-by-side ratios build the
+runners (:data:`BUILDERS`) and time them with :func:`time_interleaved`
+(what ``benchmarks/bench_refs.py`` does).
+
+None of this is needed by the library or its tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+__all__ = [
+    "BUILDERS",
+    "MODELS",
+    "REFERENCES",
+    "Runner",
+    "build_jax_privacy",
+    "build_jaxdp",
+    "build_opacus",
+    "build_optax",
+    "jaxdp_private",
+    "time_interleaved",
+]
+
+L2_CLIP = 1.0
+NOISE_MULTIPLIER = 1.0
+LEARNING_RATE = 0.1
+_INSTALL = "pip install 'jaxdp[bench]'  (or: pip install jax-privacy opacus torch)"
+
+
+def _require(module: str, package: str):
+    """Import ``module`` or raise an ImportError that names the package and the install command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"the '{package}' reference needs the package {package!r}, which is not installed ({e}). "
+            f"Install the benchmark extra: {_INSTALL}. The library and its tests never need it."
+        ) from e
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A benchmark model: the Flax constructor, one example's input shape (HWC), classes."""
+
+    make: Callable[[int], nnx.Module]
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def _mnist_cnn(seed: int) -> nnx.Module:
+    from jaxdp.models import DPMnistCNN
+
+    return DPMnistCNN((28, 28, 1), 10, rngs=nnx.Rngs(seed))
+
+
+def _wrn16_4(seed: int) -> nnx.Module:
+    from jaxdp.models import WideResNet
+
+    return WideResNet((32, 32, 3), 10, depth=16, width=4, rngs=nnx.Rngs(seed))
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mnist_cnn": ModelSpec(_mnist_cnn, (28, 28, 1), 10),
+    "wrn16_4": ModelSpec(_wrn16_4, (32, 32, 3), 10),
+}
+# "transformer" (jaxdp.models.TransformerClassifier) joins when that model lands; see _spec.
+
+
+def _spec(model_name: str) -> ModelSpec:
+    if model_name in MODELS:
+        return MODELS[model_name]
+    if model_name == "transformer":
+        raise NotImplementedError(
+            "model_name='transformer' is not wired into the reference benchmark yet: it needs "
+            "jaxdp.models.TransformerClassifier and a PyTorch twin for Opacus. Use 'mnist_cnn' or 'wrn16_4'."
+        )
+    raise ValueError(f"model_name={model_name!r} is not known; choose one of {sorted(MODELS)}.")
+
+
+def _data(spec: ModelSpec, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random NHWC float32 inputs and int labels, identical for every implementation."""
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch={batch!r} must be an int >= 1.")
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, *spec.input_shape)).astype(np.float32)
+    y = rng.integers(0, spec.num_classes, batch).astype(np.int32)
+    return x, y
+
+
+def _flax(model_name: str, seed: int = 0):
+    from jaxdp.train import classification_loss
+
+    spec = _spec(model_name)
+    graphdef, params, rest = nnx.split(spec.make(seed), nnx.Param, ...)
+    return spec, params, classification_loss(graphdef, rest)
+
+
+def _count(params: Any) -> int:
+    return int(sum(np.size(v) for v in jax.tree_util.tree_leaves(params)))
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+@dataclasses.dataclass
+class Runner:
+    """One implementation, built and warmed up: ``step()`` runs one full private step.
+
+    ``step`` returns something :func:`jax.block_until_ready` waits on (``None``
+    for synchronous PyTorch). ``compile_s`` is the first step's wall time.
+    """
+
+    name: str
+    step: Callable[[], Any]
+    batch: int
+    params: int
+    compile_s: float
+    notes: str = ""
+
+
+def _first_call(step: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(step())
+    return time.perf_counter() - t0
+
+
+def build_jaxdp(model_name: str, batch: int, *, seed: int = 0) -> Runner:
+    """jaxdp's private step exactly as ``jaxdp train`` runs it (:func:`jaxdp.train.make_private_step`)."""
+    import jaxdp
+    from jaxdp.train import TrainState, make_private_step
+
+    spec, params, loss_fn = _flax(model_name, seed)
+    x, y = (jnp.asarray(a) for a in _data(spec, batch, seed))
+    mask = jnp.ones((batch,), jnp.float32)
+    plan = jaxdp.PrivacyPlan(
+        dataset_size=max(60000, batch),
+        batch_size=batch,
+        l2_clip_norm=L2_CLIP,
+        noise_multiplier=NOISE_MULTIPLIER,
+        num_steps=1,
+    )
+    tx, p_step, _ = make_private_step(plan, loss_fn, optax.sgd(LEARNING_RATE), noise_key=jax.random.key(seed))
+    state = [TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))]
+
+    def step():
+        state[0], metrics = p_step(state[0], None, x, y, mask)
+        return metrics["loss_sum"]
+
+    return Runner("jaxdp", step, batch, _count(params), _first_call(step), "make_private_step (returns loss, norms)")
+
+
+def build_jax_privacy(model_name: str, batch: int, *, seed: int = 0, with_aux: bool = False) -> Runner:
+    """``jax_privacy.clipped_grad`` + ``gaussian_privatizer`` + SGD on our model and loss.
+
+    ``with_aux`` also returns per-example losses and norms, as jaxdp's step does
+    (off by default: its cheapest configuration is the fair reference).
+    """
+    jp = _require("jax_privacy", "jax-privacy")
+    noise_addition = _require("jax_privacy.noise_addition", "jax-privacy")
+
+    spec, params, loss_fn = _flax(model_name, seed)
+    x, y = (jnp.asarray(a) for a in _data(spec, batch, seed))
+    grad_fn = jp.clipped_grad(
+        loss_fn, l2_clip_norm=L2_CLIP, batch_argnums=(1, 2), return_values=with_aux, return_grad_norms=with_aux
+    )
+    tx = optax.chain(
+        noise_addition.gaussian_privatizer(stddev=NOISE_MULTIPLIER * L2_CLIP, prng_key=jax.random.key(seed)),
+        optax.scale(1.0 / batch),
+        optax.sgd(LEARNING_RATE),
+    )
+
+    @jax.jit
+    def p_step(params, opt_state, x, y):
+        if with_aux:
+            g, aux = grad_fn(params, x, y)
+            out = jnp.sum(aux.values)
+        else:
+            g = grad_fn(params, x, y)
+            out = g
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, out
+
+    state = [params, tx.init(params)]
+
+    def step():
+        state[0], state[1], loss_sum = p_step(state[0], state[1], x, y)
+        return loss_sum
+
+    return Runner(
+        "jax_privacy",
+        step,
+        batch,
+        _count(params),
+        _first_call(step),
+        f"jax-privacy {getattr(jp, '__version__', '?')}: clipped_grad + gaussian_privatizer"
+        + (" (returns loss, norms)" if with_aux else ""),
+    )
+
+
+def build_optax(model_name: str, batch: int, *, seed: int = 0) -> Runner:
+    """``vmap(grad)`` per-example gradients + ``optax.contrib.differentially_private_aggregate`` + SGD."""
+    spec, params, loss_fn = _flax(model_name, seed)
+    x, y = (jnp.asarray(a) for a in _data(spec, batch, seed))
+    from optax import contrib
+
+    tx = optax.chain(
+        contrib.differentially_private_aggregate(L2_CLIP, NOISE_MULTIPLIER, key=jax.random.key(seed)),
+        optax.sgd(LEARNING_RATE),
+    )
+    one = jax.value_and_grad(lambda p, xi, yi: loss_fn(p, xi[None], yi[None]))
+
+    @jax.jit
+    def p_step(params, opt_state, x, y):
+        losses, per_example = jax.vmap(one, in_axes=(None, 0, 0))(params, x, y)
+        updates, opt_state = tx.update(per_example, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, jnp.sum(losses)
+
+    state = [params, tx.init(params)]
+
+    def step():
+        state[0], state[1], loss_sum = p_step(state[0], state[1], x, y)
+        return loss_sum
+
+    return Runner(
+        "optax",
+        step,
+        batch,
+        _count(params),
+        _first_call(step),
+        f"optax {optax.__version__}: vmap(grad) + contrib.differentially_private_aggregate",
+    )
+
+
+def build_opacus(model_name: str, batch: int, *, seed: int = 0, threads: int | None = None) -> Runner:
+    """The PyTorch twin of the model made private by Opacus's ``PrivacyEngine`` (hooks, flat clipping)."""
+    torch = _require("torch", "torch")
+    opacus = _require("opacus", "opacus")
+    from jaxdp import _bench_torch
+
+    spec = _spec(model_name)
+    threads = threads or _jax_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = _bench_torch.make(model_name)
+    x_np, y_np = _data(spec, batch, seed)
+    x = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2)))  # NHWC -> NCHW
+    y = torch.from_numpy(y_np.astype(np.int64))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    with warnings.catch_warnings():
+        # secure_mode=False (Opacus's default, its fast path) warns once at construction.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = opacus.PrivacyEngine()
+        model, optimizer, _ = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=NOISE_MULTIPLIER,
+            max_grad_norm=L2_CLIP,
+            poisson_sampling=False,  # we feed the same fixed batch; the step's work is unchanged
+        )
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        with warnings.catch_warnings():
+            # The inputs do not require grad, so torch notes its full backward hooks fire on module outputs only.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            loss.backward()
+        optimizer.step()
+        return None
+
+    compile_s = _first_call(step)
+    return Runner(
+        "opacus",
+        step,
+        batch,
+        sum(p.numel() for p in model.parameters()),
+        compile_s,
+        f"opacus {opacus.__version__}, torch {torch.__version__}, {threads} threads",
+    )
+
+
+BUILDERS: dict[str, Callable[..., Runner]] = {
+    "jaxdp": build_jaxdp,
+    "jax_privacy": build_jax_privacy,
+    "optax": build_optax,
+    "opacus": build_opacus,
+}
+
+
+def _jax_threads() -> int:
+    """Cores XLA's CPU backend uses by default: all the process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_interleaved(runners: list[Runner], repeats: int, min_block_s: float = 0.5) -> dict[str, dict]:
+    """Seconds per step of each runner: median over ``repeats`` rounds, each round one block per runner.
+
+    Blocks are interleaved (A, B, C, A, B, C, ...) so that load from other
+    processes hits every implementation alike; a block is as many steps as take
+    about ``min_block_s`` (at least one). Returns ``{name: {"step_s", "min_s",
+    "max_s", "iters"}}``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats!r} must be >= 1.")
+    iters = {}
+    for r in runners:
+        t0 = time.perf_counter()
+        jax.block_until_ready(r.step())
+        iters[r.name] = max(1, math.ceil(min_block_s / max(time.perf_counter() - t0, 1e-6)))
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(repeats):
+        for r in runners:
+            n = iters[r.name]
+            t0 = time.perf_counter()
+            out = None
+            for _ in range(n):
+                out = r.step()
+            jax.block_until_ready(out)
+            times[r.name].append((time.perf_counter() - t0) / n)
+    return {
+        name: {"step_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "iters": iters[name]}
+        for name, ts in times.items()
+    }
+
+
+def _measure(builder: Callable[..., Runner]) -> Callable[[str, int, int], dict]:
+    def measure(model_name: str, batch: int, repeats: int) -> dict:
+        runner = builder(model_name, batch)
+        t = time_interleaved([runner], repeats)[runner.name]
+        return {
+            "ex_per_s": batch / t["step_s"],
+            "compile_s": runner.compile_s,
+            "params": runner.params,
+            "notes": runner.notes,
+        }
+
+    measure.__name__ = measure.__qualname__ = f"measure_{builder.__name__.removeprefix('build_')}"
+    measure.__doc__ = f"Examples/s of one full private step, median of ``repeats`` blocks. {builder.__doc__}"
+    return measure
+
+
+jaxdp_private = _measure(build_jaxdp)
+
+REFERENCES: dict[str, Callable[[str, int, int], dict]] = {
+    "jax_privacy": _measure(build_jax_privacy),
+    "optax": _measure(build_optax),
+    "opacus": _measure(build_opacus),
+}
