@@ -70,7 +70,19 @@ CLIPPING_IMPLS = ("vmap", "ghost", "auto")
 # adds a reference implementation (jax_privacy, Opacus, optax DP ...). Entries are
 # called in the process that times jaxdp (a fresh subprocess per configuration unless
 # isolate=False), so register them at import time of this module.
-references: dict[str, Callable[[str, int, int], float]] = {}
+# The built-in ones (jaxdp._bench_refs: jax_privacy's clipped_grad, optax's DP aggregator, Opacus)
+# need the optional `bench` extra; without it their columns say n/a. A callable returns examples/s
+# or a dict with "ex_per_s".
+references: dict[str, Callable[[str, int, int], Any]] = {}
+
+
+def _builtin_references() -> dict:
+    from jaxdp._bench_refs import REFERENCES
+
+    return dict(REFERENCES)
+
+
+references.update(_builtin_references())
 
 
 class BenchError(ValueError):
@@ -467,10 +479,13 @@ def measure_config(job: dict) -> dict:
     }
     for name, ref in references.items():
         try:
-            ref_ex = float(ref(job["model"], batch, job["repeats"]))
+            got = ref(job["model"], batch, job["repeats"])
+            ref_ex = float(got["ex_per_s"] if isinstance(got, dict) else got)
             row["references"][name] = {"ex_per_s": ref_ex, "jaxdp_over_ref": row["private_ex_per_s"] / ref_ex}
         except ImportError as e:
             row["references"][name] = {"error": f"not installed ({e})"}
+        except (NotImplementedError, ValueError) as e:  # e.g. a model the reference has no twin of
+            row["references"][name] = {"error": f"not available for {job['model']} ({e})"}
 
     epochs = job["epochs"]
     row["epochs"] = epochs
