@@ -12,6 +12,9 @@ alone, and its norm often has a cheap closed form:
   (the "ghost norm"; we take whichever is cheaper);
 * convolution: the same, with X_i the example's input patches (im2col);
 * embedding (``gather`` of rows): ``sum_{t,s} [idx_t = idx_s] <g_t, g_s>``;
+* a dense or convolution kernel whose per-example gradient is no larger than the
+  example's X and G (few positions T, or a first convolution on few channels): that
+  gradient X_i^T G_i itself;
 * anything else linear in W (convolutions, bias, scale): the example's gradient of
   *that one parameter* (small for biases and scales), never of the whole model.
 
@@ -19,7 +22,8 @@ How: the loss of one example is traced to a jaxpr and re-run by a small
 interpreter that adds a zero "probe" to the output of each such operation and
 records its other operand. One backward pass to the probes (not to the
 parameters) gives every ``g_i``; the norms follow per parameter; the clipped sum
-is then one *weighted* backward pass per parameter, ``sum_i w_i X_i^T G_i``
+is then, per parameter, one *weighted* backward pass ``sum_i w_i X_i^T G_i``, or,
+where the per-example gradient was formed for its norm, the weighted sum of those
 (book-keeping: no second pass through the network).
 
 Soundness is checked, not assumed: each parameter leaf must reach exactly one such
@@ -374,6 +378,38 @@ def _gather_layout(site: _Site, x, g):
     return i, valid, g.reshape(b, i.shape[1], table[1])
 
 
+def _to_leaf(site: _Site, leaf_value, blocks):
+    """Per-example gradients of the leaf, (B, *leaf shape), from the (B, d_in, d_out) blocks of X^T G.
+
+    ``blocks`` rows are the non-parameter operand's contracted features in the order the
+    layouts above flatten them (dense: the contracting dims in pairing order; convolution:
+    window offset, then input channel), columns the parameter's free features (dense: its
+    free dims in order; convolution: output channels). They are put in the consumer
+    operand's layout, then taken back through the leaf's chain of relayouts (its transpose).
+    """
+    b = blocks.shape[0]
+    operand = site.eqn.invars[site.pos].aval
+    p = site.eqn.params
+    if site.eqn.primitive.name == "dot_general":
+        (lc, rc), _ = p["dimension_numbers"]
+        wc = list(lc if site.pos == 0 else rc)
+        wfree = [d for d in range(len(operand.shape)) if d not in wc]
+        order = wc + wfree  # operand dims in the order the blocks hold them
+    else:
+        _, rhs_spec, _ = p["dimension_numbers"]
+        order = [*rhs_spec[2:], rhs_spec[1], rhs_spec[0]]  # window offset, input channel, output channel
+    canon = blocks.reshape((b, *(operand.shape[d] for d in order)))
+    per_op = jnp.transpose(canon, [0] + [1 + order.index(d) for d in range(len(order))])
+
+    def chain(w):
+        for eqn in site.chain:
+            (w,) = _bind(eqn, [w])
+        return w
+
+    _, back = jax.vjp(chain, leaf_value)
+    return jax.vmap(lambda y: back(y.astype(operand.dtype))[0])(per_op)
+
+
 def _unit_roundoff(x) -> float:
     return float(jnp.finfo(x.dtype).eps) / 2
 
@@ -393,7 +429,8 @@ def site_norms(site: _Site, leaf_value, operands, g):
     estimate of a small result can be far too small; the bound adds the standard rounding
     error bound of each formula, in terms of ``P = ||X|| ||G||`` (a bound on every term's
     size), and of the weighted backward's own rounding. Where the gradient is materialised
-    (the general path), it is returned and summed as is, like the vmap path: no slack needed.
+    (a kernel's direct X^T G, or the general path), it is returned and summed as is, like the
+    vmap path: no slack needed.
     """
     bijective = all(e.primitive.name in _NORM_KEEPING for e in site.chain)
     name = site.eqn.primitive.name
@@ -411,11 +448,14 @@ def site_norms(site: _Site, leaf_value, operands, g):
                 sq = jnp.einsum("bts,bts->b", gram, gm @ jnp.swapaxes(gm, 1, 2))
                 slack = 2 * (d_in + d_out + t * t + 4) * u * jnp.square(big_p)
                 return sq, jnp.square(jnp.sqrt(jnp.maximum(sq, 0.0) + slack) + 2 * summing), None
+            # Direct: the example's gradient X^T G itself, no larger than its X and G (the test
+            # above). It is kept, mapped to the leaf's layout and summed as normed (book-keeping
+            # without a second weight-gradient pass): no rounding slack needed, as on the vmap path.
             pieces, gm = jax.lax.optimization_barrier((pieces, gm))
-            sq = sum(jnp.sum(jnp.square(jnp.einsum("btd,bte->bde", x, gm)), axis=(1, 2)) for x in pieces)
-            entries = (t + 1) * u * big_p  # each entry of X^T G rounded, in norm
-            bound = jnp.sqrt(sq) * (1 + 2 * (d_in * d_out + 2) * u) + entries + summing
-            return sq, jnp.square(bound), None
+            blocks = jnp.concatenate([jnp.einsum("btd,bte->bde", x, gm) for x in pieces], axis=1)
+            per_ex = _f32(_to_leaf(site, leaf_value, blocks))
+            sq = jnp.sum(jnp.square(per_ex), axis=tuple(range(1, per_ex.ndim)))
+            return sq, sq, per_ex
     if bijective and name == "gather" and len(operands) == 1:
         layout = _gather_layout(site, operands[0], g)
         if layout is not None:

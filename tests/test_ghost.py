@@ -329,6 +329,69 @@ def test_less_common_layouts_equal_vmap():
     _assert_ghost_equals_vmap(loss_fn, params, x, y, jnp.ones((6,)).at[3].set(0.0))
 
 
+class DirectLayouts(nnx.Module):
+    """Kernels whose per-example gradient X^T G is formed for its norm and summed as is (the
+    direct path): each in a layout where putting that gradient back in the parameter's own
+    layout could go wrong."""
+
+    def __init__(self, rngs):
+        key = rngs.params
+        self.w_left = nnx.Param(0.3 * jax.random.normal(key(), (3, 4)))  # (out, in) @ x^T, 8 positions
+        self.w_pairs = nnx.Param(0.3 * jax.random.normal(key(), (2, 3, 2)))  # contracts dims 1, 0 (swapped)
+        self.w_mid = nnx.Param(0.3 * jax.random.normal(key(), (3, 2, 4)))  # free dim in the middle
+        self.w_t = nnx.Param(0.3 * jax.random.normal(key(), (2, 4)))  # stored (out, in), used transposed
+        self.k_flat = nnx.Param(0.3 * jax.random.normal(key(), (5 * 5, 3)))  # 5x5x1x3 HWIO kept flat
+        self.k_ohwi = nnx.Param(0.3 * jax.random.normal(key(), (2, 3, 3, 3)))  # OHWI, stride 2, dilation
+        self.k_1d = nnx.Param(0.3 * jax.random.normal(key(), (3, 2, 2)))  # 1-D: WIO
+        self.head = nnx.Linear(12 + 4 + 8 + 16 + 2 + 2, 3, rngs=rngs)
+
+    def __call__(self, x):
+        b = x.shape[0]
+        seq = x[:, :48].reshape(b, 8, 6)  # 8 positions of 6 features
+        a = jax.lax.dot_general(self.w_left[...], seq[..., :4], (((1,), (2,)), ((), ())))  # (3, b, 8)
+        p = jnp.einsum("bpji,ijo->bpo", seq.reshape(b, 8, 3, 2), self.w_pairs[...])  # (b, 8, 2)
+        m = jnp.einsum("bpik,ijk->bpj", jnp.concatenate([seq, -seq], -1).reshape(b, 8, 3, 4), self.w_mid[...])
+        t = seq[..., 2:6] @ self.w_t[...].T  # (b, 8, 2)
+        img = x[:, 48:].reshape(b, 8, 8, 1)
+        k = self.k_flat[...].reshape(5, 5, 1, 3)
+        c = jnp.tanh(jax.lax.conv_general_dilated(img, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        d = jax.lax.conv_general_dilated(
+            c,
+            self.k_ohwi[...],
+            (2, 2),
+            [(2, 1), (1, 2)],
+            rhs_dilation=(1, 2),
+            dimension_numbers=("NHWC", "OHWI", "NHWC"),
+        )
+        e = jax.lax.conv_general_dilated(
+            seq[..., :2], self.k_1d[...], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+        )
+        feats = [a.transpose(1, 0, 2)[..., ::2].reshape(b, -1), p[:, ::4].reshape(b, -1), m[:, ::2].reshape(b, -1)]
+        feats += [t.reshape(b, -1), d.mean((1, 2)), e.mean((1, 2))[:, None].repeat(2, -1)]
+        return self.head(jnp.tanh(jnp.concatenate(feats, axis=-1)))
+
+
+def test_direct_per_example_gradients_are_put_back_in_each_layout(monkeypatch):
+    """The direct path's gradients, summed as normed, equal vmap's in every layout (a wrong layout
+    would permute the sum), and every kernel here took that path."""
+    from jaxdp import _ghost
+
+    direct = set()
+    to_leaf = _ghost._to_leaf
+
+    def spy(site, leaf_value, blocks):
+        direct.add(site.leaf)
+        return to_leaf(site, leaf_value, blocks)
+
+    monkeypatch.setattr(_ghost, "_to_leaf", spy)
+    x = np.random.default_rng(7).normal(size=(6, 48 + 64)).astype(np.float32)
+    loss_fn, params, x, y = _nnx_problem(DirectLayouts(nnx.Rngs(0)), x, 3)
+    _assert_ghost_equals_vmap(loss_fn, params, x, y, jnp.ones((6,)).at[2].set(0.0), clip=0.05)
+    names = _ghost.leaf_names(params)
+    kernels = {n for n in names if "head" not in n}
+    assert {names[i] for i in direct} == kernels
+
+
 def test_ghost_coverage_says_why_without_computing():
     loss_fn, params, x, y = problem("transformer")
     assert jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).ghost_coverage(params, x, y) is None
