@@ -12,16 +12,28 @@ HERE = os.path.dirname(__file__)
 
 @pytest.fixture(scope="module")
 def measured():
+    """One 8-device subprocess per model, run side by side (each is mostly single-threaded compiling)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "sharded_step_check.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "sharded_step_check.py"), model],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for model in ("mlp", "cnn")
+    ]
+    out = {}
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-3000:]
+            out.update(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            proc.kill()
+    return out
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
