@@ -252,11 +252,16 @@ class _Interpreter:
         return [out]
 
 
-def _apply_site(site: _Site, leaf_value, operands):
-    """``consumer(..., chain(leaf), ...)`` with the recorded non-parameter operands."""
-    w = leaf_value
+def _apply_chain(site: _Site, w):
+    """The leaf as its one consumer sees it: ``chain(leaf)``."""
     for eqn in site.chain:
         (w,) = _bind(eqn, [w])
+    return w
+
+
+def _apply_site(site: _Site, leaf_value, operands):
+    """``consumer(..., chain(leaf), ...)`` with the recorded non-parameter operands."""
+    w = _apply_chain(site, leaf_value)
     it = iter(operands)
     vals = []
     for i in range(len(site.eqn.invars)):
@@ -400,13 +405,7 @@ def _to_leaf(site: _Site, leaf_value, blocks):
         order = [*rhs_spec[2:], rhs_spec[1], rhs_spec[0]]  # window offset, input channel, output channel
     canon = blocks.reshape((b, *(operand.shape[d] for d in order)))
     per_op = jnp.transpose(canon, [0] + [1 + order.index(d) for d in range(len(order))])
-
-    def chain(w):
-        for eqn in site.chain:
-            (w,) = _bind(eqn, [w])
-        return w
-
-    _, back = jax.vjp(chain, leaf_value)
+    _, back = jax.vjp(lambda w: _apply_chain(site, w), leaf_value)
     return jax.vmap(lambda y: back(y.astype(operand.dtype))[0])(per_op)
 
 
@@ -504,7 +503,8 @@ def analyse(fun, params, example_args) -> tuple[Any, list[_Site], Any]:
     Returns ``(closed_jaxpr, sites, out_tree)``; raises :class:`GhostUnsupported`.
     """
     leaves = jax.tree_util.tree_leaves(params)
-    for name, leaf in zip(leaf_names(params), leaves, strict=True):
+    names = leaf_names(params)
+    for name, leaf in zip(names, leaves, strict=True):
         _check_dtype(jnp.result_type(leaf), f"parameter {name} is")
     out_tree = []
 
@@ -518,7 +518,7 @@ def analyse(fun, params, example_args) -> tuple[Any, list[_Site], Any]:
     closed = jax.make_jaxpr(flat)(abstract, *example_args)
     n = len(leaves)
     tags = [_Tag(i) for i in range(n)] + [None] * (len(closed.jaxpr.invars) - n)
-    interp = _Interpreter(leaf_names(params))
+    interp = _Interpreter(names)
 
     def evaluate(*args):
         outs, outtags = interp.run(closed.jaxpr, closed.consts, args, tags)

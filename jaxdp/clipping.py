@@ -95,6 +95,19 @@ def _sq_norm_per_example(leaf: jax.Array) -> jax.Array:
     return jnp.sum(jnp.square(leaf), axis=tuple(range(1, leaf.ndim)))
 
 
+def _scaled_sum(per_example: jax.Array, factor: jax.Array, keep: jax.Array) -> jax.Array:
+    """``sum_i factor_i * g_i`` over the kept examples of a (B, ...) leaf."""
+    # Scale and sum in at least float32: in bfloat16 the rounding of
+    # g * (C / ||g||) can land above C (measured: 1.0028 for C = 1).
+    per_example = per_example.astype(jnp.promote_types(per_example.dtype, jnp.float32))
+    w = jnp.where(keep, factor, 0.0).astype(per_example.real.dtype)
+    shape = (-1,) + (1,) * (per_example.ndim - 1)
+    # `where` (not a multiply) so a NaN/inf gradient of a dropped example
+    # contributes exactly zero instead of NaN.
+    contrib = jnp.where(keep.reshape(shape), per_example * w.reshape(shape), jnp.zeros((), per_example.dtype))
+    return jnp.sum(contrib, axis=0)
+
+
 def per_example_norms(per_example_grads: PyTree) -> jax.Array:
     """L2 norm of each example's gradient over all leaves of a batched pytree.
 
@@ -292,17 +305,7 @@ class ClippedGradFn:
         loss, aux, grads = self._per_example(params, batched_nums, args)
         leaves, treedef = jax.tree_util.tree_flatten(grads)
         factors, keep, norms, stats = self._weights([_sq_norm_per_example(leaf) for leaf in leaves], mask)
-        summed = []
-        for leaf, f in zip(leaves, factors, strict=True):
-            # Scale and sum in at least float32: in bfloat16 the rounding of
-            # g * (C / ||g||) can land above C (measured: 1.0028 for C = 1).
-            leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
-            w = jnp.where(keep, f, 0.0).astype(leaf.real.dtype)
-            shape = (-1,) + (1,) * (leaf.ndim - 1)
-            # `where` (not a multiply) so a NaN/inf gradient of a dropped example
-            # contributes exactly zero instead of NaN.
-            contrib = jnp.where(keep.reshape(shape), leaf * w.reshape(shape), jnp.zeros((), leaf.dtype))
-            summed.append(jnp.sum(contrib, axis=0))
+        summed = [_scaled_sum(leaf, f, keep) for leaf, f in zip(leaves, factors, strict=True)]
         grad_sum = jax.tree_util.tree_unflatten(treedef, summed)
         return grad_sum, loss, aux, norms, stats
 
@@ -404,12 +407,11 @@ class ClippedGradFn:
 
         summed = [jnp.zeros(leaf.shape, jnp.promote_types(leaf.dtype, jnp.float32)) for leaf in leaves]
         for k, site in enumerate(sites):
-            g = cotangents[k]
-            w = jnp.where(keep, factors[site.leaf], 0.0).astype(jnp.promote_types(g.dtype, jnp.float32))
             if k in materialised:  # the gradients whose norms were taken, scaled and summed (as on the vmap path)
-                per_ex = materialised[k]
-                total_k = jnp.sum(kept(per_ex * w.reshape((-1,) + (1,) * (per_ex.ndim - 1))), axis=0)
+                total_k = _scaled_sum(materialised[k], factors[site.leaf], keep)
             else:
+                g = cotangents[k]
+                w = jnp.where(keep, factors[site.leaf], 0.0).astype(jnp.promote_types(g.dtype, jnp.float32))
                 g_w = kept(g * w.reshape((-1,) + (1,) * (g.ndim - 1)))
                 ops = [kept(o) for o in operands[k]]
                 total_k = _ghost.site_weighted_sum(site, leaves[site.leaf], ops, g_w)
