@@ -13,20 +13,16 @@ import pytest
 from jaxdp import bench, cli
 
 
+def _in_process(out_dir, **grid):
+    """A tiny grid of the small MLP, measured in this process, no device scale-out, one timing block."""
+    return bench.run_bench(
+        models=["mlp"], out_dir=str(out_dir), devices=[], repeats=1, isolate=False, progress=False, **grid
+    )
+
+
 def test_tiny_grid_writes_csv_json_markdown_png(tmp_path, capsys):
     out = tmp_path / "out"
-    result = bench.run_bench(
-        models=["mlp"],
-        batch_sizes=[32],
-        epsilons=[4.0],
-        clipping_impl="vmap",
-        out_dir=str(out),
-        devices=[],
-        epochs=1,
-        repeats=1,
-        isolate=False,
-        progress=False,
-    )
+    result = _in_process(out, batch_sizes=[32], epsilons=[4.0], clipping_impl="vmap", epochs=1)
     printed = capsys.readouterr().out
     assert "| mlp | 2,410 | 32 | vmap |" in printed and "does not depend on epsilon" in printed
     for key in ("csv", "json", "md", "png"):
@@ -77,17 +73,7 @@ def test_references_hook_reports_ratio_or_not_installed(tmp_path, monkeypatch, c
 
     monkeypatch.setitem(bench.references, "fake", fake)
     monkeypatch.setitem(bench.references, "opacus", missing)
-    result = bench.run_bench(
-        models=["mlp"],
-        batch_sizes=[16],
-        epsilons=[8.0],
-        out_dir=str(tmp_path),
-        devices=[],
-        epochs=0,
-        repeats=1,
-        isolate=False,
-        progress=False,
-    )
+    result = _in_process(tmp_path, batch_sizes=[16], epsilons=[8.0], epochs=0)
     refs = result["rows"][0]["references"]
     assert math.isclose(refs["fake"]["jaxdp_over_ref"], result["rows"][0]["private_ex_per_s"] / 100.0)
     assert "not installed" in refs["opacus"]["error"]
@@ -124,18 +110,7 @@ def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
 
 def test_clipping_impls_are_timed_side_by_side(tmp_path, capsys):
     """Each implementation gets its own line; auto says which path it took; the CSV has a record per impl."""
-    result = bench.run_bench(
-        models=["mlp"],
-        batch_sizes=[16],
-        epsilons=[8.0],
-        clipping_impl=["auto", "vmap"],
-        out_dir=str(tmp_path),
-        devices=[],
-        epochs=0,
-        repeats=1,
-        isolate=False,
-        progress=False,
-    )
+    result = _in_process(tmp_path, batch_sizes=[16], epsilons=[8.0], clipping_impl=["auto", "vmap"], epochs=0)
     printed = capsys.readouterr().out
     assert "| mlp | 2,410 | 16 | auto (ghost) |" in printed and "| mlp | 2,410 | 16 | vmap |" in printed
     (row,) = result["rows"]
