@@ -48,7 +48,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     if num_processes < 1 or not (0 <= process_id < num_processes):
         raise ValueError(
             f"distributed.num_processes={num_processes} and distributed.process_id={process_id} are "
-            "inconsistent: need num_processes >= 1 and 0 <= process_id < num_processes."
+            "inconsistent: need num_processes >= 1 and 0 <= process_id < num_processes; set process_id to each "
+            "process's index, e.g. 0 and 1 for two processes."
         )
     jax.distributed.initialize(
         coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id

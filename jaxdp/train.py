@@ -544,7 +544,10 @@ def _check_same_checkpoint_everywhere(latest: int | None, directory: str) -> Non
 
 def _initialize_distributed(config: ml_collections.ConfigDict) -> None:
     d = config.distributed
-    distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+    try:
+        distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+    except ValueError as e:  # inconsistent num_processes / process_id: a config error, one line
+        raise ConfigError(str(e)) from e
 
 
 class _Run(NamedTuple):
@@ -567,8 +570,8 @@ def _setup(
     example_grad: ExampleGradFn | None = None,
     perturb: Callable[[Any, Any], Any] | None = None,
 ) -> _Run:
-    """Everything before the first step. Bad values surface here as ConfigError."""
-    _initialize_distributed(config)
+    """Everything before the first step (after :func:`train` joined a multi-host run). Bad values surface here
+    as ConfigError."""
     dataset = data_lib.load(config.dataset, config.data_dir or None)
     n_train = len(dataset.x_train)
     validate_config(config, n_train)

@@ -21,7 +21,7 @@ import jaxdp
 from jaxdp import accounting
 from jaxdp.config import ConfigError, load_config
 from jaxdp.sampling import PoissonSampler
-from jaxdp.train import validate_config
+from jaxdp.train import train, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
@@ -281,3 +281,21 @@ def test_complex_leaves_get_the_full_variance_on_both_parts(shape, sigma):
     kr, ki = jax.random.split(jax.random.split(key, 1)[0])
     np.testing.assert_allclose(z.real, sigma * jax.random.normal(kr, shape), rtol=1e-6)
     np.testing.assert_allclose(z.imag, sigma * jax.random.normal(ki, shape), rtol=1e-6)
+
+
+def test_inconsistent_multi_host_settings_are_a_config_error(tmp_path):
+    """Caught before any backend starts, as the one-line ConfigError the CLI prints (not a traceback)."""
+    from jaxdp.config import apply_overrides
+
+    config = apply_overrides(
+        load_config(DIGITS),
+        [
+            "distributed.coordinator_address=localhost:1",
+            "distributed.num_processes=2",
+            "distributed.process_id=5",
+            f"workdir={tmp_path}",
+        ],
+    )
+    with pytest.raises(ConfigError) as e:
+        train(config, progress=False)
+    assert_clear(e, "distributed.process_id", 5)
