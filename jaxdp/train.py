@@ -224,6 +224,11 @@ def make_nonprivate_step(loss_fn: Callable[..., jax.Array], optimizer: optax.Gra
     return step
 
 
+def _clipping_impl(config: ml_collections.ConfigDict) -> str:
+    """``config.clipping_impl``; configs that predate it get the vmap path."""
+    return config.get("clipping_impl", "vmap")
+
+
 def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None = None) -> None:
     """Check values the plan does not (it checks the privacy ones); raise ConfigError naming the key."""
 
@@ -288,7 +293,7 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
     need(isinstance(mb, int) and mb >= 0, "microbatch_size", mb, "need an int >= 0 (0 = no microbatching)")
     pb = config.physical_batch_size
     need(isinstance(pb, int) and pb >= 0, "physical_batch_size", pb, "need an int >= 0 (0 = automatic)")
-    impl = config.get("clipping_impl", "vmap")
+    impl = _clipping_impl(config)
     need(impl in CLIPPING_IMPLS, "clipping_impl", impl, f"need one of {CLIPPING_IMPLS} (performance only)")
 
 
@@ -599,7 +604,7 @@ def _setup(
         mesh=mesh,
         example_grad=example_grad,
         perturb=perturb,
-        clipping_impl=config.get("clipping_impl", "vmap"),
+        clipping_impl=_clipping_impl(config),
     )
     n_dev = mesh.devices.size
     sampler = plan.sampler(
@@ -692,7 +697,7 @@ def train(
         f"jaxdp: {config.dataset} N={n_train} model={config.model.name} devices={n_dev} "
         f"| q={plan.sampling_rate:.4f} steps={num_steps} sigma={plan.noise_multiplier:.4f} "
         f"C={plan.l2_clip_norm} delta={delta:g} -> epsilon={plan.epsilon(delta):.3f} at the end "
-        f"| physical batch {sampler.physical_batch_size} | clipping {config.get('clipping_impl', 'vmap')}"
+        f"| physical batch {sampler.physical_batch_size} | clipping {_clipping_impl(config)}"
         + (f" | BandMF: {plan.bands} bands, cyclic Poisson (q per group)" if plan.bands > 1 else ""),
         flush=True,
     )
@@ -851,7 +856,7 @@ def train(
         "target_epsilon": config.privacy.target_epsilon,
         "accountant": plan.accountant,
         "mechanism": plan.mechanism,
-        "clipping_impl": config.get("clipping_impl", "vmap"),
+        "clipping_impl": _clipping_impl(config),
         "bands": plan.bands,
         "noise_multiplier": plan.noise_multiplier,
         "l2_clip_norm": plan.l2_clip_norm,
