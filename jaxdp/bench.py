@@ -92,17 +92,7 @@ class BenchError(ValueError):
 # --------------------------------------------------------------------------- timing
 def time_per_call(fn: Callable[[], Any], repeats: int, iters: int) -> float:
     """Median seconds per call over ``repeats`` blocks of ``iters`` calls (after one warm-up call)."""
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
+    return time_interleaved({"fn": fn}, repeats, {"fn": iters})["fn"]
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, iters: dict[str, int]) -> dict[str, float]:
@@ -124,6 +114,18 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, iters: dic
             jax.block_until_ready(out)
             times[name].append((time.perf_counter() - t0) / iters[name])
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _block_iters(fns: dict[str, Callable[[], Any]], block_s: float) -> dict[str, int]:
+    """Calls per timing block so that a block takes about ``block_s``, from one timed call of each."""
+    import jax
+
+    iters = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        iters[name] = max(1, round(block_s / max(time.perf_counter() - t0, 1e-6)))
+    return iters
 
 
 # --------------------------------------------------------------------------- models and data
@@ -442,11 +444,7 @@ def measure_config(job: dict) -> dict:
         )
 
     # Interleaved timing, blocks of about block_s seconds each.
-    iters = {}
-    for name, fn in runners.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        iters[name] = max(1, round(job["block_s"] / max(time.perf_counter() - t0, 1e-6)))
+    iters = _block_iters(runners, job["block_s"])
     t = time_interleaved(runners, job["repeats"], iters)
     for p in private:
         seconds = t[f"private:{p['clipping_impl']}"]
@@ -506,7 +504,7 @@ def _train_accuracy(spec, dataset, graphdef, params, rest, loss_fn, batch, epoch
     from flax import nnx
 
     from jaxdp.plan import PrivacyPlan, steps_per_epoch
-    from jaxdp.train import TrainState, make_nonprivate_step, make_private_step
+    from jaxdp.train import TrainState, _evaluate, make_nonprivate_step, make_private_step
 
     n = len(dataset.x_train)
     steps = epochs * steps_per_epoch(n, batch)
@@ -541,11 +539,7 @@ def _train_accuracy(spec, dataset, graphdef, params, rest, loss_fn, batch, epoch
                 else:
                     state, _ = step(state, acc, x_train[idx], y_train[idx], mask)
     predict = jax.jit(lambda p, xb: jnp.argmax(nnx.merge(graphdef, p, rest)(xb), axis=-1))
-    correct = 0
-    for start in range(0, len(dataset.x_test), 256):
-        xb = dataset.x_test[start : start + 256]
-        correct += int(np.sum(np.asarray(predict(state.params, xb)) == dataset.y_test[start : start + 256]))
-    return correct / len(dataset.x_test)
+    return _evaluate(predict, state.params, dataset.x_test, dataset.y_test, batch=256)
 
 
 def scale_worker(job: dict) -> dict:
@@ -595,10 +589,7 @@ def scale_worker(job: dict) -> dict:
         state[0], m = step(state[0], None, xb, yb, mb)
         return jax.block_until_ready(m["loss_sum"])
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(run())
-    iters = max(1, round(job["block_s"] / max(time.perf_counter() - t0, 1e-6)))
-    seconds = time_per_call(run, job["repeats"], iters)
+    seconds = time_per_call(run, job["repeats"], _block_iters({"run": run}, job["block_s"])["run"])
     return {"devices": n, "platform": jax.devices()[0].platform, "ex_per_s": batch / seconds}
 
 
