@@ -36,6 +36,7 @@ from flax import nnx
 
 import jaxdp
 from jaxdp.config import apply_overrides, load_config
+from jaxdp.keys import key_from_secret, new_secret
 from jaxdp.models import CNN
 from jaxdp.train import TrainState, classification_loss, make_private_step, train
 
@@ -127,9 +128,9 @@ def noise_cost(batch=256, bands_list=(4, 16), repeats=15, iters=10) -> list[dict
             bands=b,
             sampling="poisson" if b == 1 else "cyclic_poisson",
         )
-        tx, step, _ = make_private_step(plan, loss_fn, opt, noise_key=jax.random.key(0))
+        tx, step, _ = make_private_step(plan, loss_fn, opt, noise_key=key_from_secret(new_secret()))
         state = [TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))]
-        privatizer = plan.privatizer(jax.random.key(0))
+        privatizer = plan.privatizer(key_from_secret(new_secret()))
         p_state = [privatizer.init(params)]
         p_update = jax.jit(privatizer.update)
 

@@ -29,6 +29,7 @@ from flax import nnx
 
 import jaxdp
 from jaxdp.bench import time_per_call as _time  # one timing helper for every benchmark
+from jaxdp.keys import key_from_secret, new_secret
 from jaxdp.models import CNN, MLP
 from jaxdp.train import TrainState, classification_loss, make_nonprivate_step, make_private_step
 
@@ -65,7 +66,7 @@ def bench_model(name: str, batch: int, repeats: int, iters: int, naive_examples:
     compile_np = time.perf_counter() - t0
 
     # jaxdp private.
-    tx, p_step, _ = make_private_step(plan, loss_fn, opt, noise_key=jax.random.key(0), clipping_impl=impl)
+    tx, p_step, _ = make_private_step(plan, loss_fn, opt, noise_key=key_from_secret(new_secret()), clipping_impl=impl)
     p_state = [TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))]
 
     def run_private():
@@ -78,7 +79,7 @@ def bench_model(name: str, batch: int, repeats: int, iters: int, naive_examples:
 
     # Naive: a python loop over examples, one jitted single-example gradient each.
     one_grad = jax.jit(jax.grad(loss_fn))
-    privatizer = plan.privatizer(jax.random.key(0))
+    privatizer = plan.privatizer(key_from_secret(new_secret()))
     naive_tx = optax.chain(privatizer, opt)
     naive_state = [params, naive_tx.init(params)]
     n_naive = min(naive_examples, batch)

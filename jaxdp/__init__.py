@@ -10,6 +10,9 @@ Public API (everything else is an implementation detail):
   optax ``GradientTransformation`` that yields the noisy average;
   :func:`privatize_banded` — the same with noise correlated across steps by a
   banded matrix factorization (BandMF; strategies in :mod:`jaxdp.bandmf`).
+* :func:`new_secret`, :func:`key_from_secret` — a 128-bit secret from the OS and
+  the noise key built from all of its bits (never ``jax.random.key(int)``, which
+  keeps 32 bits with x64 off).
 * :class:`PrivacyPlan` — the frozen object tying sampler, clipping, noise and
   accounting together.
 * :class:`PoissonSampler` — Poisson sampling with static padded shapes + masks;
@@ -26,6 +29,7 @@ from jaxdp.clipping import (
     gradient_norm_stats,
     per_example_norms,
 )
+from jaxdp.keys import key_from_secret, new_secret
 from jaxdp.noise import BandedPrivatizeState, PrivatizeState, add_noise, privatize, privatize_banded
 from jaxdp.optimizers import conjugate_complex, dp_optimizer
 from jaxdp.plan import PrivacyPlan
@@ -49,6 +53,8 @@ __all__ = [
     "conjugate_complex",
     "dp_optimizer",
     "gradient_norm_stats",
+    "key_from_secret",
+    "new_secret",
     "per_example_norms",
     "privatize",
     "privatize_banded",

@@ -42,6 +42,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxdp.keys import key_from_secret
+
 __all__ = [
     "BUILDERS",
     "MODELS",
@@ -178,7 +180,7 @@ def build_jaxdp(model_name: str, batch: int, *, seed: int = 0) -> Runner:
         noise_multiplier=NOISE_MULTIPLIER,
         num_steps=1,
     )
-    tx, p_step, _ = make_private_step(plan, loss_fn, optax.sgd(LEARNING_RATE), noise_key=jax.random.key(seed))
+    tx, p_step, _ = make_private_step(plan, loss_fn, optax.sgd(LEARNING_RATE), noise_key=key_from_secret(seed))
     state = [TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))]
 
     def step():
@@ -203,7 +205,7 @@ def build_jax_privacy(model_name: str, batch: int, *, seed: int = 0, with_aux: b
         loss_fn, l2_clip_norm=L2_CLIP, batch_argnums=(1, 2), return_values=with_aux, return_grad_norms=with_aux
     )
     tx = optax.chain(
-        noise_addition.gaussian_privatizer(stddev=NOISE_MULTIPLIER * L2_CLIP, prng_key=jax.random.key(seed)),
+        noise_addition.gaussian_privatizer(stddev=NOISE_MULTIPLIER * L2_CLIP, prng_key=key_from_secret(seed)),
         optax.scale(1.0 / batch),
         optax.sgd(LEARNING_RATE),
     )
@@ -243,7 +245,7 @@ def build_optax(model_name: str, batch: int, *, seed: int = 0) -> Runner:
     from optax import contrib
 
     tx = optax.chain(
-        contrib.differentially_private_aggregate(L2_CLIP, NOISE_MULTIPLIER, key=jax.random.key(seed)),
+        contrib.differentially_private_aggregate(L2_CLIP, NOISE_MULTIPLIER, key=key_from_secret(seed)),
         optax.sgd(LEARNING_RATE),
     )
     one = jax.value_and_grad(lambda p, xi, yi: loss_fn(p, xi[None], yi[None]))

@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxdp.keys import key_from_secret, new_secret
+
 __all__ = [
     "BenchError",
     "MODELS",
@@ -417,7 +419,9 @@ def measure_config(job: dict) -> dict:
     )
     runners, private = {"nonprivate": run_nonprivate}, []
     for impl_i in impls:
-        tx, p_step, _ = make_private_step(plan, loss_fn, opt, noise_key=jax.random.key(0), clipping_impl=impl_i)
+        tx, p_step, _ = make_private_step(
+            plan, loss_fn, opt, noise_key=key_from_secret(new_secret()), clipping_impl=impl_i
+        )
         p_state = [TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))]
         t0 = time.perf_counter()
         p_compiled = p_step.lower(p_state[0], None, x, y, mask).compile()
@@ -527,7 +531,7 @@ def _train_accuracy(spec, dataset, graphdef, params, rest, loss_fn, batch, epoch
             accountant=job["accountant"],
         )
         tx, step, accumulate = make_private_step(
-            plan, loss_fn, opt, noise_key=jax.random.key(job["seed"] + 3), clipping_impl=impl
+            plan, loss_fn, opt, noise_key=key_from_secret(new_secret()), clipping_impl=impl
         )
         state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
         sampler = plan.sampler(seed=job["seed"] + 4)
@@ -567,7 +571,7 @@ def scale_worker(job: dict) -> dict:
     )
     mesh = distributed.make_mesh(n)
     tx, step, _ = make_private_step(
-        plan, loss_fn, opt, noise_key=jax.random.key(0), mesh=mesh, clipping_impl=job["clipping_impl"]
+        plan, loss_fn, opt, noise_key=key_from_secret(new_secret()), mesh=mesh, clipping_impl=job["clipping_impl"]
     )
     state = [distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))]
     mask = np.ones((batch,), np.float32)

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdp.keys import as_key
+
 PyTree = Any
 
 __all__ = ["BandedPrivatizeState", "PrivatizeState", "add_noise", "privatize", "privatize_banded"]
@@ -50,7 +52,8 @@ def add_noise(key: jax.Array, tree: PyTree, stddev: float | jax.Array) -> PyTree
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxdp
-      >>> noisy = jaxdp.add_noise(jax.random.key(0), {"w": jnp.zeros(3)}, 1.0)
+      >>> key = jaxdp.key_from_secret(jaxdp.new_secret())  # secret: never jax.random.key(0) in a real run
+      >>> noisy = jaxdp.add_noise(key, {"w": jnp.zeros(3)}, 1.0)
     """
     noise = _standard_normal_like(key, tree)  # in at least float32
     # Added in at least float32 and rounded once: rounding the noisy value is post-processing.
@@ -102,8 +105,7 @@ def _check_privatize_args(l2_clip_norm, noise_multiplier, expected_batch_size, k
     sigma = _check_nonneg("noise_multiplier", noise_multiplier, "pass sigma >= 0 (e.g. 1.0).")
     if isinstance(expected_batch_size, np.integer):
         expected_batch_size = int(expected_batch_size)
-    if isinstance(key, np.integer):
-        key = int(key)
+    key = as_key(key)  # an int secret is used whole (all of its bits), never truncated to 32
     if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) or expected_batch_size < 1:
         raise ValueError(
             f"expected_batch_size={expected_batch_size!r} must be a positive int: the public expected "
@@ -138,9 +140,12 @@ def privatize(
       noise_multiplier: σ >= 0; the noise standard deviation is σC. σ = 0 turns
         noise off (no privacy; for tests and audits).
       expected_batch_size: B > 0, divides the noisy sum.
-      key: PRNG key (or int seed) for the noise. It must be **secret**: anyone
-        who knows it can recompute and subtract the noise. In real runs draw it
-        from OS entropy (``jaxdp.train.privacy_seed(None)``).
+      key: PRNG key for the noise, or an int secret in [0, 2**128) that is
+        turned into one with all of its bits (:func:`jaxdp.key_from_secret`). It
+        must be **secret**: anyone who knows it can recompute and subtract the
+        noise. In real runs draw it from the OS: ``jaxdp.new_secret()``. (Do not
+        build it with ``jax.random.key(seed)``: with x64 off that keeps only the
+        low 32 bits of ``seed``, 2**32 guesses.)
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -149,15 +154,14 @@ def privatize(
       >>> import optax, jaxdp
       >>> tx = optax.chain(
       ...     jaxdp.privatize(l2_clip_norm=1.0, noise_multiplier=1.1,
-      ...                     expected_batch_size=256, key=0),
+      ...                     expected_batch_size=256, key=jaxdp.new_secret()),
       ...     optax.sgd(0.5))
     """
     stddev, expected_batch_size, key = _check_privatize_args(l2_clip_norm, noise_multiplier, expected_batch_size, key)
 
     def init_fn(params):
         del params
-        k = jax.random.key(key) if isinstance(key, int) else key
-        return PrivatizeState(key=k)
+        return PrivatizeState(key=key)
 
     def update_fn(updates, state, params=None):
         del params
@@ -228,7 +232,7 @@ def privatize_banded(
       >>> from jaxdp.bandmf import optimal_coefficients
       >>> tx = optax.chain(
       ...     jaxdp.privatize_banded(l2_clip_norm=1.0, noise_multiplier=1.1, expected_batch_size=256,
-      ...                            key=0, coefficients=optimal_coefficients(1000, 4)),
+      ...                            key=jaxdp.new_secret(), coefficients=optimal_coefficients(1000, 4)),
       ...     optax.sgd(0.5))
     """
     from jaxdp.bandmf import check_coefficients  # host-side math (scipy) stays out of import time
@@ -240,9 +244,8 @@ def privatize_banded(
     tail = jnp.asarray(c[1:], jnp.float32)  # c_1 .. c_{b-1}
 
     def init_fn(params):
-        k = jax.random.key(key) if isinstance(key, int) else key
         history = jax.tree_util.tree_map(lambda p: jnp.zeros((b - 1, *jnp.shape(p)), jnp.result_type(p)), params)
-        return BandedPrivatizeState(key=k, count=jnp.zeros((), jnp.int32), history=history)
+        return BandedPrivatizeState(key=key, count=jnp.zeros((), jnp.int32), history=history)
 
     def update_fn(updates, state, params=None):
         del params

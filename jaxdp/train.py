@@ -16,7 +16,6 @@ import functools
 import json
 import math
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxdp import accounting, distributed
+from jaxdp import accounting, distributed, keys
 from jaxdp import data as data_lib
 from jaxdp.accounting._base import require_upper_bound
 from jaxdp.clipping import CLIPPING_IMPLS, ExampleGradFn, gradient_norm_stats
@@ -282,10 +281,11 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
     need(isinstance(lr, (int, float)) and lr > 0, "optimizer.learning_rate", lr, "need a number > 0")
     seed = config.privacy.noise_seed
     need(
-        seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0),
+        seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**keys.SECRET_BITS),
         "privacy.noise_seed",
         seed,
-        "need None (secret, from the OS: the default for real runs) or an int >= 0 (tests only)",
+        f"need None (secret, {keys.SECRET_BITS} bits from the OS: the default for real runs) "
+        f"or an int in [0, 2**{keys.SECRET_BITS}) (tests only)",
     )
     k = config.augment.multiplicity
     need(isinstance(k, int) and k >= 0, "augment.multiplicity", k, "need an int >= 0 (0 = no augmentation)")
@@ -405,13 +405,15 @@ def privacy_seed(noise_seed: int | None) -> int:
     The guarantee needs both to be unpredictable: anyone who can recompute the
     noise can subtract it, and anyone who knows which steps sampled an example
     removes the amplification by subsampling the accountant counted on. So by
-    default the seed comes from the OS's entropy (``secrets``) and is never
-    printed or logged. ``privacy.noise_seed`` fixes it for tests and debugging,
-    with a warning. Multi-host runs broadcast process 0's seed so every host
-    draws the same batches and noise.
+    default the seed is 128 bits of the OS's entropy (:func:`jaxdp.keys.new_secret`)
+    and is never printed or logged; the noise key is built from all of it
+    (:func:`jaxdp.keys.key_from_secret`). ``privacy.noise_seed`` fixes it for tests
+    and debugging, with a warning. Multi-host runs broadcast process 0's seed as
+    32-bit words (:func:`jaxdp.keys.broadcast_secret`, never truncated) so every
+    host draws the same batches and noise.
     """
     if noise_seed is None:
-        seed = secrets.randbits(62)
+        seed = keys.new_secret()
     else:
         seed = int(noise_seed)
         print(
@@ -419,11 +421,7 @@ def privacy_seed(noise_seed: int | None) -> int:
             "by anyone who knows it, which voids the privacy guarantee. Use it for tests and debugging only.",
             file=sys.stderr,
         )
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        seed = int(multihost_utils.broadcast_one_to_all(np.int64(seed)))
-    return seed
+    return keys.broadcast_secret(seed)
 
 
 def _tensorboard_writer(logdir: str):
@@ -599,7 +597,7 @@ def _setup(
         plan,
         loss_fn,
         optimizer,
-        noise_key=jax.random.key(secret_seed),
+        noise_key=keys.key_from_secret(secret_seed),
         microbatch_size=config.microbatch_size or None,
         mesh=mesh,
         example_grad=example_grad,

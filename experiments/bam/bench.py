@@ -22,6 +22,7 @@ from flax import nnx
 from experiments.bam.bam import method_hooks
 from jaxdp.config import load_config
 from jaxdp.data import load as load_data
+from jaxdp.keys import key_from_secret, new_secret
 from jaxdp.models import make_model
 from jaxdp.plan import PrivacyPlan
 from jaxdp.train import TrainState, classification_loss, make_optimizer, make_private_step
@@ -60,7 +61,7 @@ def main(argv=None):
         config.bam.method = method
         optimizer = make_optimizer(config.optimizer.name, config.optimizer.learning_rate)
         tx, step, _ = make_private_step(
-            plan, loss_fn, optimizer, noise_key=jax.random.key(0), **method_hooks(config.bam)
+            plan, loss_fn, optimizer, noise_key=key_from_secret(new_secret()), **method_hooks(config.bam)
         )
         state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
         t0 = time.perf_counter()
