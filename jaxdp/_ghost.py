@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core as jcore
@@ -142,8 +142,17 @@ def _exact_rule(eqn) -> bool:
     return (os.path.abspath(where.rsplit(":", 1)[0]) if where else "", name) in _EXACT_RULES
 
 
-def _bind(eqn, invals):
+def _bind(eqn, invals, precise: bool = False):
+    """Bind ``eqn`` on ``invals``; ``precise``: a matmul or convolution at ``Precision.HIGHEST``.
+
+    Ghost's own products (the weighted sum and the per-example gradients it forms) run
+    precise, so their rounding is that of their operands' dtype whatever matmul precision is
+    in force (``jax.default_matmul_precision``, TF32 on GPUs, bfloat16 passes on TPUs): the
+    rounding bounds below assume exactly that.
+    """
     bind_params = eqn.primitive.get_bind_params(eqn.params)
+    if precise and "precision" in bind_params:
+        bind_params = {**bind_params, "precision": (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)}
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **bind_params)
     return list(out) if eqn.primitive.multiple_results else [out]
@@ -273,7 +282,7 @@ def _apply_site(site: _Site, leaf_value, operands):
             vals.append(site.literals[i])
         else:
             vals.append(next(it))
-    (out,) = _bind(site.eqn, vals)
+    (out,) = _bind(site.eqn, vals, precise=True)
     return out
 
 
@@ -409,8 +418,29 @@ def _to_leaf(site: _Site, leaf_value, blocks):
     return jax.vmap(lambda y: back(y.astype(operand.dtype))[0])(per_op)
 
 
-def _unit_roundoff(x) -> float:
-    return float(jnp.finfo(x.dtype).eps) / 2
+_HIGHEST = jax.lax.Precision.HIGHEST
+# The Gram estimate is replaced by the example's own X^T G (see site_norms) when its rounding
+# bound inflates a norm by more than this factor: cancellation, not ordinary rounding.
+_GRAM_TRUST = 1.01
+
+
+def _unit_roundoff(*dtypes) -> float:
+    """The unit roundoff of the *lowest* precision among ``dtypes`` (each a dtype or an array)."""
+    return max(float(jnp.finfo(getattr(d, "dtype", d)).eps) / 2 for d in dtypes)
+
+
+def site_roundoff(site: _Site, leaf_value, *arrays) -> float:
+    """The unit roundoff a site's norm and sum computations run at: that of the lowest precision of the
+    parameter, every operand, the consumer's output and the arrays given (the layouts' X and G).
+
+    Ghost's own products run at ``Precision.HIGHEST`` (:func:`_bind`, the matmuls below), so
+    no lower matmul precision in force enters; a float32 product whose result is float64
+    (``preferred_element_type``) rounds like float32 here, not float64.
+    """
+    dtypes = [jnp.result_type(leaf_value), site.out_dtype]
+    dtypes += [v.aval.dtype for i, v in enumerate(site.eqn.invars) if not _is_index(site, i)]
+    dtypes += [v.aval.dtype for e in site.chain for v in e.outvars]
+    return _unit_roundoff(*dtypes, *arrays)
 
 
 def _frobenius(x) -> jax.Array:
@@ -418,18 +448,60 @@ def _frobenius(x) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))))
 
 
-def site_norms(site: _Site, leaf_value, operands, g):
-    """Per-example squared norm of this leaf's gradient: ``(estimate, bound, per_example_grads or None)``.
+def _position_weight(pieces, gm, u) -> jax.Array:
+    """``Q = sum_t ||x_t|| ||g_t||`` per example (an upper bound, rounding included).
 
-    ``estimate`` is the computed squared norm (reported as the norm). ``bound`` is what the
-    clip factor uses: an upper bound, under float rounding, on the squared norm of what
-    :func:`site_weighted_sum` will add for the example. The closed forms add up many terms
-    that can cancel (outputs whose gradients nearly cancel across positions), and a rounded
-    estimate of a small result can be far too small; the bound adds the standard rounding
-    error bound of each formula, in terms of ``P = ||X|| ||G||`` (a bound on every term's
-    size), and of the weighted backward's own rounding. Where the gradient is materialised
-    (a kernel's direct X^T G, or the general path), it is returned and summed as is, like the
-    vmap path: no slack needed.
+    Every term of the closed forms is bounded by products of position norms, and
+    ``sum_{t,s} ||x_t|| ||x_s|| ||g_t|| ||g_s|| = Q^2 <= (||X|| ||G||)^2``: rounding errors
+    are bounded in terms of Q.
+    """
+    x_sq = sum(jnp.sum(jnp.square(x), axis=-1) for x in pieces)  # (B, T): ||x_t||^2 over all blocks
+    g_sq = jnp.sum(jnp.square(gm), axis=-1)
+    q = jnp.sum(jnp.sqrt(x_sq) * jnp.sqrt(g_sq), axis=-1)
+    d = sum(x.shape[-1] for x in pieces) + gm.shape[-1] + gm.shape[1]
+    return q * (1 + 2 * (d + 8) * u)
+
+
+def _example_blocks(pieces, gm):
+    """Per-example X^T G in blocks, (B, d_in, d_out), at HIGHEST precision."""
+    return jnp.concatenate([jnp.einsum("btd,bte->bde", x, gm, precision=_HIGHEST) for x in pieces], axis=1)
+
+
+def _one_block(pieces, gm, i):
+    """Example i's X^T G, (d_in, d_out), at HIGHEST precision."""
+    return jnp.concatenate([jnp.matmul(x[i].T, gm[i], precision=_HIGHEST) for x in pieces], axis=0)
+
+
+class Fallback(NamedTuple):
+    """A Gram site whose estimate may be untrustworthy for some example in the chunk.
+
+    ``use`` (a bool scalar): the norms came from each example's own X^T G instead, so the
+    clipped sum must be that of those products too: ``weighted_sum(w, keep)`` forms
+    ``sum_i w_i X_i^T G_i`` one example at a time (memory of one example's gradient of this
+    parameter) in the leaf's layout.
+    """
+
+    use: jax.Array
+    weighted_sum: Any
+
+
+def site_norms(site: _Site, leaf_value, operands, g):
+    """Per-example squared norm of this leaf's gradient: ``(estimate, bound, per_example_grads or None, fallback)``.
+
+    ``estimate`` is the computed squared norm (reported as the norm; it may come out slightly
+    negative when its terms cancel, and is then clamped by the caller, never taken as
+    non-finite). ``bound`` is what the clip factor uses: an upper bound, under float
+    rounding at the site's lowest precision (:func:`site_roundoff`), on the squared norm of
+    what :func:`site_weighted_sum` will add for the example. The closed forms add up many
+    terms that can cancel (outputs whose gradients nearly cancel across positions), and a
+    rounded estimate of a small result can be far too small; the bound adds the standard
+    rounding error bound of each formula, in terms of ``Q = sum_t ||x_t|| ||g_t||``
+    (:func:`_position_weight`), and of the weighted backward's own rounding. Where that
+    bound inflates some example's norm by more than 1% (cancellation), the site's norms
+    for the chunk are those of each example's own X^T G, formed one example at a time, and
+    ``fallback`` tells the caller to sum those products (:class:`Fallback`), so the result
+    equals the vmap path's. Where the gradient is materialised (a kernel's direct X^T G, or
+    the general path), it is returned and summed as is, like the vmap path: no slack needed.
     """
     bijective = all(e.primitive.name in _NORM_KEEPING for e in site.chain)
     name = site.eqn.primitive.name
@@ -438,23 +510,17 @@ def site_norms(site: _Site, leaf_value, operands, g):
         if layout is not None:
             pieces, gm = layout
             pieces, gm = [_f32(x) for x in pieces], _f32(gm)
-            u = _unit_roundoff(gm)
+            u = site_roundoff(site, leaf_value, gm, *pieces)
             t, d_in, d_out = gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2]
-            big_p = jnp.sqrt(sum(_frobenius(x) ** 2 for x in pieces)) * _frobenius(gm)
-            summing = (t + 4) * u * big_p  # the weighted backward's rounding, per example
             if t * (d_in + d_out) < d_in * d_out:  # ghost norm: T x T Gram matrices
-                gram = sum(x @ jnp.swapaxes(x, 1, 2) for x in pieces)
-                sq = jnp.einsum("bts,bts->b", gram, gm @ jnp.swapaxes(gm, 1, 2))
-                slack = 2 * (d_in + d_out + t * t + 4) * u * jnp.square(big_p)
-                return sq, jnp.square(jnp.sqrt(jnp.maximum(sq, 0.0) + slack) + 2 * summing), None
+                return _gram_norms(site, leaf_value, pieces, gm, u)
             # Direct: the example's gradient X^T G itself, no larger than its X and G (the test
             # above). It is kept, mapped to the leaf's layout and summed as normed (book-keeping
             # without a second weight-gradient pass): no rounding slack needed, as on the vmap path.
             pieces, gm = jax.lax.optimization_barrier((pieces, gm))
-            blocks = jnp.concatenate([jnp.einsum("btd,bte->bde", x, gm) for x in pieces], axis=1)
-            per_ex = _f32(_to_leaf(site, leaf_value, blocks))
+            per_ex = _f32(_to_leaf(site, leaf_value, _example_blocks(pieces, gm)))
             sq = jnp.sum(jnp.square(per_ex), axis=tuple(range(1, per_ex.ndim)))
-            return sq, sq, per_ex
+            return sq, sq, per_ex, None
     if bijective and name == "gather" and len(operands) == 1:
         layout = _gather_layout(site, operands[0], g)
         if layout is not None:
@@ -462,13 +528,14 @@ def site_norms(site: _Site, leaf_value, operands, g):
             t, v = i.shape[1], site.eqn.invars[0].aval.shape[0]
             if t * t < 8 * v:
                 gm = jnp.where(valid[..., None], _f32(gm), 0.0)  # dropped rows: their cotangent may be NaN
-                u = _unit_roundoff(gm)
+                u = site_roundoff(site, leaf_value, gm)
                 same = (i[:, :, None] == i[:, None, :]).astype(gm.dtype)
-                sq = jnp.einsum("bts,bts->b", same, gm @ jnp.swapaxes(gm, 1, 2))
-                big_p = jnp.sqrt(float(t)) * _frobenius(gm)  # one-hot rows: ||X|| <= sqrt(T)
-                slack = 2 * (gm.shape[2] + t * t + 4) * u * jnp.square(big_p)
+                g_gram = jnp.matmul(gm, jnp.swapaxes(gm, 1, 2), precision=_HIGHEST)
+                sq = _two_stage_sum(same * g_gram)
+                big_p = _position_weight([jnp.ones(i.shape + (1,), gm.dtype)], gm, u)  # one-hot rows: ||x_t|| = 1
+                slack = 2 * (gm.shape[2] + 2 * t + 4) * u * jnp.square(big_p)
                 bound = jnp.sqrt(jnp.maximum(sq, 0.0) + slack) + 2 * (t + 4) * u * big_p
-                return sq, jnp.square(bound), None
+                return sq, jnp.square(bound), None, None
     # General linear use: this one leaf's per-example gradient (a bias, a scale, a conv kernel).
 
     def one(ops, gi):
@@ -478,7 +545,53 @@ def site_norms(site: _Site, leaf_value, operands, g):
 
     per_ex = _f32(jax.vmap(one)(operands, g))
     sq = jnp.sum(jnp.square(per_ex), axis=tuple(range(1, per_ex.ndim)))
-    return sq, sq, per_ex
+    return sq, sq, per_ex, None
+
+
+def _two_stage_sum(terms):
+    """``sum_{t,s} terms[b, t, s]`` per example as T sums of T terms, then one sum of T: the
+    barrier keeps XLA from fusing them into one reduction of T^2 terms, whose rounding bound
+    grows with T^2 instead of 2T."""
+    rows = jax.lax.optimization_barrier(jnp.sum(terms, axis=2))
+    return jnp.sum(rows, axis=1)
+
+
+def _gram_norms(site: _Site, leaf_value, pieces, gm, u):
+    """The Gram estimate ``<X X^T, G G^T>`` with its rounding bound, and the fallback to each example's own
+    X^T G where cancellation makes the bound loose (see :func:`site_norms`)."""
+    t, d_in, d_out = gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2]
+    x_gram = sum(jnp.matmul(x, jnp.swapaxes(x, 1, 2), precision=_HIGHEST) for x in pieces)
+    g_gram = jnp.matmul(gm, jnp.swapaxes(gm, 1, 2), precision=_HIGHEST)
+    sq = _two_stage_sum(x_gram * g_gram)
+    q = _position_weight(pieces, gm, u)
+    # |computed - exact| <= (gamma_{d_in} + gamma_{d_out} + gamma_{2T} + ...) Q^2; twice that covers the
+    # gamma denominators and second-order terms.
+    slack = 2 * (d_in + d_out + 2 * t + 4) * u * jnp.square(q)
+    summing = (t + 4) * u * q  # the weighted backward's rounding, per example
+    est = jnp.maximum(sq, 0.0)
+    bound = jnp.square(jnp.sqrt(est + slack) + 2 * summing)
+    loose = jnp.isfinite(sq) & jnp.isfinite(q) & (bound > _GRAM_TRUST**2 * est)
+    use = jnp.any(loose)
+
+    def direct_norms():
+        def one(i):
+            return jnp.sum(jnp.square(_one_block(pieces, gm, i)))
+
+        exact = jax.lax.map(one, jnp.arange(gm.shape[0]))
+        return exact, exact
+
+    sq, bound = jax.lax.cond(use, direct_norms, lambda: (sq, bound))
+
+    def weighted_sum(w, keep):
+        def add(acc, i):
+            block = _one_block(pieces, gm, i)
+            return acc + jnp.where(keep[i], w[i].astype(block.dtype) * block, jnp.zeros((), block.dtype)), None
+
+        acc0 = jnp.zeros((d_in, d_out), gm.dtype)
+        total, _ = jax.lax.scan(add, acc0, jnp.arange(gm.shape[0]))
+        return _to_leaf(site, leaf_value, total[None])[0]
+
+    return sq, bound, None, Fallback(use, weighted_sum)
 
 
 def site_weighted_sum(site: _Site, leaf_value, operands, g_weighted):

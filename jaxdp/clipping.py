@@ -278,14 +278,17 @@ class ClippedGradFn:
         the factors (the reported norms stay the estimates ``leaf_sq``).
         """
         leaf_bound = leaf_sq if leaf_bound is None else leaf_bound
-        norms = jnp.sqrt(sum(leaf_sq))
-        bound = jnp.sqrt(sum(leaf_bound))
+        total_sq, total_bound = sum(leaf_sq), sum(leaf_bound)
+        # A closed-form estimate whose terms cancel can round below zero: that example is finite
+        # (its bound, not the estimate, sets the factor), never dropped as NaN.
+        norms = jnp.sqrt(jnp.maximum(total_sq, 0.0))
+        bound = jnp.sqrt(jnp.maximum(total_bound, 0.0))
         clip = self.l2_clip_norm
-        finite = jnp.isfinite(norms) & jnp.isfinite(bound)
+        finite = jnp.isfinite(total_sq) & jnp.isfinite(total_bound)
         if self.per_layer:
             # Each of the K leaves gets budget C / sqrt(K): the total stays <= C.
             budget = clip / math.sqrt(len(leaf_sq))
-            factors = [jnp.minimum(1.0, budget / jnp.maximum(jnp.sqrt(s), 1e-30)) for s in leaf_bound]
+            factors = [jnp.minimum(1.0, budget / jnp.maximum(jnp.sqrt(jnp.maximum(s, 0.0)), 1e-30)) for s in leaf_bound]
             clipped_any = sum((f < 1.0).astype(jnp.int32) for f in factors) > 0
         else:
             factor = jnp.minimum(1.0, clip / jnp.maximum(bound, 1e-30))
@@ -393,12 +396,14 @@ class ClippedGradFn:
 
         leaf_sq = [jnp.zeros((size,), jnp.float32) for _ in leaves]
         leaf_bound = list(leaf_sq)
-        materialised = {}
+        materialised, fallbacks = {}, {}
         for k, site in enumerate(sites):
-            sq, bound, per_ex = _ghost.site_norms(site, leaves[site.leaf], operands[k], cotangents[k])
+            sq, bound, per_ex, fallback = _ghost.site_norms(site, leaves[site.leaf], operands[k], cotangents[k])
             leaf_sq[site.leaf], leaf_bound[site.leaf] = sq, bound
             if per_ex is not None:
                 materialised[k] = per_ex
+            if fallback is not None:
+                fallbacks[k] = fallback
         factors, keep, norms, stats = self._weights(leaf_sq, mask, leaf_bound)
 
         def kept(x):
@@ -415,6 +420,14 @@ class ClippedGradFn:
                 g_w = kept(g * w.reshape((-1,) + (1,) * (g.ndim - 1)))
                 ops = [kept(o) for o in operands[k]]
                 total_k = _ghost.site_weighted_sum(site, leaves[site.leaf], ops, g_w)
+                if k in fallbacks:  # the norms are those of each example's own X^T G: sum those products
+                    fb, w_k = fallbacks[k], jnp.where(keep, factors[site.leaf], 0.0)
+                    dtype = summed[site.leaf].dtype
+                    total_k = jax.lax.cond(
+                        fb.use,
+                        lambda fb=fb, w_k=w_k, dtype=dtype: fb.weighted_sum(w_k, keep).astype(dtype),
+                        lambda total_k=total_k, dtype=dtype: total_k.astype(dtype),
+                    )
             summed[site.leaf] = total_k.astype(summed[site.leaf].dtype)
         grad_sum = jax.tree_util.tree_unflatten(treedef, summed)
         return grad_sum, loss, aux, norms, stats

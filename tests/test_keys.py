@@ -139,7 +139,7 @@ def test_multi_host_key_equals_the_one_host_key():
     finally:
         for p in procs:
             p.kill()
-    for p, (out, err) in zip(procs, results, strict=True):
+    for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-3000:]
     got = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
     assert all(g["processes"] == 2 for g in got)
