@@ -146,3 +146,13 @@ def test_multi_host_key_equals_the_one_host_key():
     assert [int(g["secret"]) for g in got] == [S, S]
     want = list(_data(keys.key_from_secret(S)))
     assert got[0]["key_data"] == got[1]["key_data"] == want
+
+
+def test_a_128_bit_secret_survives_the_checkpoint_meta(tmp_path):
+    """A resumed run rebuilds its key from the saved secret: all 128 bits must come back."""
+    from jaxdp.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    ckpt.save(1, {"w": jnp.ones(2)}, {"secret_seed": S})
+    assert ckpt.meta(1)["secret_seed"] == S
+    ckpt.close()
