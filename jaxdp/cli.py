@@ -2,7 +2,7 @@
 
 jaxdp train --config configs/NAME.py[:arg] [key=value ...]
 jaxdp account --sampling-rate Q (--noise-multiplier S | --target-epsilon E | --target-tpr T) --steps N
-jaxdp audit --config configs/NAME.py[:arg] [key=value ...] [--canaries M] [--confidence 0.95]
+jaxdp audit --config configs/NAME.py[:arg] [key=value ...] [--canaries M] [--confidence 0.95] [--test both|epsilon|fdp]
 jaxdp bench [--quick | --full] [--models ...] [--batch-sizes ...] [--epsilons 1 2 4 8] [--devices 1 2 4 8] [--out DIR]
 """
 
@@ -37,7 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     rate = account.add_mutually_exclusive_group(required=True)
     rate.add_argument("--sampling-rate", type=float, help="Poisson sampling rate q")
     rate.add_argument("--batch-size", type=int, help="expected batch size (with --dataset-size)")
-    account.add_argument("--dataset-size", type=int, help="N, with --batch-size or --epochs")
+    account.add_argument(
+        "--dataset-size",
+        type=int,
+        help="N, with --batch-size or --epochs; also checks delta <= 1/N as jaxdp train does "
+        "(without N, delta <= the sampling rate q is checked)",
+    )
     noise = account.add_mutually_exclusive_group(required=True)
     noise.add_argument("--noise-multiplier", type=float, help="sigma")
     noise.add_argument("--target-epsilon", type=float, help="calibrate sigma to this epsilon")
@@ -45,27 +50,39 @@ def _parser() -> argparse.ArgumentParser:
     length = account.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int)
     length.add_argument("--epochs", type=float, help="epochs of dataset_size / batch_size steps")
-    account.add_argument("--delta", type=float, default=1e-5)
+    account.add_argument("--delta", type=float, default=1e-5, help="delta in (0, 1) and <= 1/N (default 1e-5)")
     account.add_argument("--fpr", type=float, default=0.01, help="FPR for --target-tpr (default 0.01)")
-    account.add_argument("--calibrate-with", default="rdp", help="accountant used for calibration (default rdp)")
-    account.add_argument("--accountants", default="rdp,pld,gdp", help="comma-separated accountants to report")
+    account.add_argument(
+        "--calibrate-with",
+        default=None,
+        help="accountant that calibrates sigma, for either target (default: rdp for --target-epsilon, as jaxdp "
+        "train; pld for --target-tpr); the header names the one used",
+    )
+    account.add_argument("--accountants", default="rdp,pld,prv,gdp", help="comma-separated accountants to report")
     account.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     audit = sub.add_parser(
         "audit",
-        help="empirical lower bound on epsilon of a training recipe (one-run canary audit)",
-        description="Train the config's recipe once with gradient canaries (each included with probability 1/2) "
-        "and report the accountant's epsilon beside an empirical lower bound (Steinke, Nasr & Jagielski 2023). "
-        "Exit code 1 when the lower bound exceeds the accountant's epsilon. "
+        help="empirical lower bound on epsilon and f-DP test of a training recipe (one-run canary audit)",
+        description="Train the config's recipe once with gradient canaries (each included with probability 1/2); "
+        "report the accountant's epsilon beside an empirical lower bound (Steinke, Nasr & Jagielski 2023) and test "
+        "the canary scores against the claimed mechanism's whole privacy curve (one-run f-DP audit, Mahloujifar, "
+        "Melis & Chaudhuri 2024). Exit code 1 when either certifies a violation. "
         "e.g. jaxdp audit --config configs/digits.py --canaries 1000",
     )
     audit.add_argument("--config", required=True, help="path to a config .py file, optionally path.py:arg")
     audit.add_argument("--canaries", type=int, default=1000, help="number of canaries m (default 1000)")
     audit.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
     audit.add_argument(
+        "--test",
+        choices=("both", "epsilon", "fdp"),
+        default="both",
+        help="tests that decide the exit code: the epsilon lower bound, the f-DP test, or both (default)",
+    )
+    audit.add_argument(
         "--sabotage",
-        choices=("noise_off", "clipping_off"),
-        help="run a deliberately broken mechanism (no noise / no clipping) against the same claim, "
+        choices=("noise_off", "clipping_off", "half_noise"),
+        help="run a deliberately broken mechanism (no noise / no clipping / sigma/2) against the same claim, "
         "to see the audit fail; never for real runs",
     )
     audit.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -187,7 +204,11 @@ def _audit(config, args) -> int:
 
     try:
         result, plan, n_train = audit_config(
-            config, num_canaries=args.canaries, confidence=args.confidence, sabotage=args.sabotage
+            config,
+            num_canaries=args.canaries,
+            confidence=args.confidence,
+            sabotage=args.sabotage,
+            tests=("epsilon", "fdp") if args.test == "both" else (args.test,),
         )
     except ConfigError as e:
         return _fail(str(e))
@@ -203,15 +224,29 @@ def _audit(config, args) -> int:
     print(
         f"  empirical epsilon lower bound ({pct} confidence): {b.epsilon:.3f}"
         f"  (one-run audit: {b.num_correct} of {b.num_guesses} guesses correct)"
+        + ("" if result.epsilon_passed else "  -> VIOLATION")
     )
+    f = result.fdp
+    if f is not None:
+        ratio = "none seen" if f.noise_ratio is None else f"{f.noise_ratio:.3g}"
+        print(
+            f"  f-DP test against the claimed mechanism's PLD curve: p-value {f.p_value:.3g} "
+            f"({f.num_correct} of {f.num_guesses} guesses correct)" + ("" if f.passed else "  -> VIOLATION")
+        )
+        print(
+            f"    certified noise ratio sigma'/sigma: {ratio}  (< 1: leaks at least as much as the claimed mechanism "
+            "with that fraction of its noise)"
+        )
+    failed = [name for name, ok in (("epsilon", result.epsilon_passed), ("fdp", result.fdp_passed)) if not ok]
+    failed = [name for name in failed if name in result.tests]
     if result.passed:
         print(
-            f"  passed: the lower bound does not exceed the accountant's epsilon (took {result.wall_time_s:.1f} s). "
+            f"  passed: no test certifies a violation (took {result.wall_time_s:.1f} s). "
             "A pass does not prove privacy; see README 'Auditing'."
         )
     else:
         print(
-            f"  FAILED: the mechanism leaks more than its accountant claims (at {pct} confidence); "
+            f"  FAILED ({' and '.join(failed)}): the mechanism leaks more than claimed (at {pct} confidence); "
             f"took {result.wall_time_s:.1f} s."
         )
     print(json.dumps({"dataset": config.dataset, **result.to_dict()}), flush=True)

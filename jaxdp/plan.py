@@ -265,14 +265,7 @@ class PrivacyPlan:
         Raises ValueError for δ outside (0, 1) or δ > 1/dataset_size (a guarantee that
         allows publishing an example outright).
         """
-        delta = check_delta(delta)
-        if delta > 1.0 / self.dataset_size:
-            # Releasing one random example in the clear is (0, 1/N)-DP: such a delta promises nothing.
-            raise ValueError(
-                f"delta={delta!r} is larger than 1/dataset_size = 1/{self.dataset_size}: a delta that large allows "
-                f"leaking a few examples outright, so (epsilon, delta) would mean little. Choose delta well below "
-                f"1/N (e.g. 1e-5, or 1/N^1.1 = {self.dataset_size**-1.1:.2g})."
-            )
+        delta = check_delta(delta, dataset_size=self.dataset_size)  # δ ∈ (0, 1) and δ <= 1/N
         steps = self._steps(steps)
         if self.noise_multiplier == 0:
             return math.inf

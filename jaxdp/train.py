@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxdp import accounting, distributed, keys
 from jaxdp import data as data_lib
-from jaxdp.accounting._base import require_upper_bound
+from jaxdp.accounting._base import check_delta, require_upper_bound
 from jaxdp.clipping import CLIPPING_IMPLS, ExampleGradFn, gradient_norm_stats
 from jaxdp.config import ConfigError
 from jaxdp.data.augment import multiplicity_loss, random_crop_flip
@@ -268,15 +268,10 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
         target,
         "the target must be None (no target) or a finite number > 0 (e.g. 3.0)",
     )
-    delta = config.privacy.delta
-    need(isinstance(delta, float) and 0 < delta < 1, "privacy.delta", delta, "delta must lie in (0, 1)")
-    if dataset_size is not None and delta > 1.0 / dataset_size:
-        # Releasing one random example in the clear is (0, 1/N)-DP: such a delta promises nothing.
-        raise ConfigError(
-            f"privacy.delta={delta!r} is larger than 1/N = 1/{dataset_size}: a delta that large allows leaking "
-            f"a few examples outright, so the (epsilon, delta) claim would mean little. Choose "
-            f"privacy.delta well below 1/N (e.g. 1e-5, or 1/N^1.1 = {dataset_size**-1.1:.2g})."
-        )
+    try:  # the one δ rule (jaxdp.accounting.check_delta): δ ∈ (0, 1), and δ <= 1/N once N is known
+        check_delta(config.privacy.delta, dataset_size=dataset_size)
+    except ValueError as e:
+        raise ConfigError(f"privacy.{e}") from None
     lr = config.optimizer.learning_rate
     need(isinstance(lr, (int, float)) and lr > 0, "optimizer.learning_rate", lr, "need a number > 0")
     seed = config.privacy.noise_seed

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import jaxdp
 from jaxdp import accounting
+from jaxdp.audit import audit_training_run
 from jaxdp.config import ConfigError, load_config
 from jaxdp.sampling import PoissonSampler
 from jaxdp.train import train, validate_config
@@ -133,13 +134,44 @@ def test_delta_above_one_over_n_is_refused_where_n_is_known(n, data):
     with pytest.raises(ValueError) as e:
         plan.epsilon(delta)
     assert_clear(e, "delta", delta)
-    assert f"1/dataset_size = 1/{n}" in str(e.value)
+    assert f"1/N = 1/{n}" in str(e.value)
+    plan_message = str(e.value)
     config = digits_config("privacy", "delta", delta)
     config.batch_size = 1
     with pytest.raises(ConfigError) as e:
         validate_config(config, n)
     assert_clear(e, "privacy.delta", delta)
+    assert str(e.value) == f"privacy.{plan_message}"  # one rule, one message (accounting.check_delta)
+    with pytest.raises(ValueError) as e:  # the audit refuses it before training anything
+        audit_training_run(
+            plan, None, None, np.zeros((n - 2, 1)), np.zeros(n - 2), optimizer=None, num_canaries=2, delta=delta
+        )
+    assert str(e.value) == plan_message
     plan.epsilon(0.5 / n)  # below 1/N is fine
+
+
+@FAST
+@given(q=st.floats(1e-4, 0.5), data=st.data())
+def test_delta_above_the_sampling_rate_is_refused_where_n_is_unknown(q, data):
+    """Without N, δ > q is refused: q*N >= 1 (an expected batch of at least one) makes it exceed 1/N for any N."""
+    from jaxdp.cli import main
+
+    delta = data.draw(st.floats(min_value=q, max_value=1.0, exclude_min=True, exclude_max=True))
+    acc = accounting.make_accountant("rdp", sampling_rate=q, noise_multiplier=1.0).compose(10)
+    entry_points = [
+        lambda: acc.epsilon(delta),
+        lambda: accounting.attack_risk(acc, delta=delta),
+        lambda: accounting.calibrate_noise_multiplier(3.0, delta, q, 100),
+        lambda: accounting.max_steps(3.0, delta, q, 1.0),
+    ]
+    for fn in entry_points:
+        with pytest.raises(ValueError) as e:
+            fn()
+        assert_clear(e, "delta", delta)
+        assert "larger than the sampling rate" in str(e.value)
+    args = ["account", "--sampling-rate", repr(q), "--noise-multiplier", "1", "--steps", "10", "--delta", repr(delta)]
+    assert main(args) == 2
+    assert acc.epsilon(q) > 0  # δ = q is allowed (N = 1/q, batches of one)
 
 
 @FAST

@@ -205,7 +205,8 @@ def test_account_command_table_and_json(capsys):
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "| rdp | 2.5966 |" in table and "| pld | 2.38" in table and "gdp (CLT approx.)" in table
-    assert main([*args, "--json"]) == 0
+    assert "| prv | 2.39" in table  # Opacus's default accountant, upper end of its error bound (default report)
+    assert main([*args, "--json", "--accountants", "rdp,pld"]) == 0
     result = json.loads(capsys.readouterr().out)
     by_name = {r["accountant"]: r for r in result["accountants"]}
     assert by_name["rdp"]["epsilon"] == pytest.approx(2.5966, rel=2e-3)
@@ -252,6 +253,57 @@ def test_account_command_calibrates(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["noise_multiplier"] == pytest.approx(1.6619, rel=5e-3)
     assert result["accountants"][0]["epsilon"] <= 3.0
+
+
+def test_account_calibration_accountant_is_one_rule_and_printed(capsys, monkeypatch):
+    """--target-tpr used to calibrate with pld even when --calibrate-with said rdp, and the header did not say
+    which. The rule: an explicit --calibrate-with is used for either target; the default is rdp for an epsilon
+    target (as jaxdp train) and pld for a TPR target. The header and the JSON name the one used."""
+    from jaxdp.accounting import report
+
+    used = []  # the accountant each calibration was asked to use (the calibrations are tested in test_accounting)
+    monkeypatch.setattr(report, "calibrate_noise_multiplier", lambda *a, accountant: used.append(accountant) or 1.5)
+    monkeypatch.setattr(
+        report, "calibrate_noise_multiplier_for_attack_risk", lambda *a, accountant: used.append(accountant) or 1.5
+    )
+    base = ["account", "--sampling-rate", "0.01", "--steps", "300", "--accountants", "rdp"]
+    cases = [
+        (["--target-epsilon", "3"], "rdp", "epsilon <= 3.0 with rdp"),
+        (["--target-tpr", "0.05"], "pld", "TPR <= 0.05 at FPR 0.01 with pld"),
+        (["--target-tpr", "0.05", "--calibrate-with", "rdp"], "rdp", "TPR <= 0.05 at FPR 0.01 with rdp"),
+        (["--target-epsilon", "3", "--calibrate-with", "pld"], "pld", "epsilon <= 3.0 with pld"),
+    ]
+    for extra, name, what in cases:
+        assert main([*base, *extra]) == 0
+        assert f"(calibrated to {what} in " in capsys.readouterr().out
+        assert main([*base, *extra, "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["calibrated_with"] == name and result["calibrated_to"] == what
+        assert used[-2:] == [name, name]
+    with pytest.raises(SystemExit):
+        main(["account", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "for either target (default: rdp for --target-epsilon, as jaxdp train; pld for --target-tpr)" in help_text
+
+
+def test_account_delta_follows_the_training_rule(capsys):
+    """`--delta 0.5` used to print epsilon = 0. Now refused as training refuses it: above 1/N where
+    --dataset-size gives N, above q otherwise (q*N >= 1, so that is above 1/N for every N)."""
+    base = ["account", "--noise-multiplier", "1.1", "--steps", "100", "--accountants", "rdp"]
+    q = ["--sampling-rate", "0.0042666667"]
+    n = ["--batch-size", "256", "--dataset-size", "60000"]
+    refused = [
+        ([*q, "--delta", "0.5"], "--delta=0.5 is larger than the sampling rate q = 0.00426667"),
+        ([*n, "--delta", "1e-4"], "--delta=0.0001 is larger than 1/N = 1/60000"),
+        ([*q, "--dataset-size", "60000", "--delta", "1e-4"], "--delta=0.0001 is larger than 1/N = 1/60000"),
+        ([*q, "--delta", "0"], "--delta=0.0 must lie in (0, 1)"),
+    ]
+    for extra, message in refused:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert main([*base, *n, "--delta", "1e-5"]) == 0
+    assert main([*base, *q, "--delta", "1e-3"]) == 0  # below q: allowed without N (training may still refuse it)
 
 
 @pytest.mark.parametrize(

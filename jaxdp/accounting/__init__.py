@@ -1,8 +1,10 @@
 """Privacy accounting: pluggable accountants, calibration and attack-risk reports.
 
-Accountants are picked by name (``rdp``, ``pld``, ``gdp``, or one you register
-with :func:`register_accountant`). ``rdp`` and ``pld`` are Google's
-dp-accounting; ``gdp`` is the CLT approximation (reporting only).
+Accountants are picked by name (``rdp``, ``pld``, ``prv``, ``gdp``, or one you
+register with :func:`register_accountant`). ``rdp`` and ``pld`` are Google's
+dp-accounting; ``prv`` is Microsoft's prv-accountant (Opacus's default, reporting
+the upper end of its error bound); ``gdp`` is the CLT approximation (reporting
+only). :func:`check_delta` is the one rule for δ that every entry point applies.
 
 Example:
   >>> acc = make_accountant("pld", sampling_rate=256 / 60000, noise_multiplier=1.1)
@@ -14,12 +16,14 @@ from jaxdp.accounting._base import (
     Accountant,
     CyclicPoissonAccountant,
     available_accountants,
+    check_delta,
     make_accountant,
     register_accountant,
 )
 from jaxdp.accounting._calibrate import calibrate_noise_multiplier, max_epochs, max_steps
 from jaxdp.accounting._dp_accounting import PldAccountant, RdpAccountant, dp_event
 from jaxdp.accounting._gdp import GdpAccountant, gdp_delta, gdp_epsilon, gdp_mu
+from jaxdp.accounting._prv import PrvAccountant
 from jaxdp.accounting._risk import AttackRisk, attack_risk, calibrate_noise_multiplier_for_attack_risk, tpr_at_fpr
 
 __all__ = [
@@ -28,11 +32,13 @@ __all__ = [
     "CyclicPoissonAccountant",
     "GdpAccountant",
     "PldAccountant",
+    "PrvAccountant",
     "RdpAccountant",
     "attack_risk",
     "available_accountants",
     "calibrate_noise_multiplier",
     "calibrate_noise_multiplier_for_attack_risk",
+    "check_delta",
     "dp_event",
     "gdp_delta",
     "gdp_epsilon",

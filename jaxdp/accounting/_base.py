@@ -12,6 +12,7 @@ __all__ = [
     "Accountant",
     "CyclicPoissonAccountant",
     "available_accountants",
+    "check_delta",
     "make_accountant",
     "register_accountant",
 ]
@@ -45,6 +46,10 @@ def _positive_finite(name: str, value: Any, *, allow_zero: bool = False) -> floa
     return v
 
 
+class TooCostly(ValueError):
+    """An accountant cannot evaluate this many steps within its resource limit (not a bad argument)."""
+
+
 def check_sampling_rate(value: Any) -> float:
     """q in (0, 1], or a ValueError that says what q is."""
     q = _positive_finite("sampling_rate", value)
@@ -53,13 +58,43 @@ def check_sampling_rate(value: Any) -> float:
     return q
 
 
-def check_delta(delta: Any) -> float:
-    try:
-        d = float(delta)
+def check_delta(delta: Any, *, dataset_size: int | None = None, sampling_rate: float | None = None) -> float:
+    """jaxdp's one rule for δ; training, plans, accountants, calibration, audits and ``jaxdp account`` all call it.
+
+    * δ must be a number in (0, 1).
+    * With ``dataset_size`` N known: δ > 1/N is refused. A mechanism that
+      publishes one random example in the clear is (0, 1/N)-DP, so such a δ
+      promises nothing.
+    * Without N but with the sampling rate q: δ > q is refused. Every jaxdp run
+      has an expected batch q·N >= 1, so N >= 1/q and δ > q is above 1/N for
+      every dataset the run could have (training would refuse it). δ in
+      (1/N, q] cannot be caught without N: pass it where you can.
+
+    Returns δ as a float; raises ValueError naming δ, the bound and the fix.
+    """
+    try:  # a number (Python, NumPy or a 0-d array), never a string or a bool
+        d = math.nan if isinstance(delta, (bool, str, bytes)) else float(delta)
     except (TypeError, ValueError):
         d = math.nan
     if not 0.0 < d < 1.0:
-        raise ValueError(f"delta={delta!r} must lie in (0, 1); use a value well below 1/dataset_size (e.g. 1e-5).")
+        raise ValueError(
+            f"delta={delta!r} must lie in (0, 1); use a value well below 1/N, N the dataset size (e.g. 1e-5)."
+        )
+    if dataset_size is not None:
+        n = int(dataset_size)
+        if d > 1.0 / n:
+            raise ValueError(
+                f"delta={delta!r} is larger than 1/N = 1/{n} (N = dataset size): a delta that large allows leaking "
+                f"a few examples outright, so the (epsilon, delta) claim would mean little. Choose delta well below "
+                f"1/N (e.g. 1e-5, or 1/N^1.1 = {n**-1.1:.2g})."
+            )
+    elif sampling_rate is not None and d > sampling_rate:
+        raise ValueError(
+            f"delta={delta!r} is larger than the sampling rate q = {sampling_rate:.6g}, so it is larger than 1/N for "
+            f"every dataset this run could have (an expected batch q*N >= 1 means N >= 1/q = {1 / sampling_rate:.6g}): "
+            "a delta that large allows leaking examples outright. Choose delta well below 1/N (e.g. 1e-5); where N "
+            "is known (PrivacyPlan.epsilon, jaxdp train, jaxdp account --dataset-size) delta <= 1/N is checked exactly."
+        )
     return d
 
 
@@ -128,7 +163,7 @@ class Accountant(abc.ABC):
 
     def epsilon(self, delta: float) -> float:
         """ε spent so far at ``delta`` (0 before the first step)."""
-        delta = check_delta(delta)
+        delta = check_delta(delta, sampling_rate=self.sampling_rate)
         return 0.0 if self._steps == 0 else float(self.epsilon_for(delta, self._steps))
 
     def delta(self, epsilon: float) -> float:
@@ -202,9 +237,13 @@ def accountant_class(name: str) -> type[Accountant]:
 def require_upper_bound(name: str, allow_approximation: bool = False) -> None:
     """Refuse an approximate accountant (e.g. ``gdp``) where a guarantee is being set or claimed."""
     if not accountant_class(name).is_upper_bound and not allow_approximation:
+        bounds = ", ".join(repr(n) for n in available_accountants() if accountant_class(n).is_upper_bound)
         raise ValueError(
             f"accountant={name!r} is an approximation, not an upper bound on epsilon, so it cannot set or claim a "
-            "run's guarantee; use 'rdp' or 'pld' (or pass allow_approximation=True to explore)."
+            f"run's guarantee; use one of the upper bounds {bounds}, e.g. 'pld': privacy.accountant='pld' in a "
+            "config or override, --calibrate-with pld in jaxdp account (--accountant pld in jaxdp bench), "
+            "accountant='pld' in Python. To see "
+            f"{name}'s numbers beside a bound, report them: jaxdp account --accountants pld,{name}."
         )
 
 

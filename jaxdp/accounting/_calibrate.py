@@ -8,6 +8,7 @@ from collections.abc import Callable
 from scipy import optimize
 
 from jaxdp.accounting._base import (
+    TooCostly,
     _positive_finite,
     check_delta,
     check_sampling_rate,
@@ -18,6 +19,8 @@ from jaxdp.accounting._gdp import gdp_epsilon, gdp_mu
 from jaxdp.sampling import steps_per_epoch
 
 __all__ = ["calibrate_noise_multiplier", "max_epochs", "max_steps"]
+
+_DIRECT_LIMIT = 2**20  # max_steps evaluates ε at its limit first only up to this many steps
 
 
 def _check_common(sampling_rate, steps):
@@ -84,16 +87,17 @@ def calibrate_noise_multiplier(
       target (so σ is the smallest to relative tolerance ``rtol``, default 1e-4).
 
     Raises:
-      ValueError: for non-positive or non-finite targets, δ outside (0, 1), a
-        sampling rate outside (0, 1], steps < 1, or an unreachable target.
+      ValueError: for non-positive or non-finite targets, δ outside (0, 1) or
+        above q (:func:`jaxdp.accounting.check_delta`), a sampling rate outside
+        (0, 1], steps < 1, or an unreachable target.
 
     Example:
       >>> round(calibrate_noise_multiplier(3.0, 1e-5, 0.01, 10000), 3)
       1.662
     """
     eps = _positive_finite("target_epsilon", target_epsilon)
-    delta = check_delta(delta)
     q = _check_common(sampling_rate, steps)
+    delta = check_delta(delta, sampling_rate=q)
     require_upper_bound(accountant, allow_approximation)
 
     def epsilon(sigma):
@@ -144,11 +148,12 @@ def max_steps(
     0 if even one step exceeds the target.
     """
     eps = _positive_finite("target_epsilon", target_epsilon)
-    delta = check_delta(delta)
+    q = _check_common(sampling_rate, 1)
+    delta = check_delta(delta, sampling_rate=q)
     require_upper_bound(accountant, allow_approximation)
     acc = make_accountant(
         accountant,
-        sampling_rate=_check_common(sampling_rate, 1),
+        sampling_rate=q,
         noise_multiplier=noise_multiplier,
         sampling=sampling,
         bands=bands,
@@ -159,8 +164,13 @@ def max_steps(
 
     if not ok(1):
         return 0
-    if ok(limit):
-        return limit
+    # A first look at ``limit`` settles the usual case (a run's planned steps fit) in one evaluation. Not for
+    # huge limits (the default 1e8): pld's and prv's cost grows with the steps, so search up from one step.
+    try:
+        if limit <= _DIRECT_LIMIT and ok(limit):
+            return limit
+    except TooCostly:  # e.g. prv's grid for ``limit`` steps would not fit in memory
+        pass
     lo, hi = 1, min(2, limit)
     while ok(hi):
         lo, hi = hi, min(hi * 2, limit)

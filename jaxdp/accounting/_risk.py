@@ -84,7 +84,7 @@ def attack_risk(
     Uses the accountant's own privacy profile (PLD: tight; RDP: an upper bound
     via its δ(ε) conversion; GDP: closed form).
     """
-    delta = check_delta(delta)
+    delta = check_delta(delta, sampling_rate=accountant.sampling_rate)
     steps = accountant.steps if steps is None else steps
     mu = gdp_mu(accountant.sampling_rate, accountant.noise_multiplier, steps)
     if steps == 0:

@@ -14,6 +14,25 @@ from jaxdp.accounting._risk import attack_risk, calibrate_noise_multiplier_for_a
 from jaxdp.sampling import steps_per_epoch
 
 FPRS = (0.01, 0.001)
+# The one calibration rule: an explicit --calibrate-with is used for either target; without it, an epsilon
+# target is calibrated with rdp (jaxdp train's default privacy.accountant, so both give the same sigma) and a
+# TPR target with pld (the tight privacy profile; rdp's profile is looser and would ask for more noise).
+CALIBRATE_WITH_DEFAULT = {"target_epsilon": "rdp", "target_tpr": "pld"}
+
+
+def calibration_accountant(args: argparse.Namespace) -> str:
+    """The accountant that calibrates sigma: --calibrate-with if given, else the default for the target."""
+    if args.calibrate_with:
+        return args.calibrate_with
+    return CALIBRATE_WITH_DEFAULT["target_epsilon" if args.target_epsilon is not None else "target_tpr"]
+
+
+def _check_delta(args: argparse.Namespace, q: float) -> float:
+    """Training's δ rule: δ <= 1/N with --dataset-size, else δ <= q (above 1/N for any N with q*N >= 1)."""
+    try:
+        return check_delta(args.delta, dataset_size=args.dataset_size or None, sampling_rate=q)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
 
 
 def _resolve(args: argparse.Namespace) -> tuple[float, int]:
@@ -41,26 +60,24 @@ def _resolve(args: argparse.Namespace) -> tuple[float, int]:
 def run(args: argparse.Namespace) -> str:
     """Compute the report for parsed ``jaxdp account`` arguments; return the text to print."""
     q, steps = _resolve(args)
-    delta = check_delta(args.delta)
+    delta = _check_delta(args, q)
     names = [n.strip() for n in args.accountants.split(",") if n.strip()]
-    calibration = None
+    calibration = calibrated_with = None
     t0 = time.perf_counter()
     if args.noise_multiplier is not None:
         sigma = args.noise_multiplier
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"--noise-multiplier={sigma!r} must be a finite number > 0.")
     elif args.target_epsilon is not None:
-        sigma = calibrate_noise_multiplier(args.target_epsilon, delta, q, steps, accountant=args.calibrate_with)
-        calibration = f"epsilon <= {args.target_epsilon} ({args.calibrate_with})"
+        calibrated_with = calibration_accountant(args)
+        sigma = calibrate_noise_multiplier(args.target_epsilon, delta, q, steps, accountant=calibrated_with)
+        calibration = f"epsilon <= {args.target_epsilon} with {calibrated_with}"
     else:
+        calibrated_with = calibration_accountant(args)
         sigma = calibrate_noise_multiplier_for_attack_risk(
-            args.target_tpr,
-            args.fpr,
-            q,
-            steps,
-            accountant=args.calibrate_with if args.calibrate_with != "rdp" else "pld",
+            args.target_tpr, args.fpr, q, steps, accountant=calibrated_with
         )
-        calibration = f"TPR <= {args.target_tpr} at FPR {args.fpr}"
+        calibration = f"TPR <= {args.target_tpr} at FPR {args.fpr} with {calibrated_with}"
     calibration_s = time.perf_counter() - t0
     rows = []
     for name in names:
@@ -83,6 +100,7 @@ def run(args: argparse.Namespace) -> str:
         "delta": delta,
         "mu_clt": mu,
         "calibrated_to": calibration,
+        "calibrated_with": calibrated_with,
         "calibration_seconds": calibration_s if calibration else None,
         "accountants": rows,
     }
