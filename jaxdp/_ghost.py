@@ -38,6 +38,8 @@ doubt the analysis refuses.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -485,7 +487,7 @@ class Fallback(NamedTuple):
     weighted_sum: Any
 
 
-def site_norms(site: _Site, leaf_value, operands, g):
+def site_norms(site: _Site, leaf_value, operands, g, mask=None):
     """Per-example squared norm of this leaf's gradient: ``(estimate, bound, per_example_grads or None, fallback)``.
 
     ``estimate`` is the computed squared norm (reported as the norm; it may come out slightly
@@ -513,7 +515,7 @@ def site_norms(site: _Site, leaf_value, operands, g):
             u = site_roundoff(site, leaf_value, gm, *pieces)
             t, d_in, d_out = gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2]
             if t * (d_in + d_out) < d_in * d_out:  # ghost norm: T x T Gram matrices
-                return _gram_norms(site, leaf_value, pieces, gm, u)
+                return _gram_norms(site, leaf_value, pieces, gm, u, mask)
             # Direct: the example's gradient X^T G itself, no larger than its X and G (the test
             # above). It is kept, mapped to the leaf's layout and summed as normed (book-keeping
             # without a second weight-gradient pass): no rounding slack needed, as on the vmap path.
@@ -533,7 +535,11 @@ def site_norms(site: _Site, leaf_value, operands, g):
                 g_gram = jnp.matmul(gm, jnp.swapaxes(gm, 1, 2), precision=_HIGHEST)
                 sq = _two_stage_sum(same * g_gram)
                 big_p = _position_weight([jnp.ones(i.shape + (1,), gm.dtype)], gm, u)  # one-hot rows: ||x_t|| = 1
-                slack = 2 * (gm.shape[2] + 2 * t + 4) * u * jnp.square(big_p)
+                # Only pairs of positions holding the same row carry a term (and its rounding error):
+                # the slack is in sum_{t,s same} ||g_t|| ||g_s||, not Q^2 (which over-clipped distinct tokens).
+                g_norm = jnp.sqrt(jnp.sum(jnp.square(gm), axis=-1)) * (1 + 2 * (gm.shape[2] + 8) * u)
+                same_weight = jnp.einsum("bts,bt,bs->b", same, g_norm, g_norm, precision=_HIGHEST)
+                slack = 2 * (gm.shape[2] + 2 * t + 4) * u * same_weight * (1 + 4 * t * u)
                 bound = jnp.sqrt(jnp.maximum(sq, 0.0) + slack) + 2 * (t + 4) * u * big_p
                 return sq, jnp.square(bound), None, None
     # General linear use: this one leaf's per-example gradient (a bias, a scale, a conv kernel).
@@ -556,21 +562,54 @@ def _two_stage_sum(terms):
     return jnp.sum(rows, axis=1)
 
 
-def _gram_norms(site: _Site, leaf_value, pieces, gm, u):
+# Smallest normal float32: products and squares below it may be flushed to zero (XLA's CPU does).
+_TINY = 2.0**-126
+
+
+def _pow2_exponent(arrays) -> jax.Array:
+    """Per example, the binary exponent e of the largest |value| over ``arrays`` (0 where all are 0 or one is
+    not finite): ``ldexp(a, -e)`` scales each example exactly into [-1, 1]."""
+    m = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(a), axis=tuple(range(1, a.ndim))) for a in arrays])
+    _, e = jnp.frexp(jnp.where(jnp.isfinite(m), m, 0.0))
+    return e
+
+
+def _gram_norms(site: _Site, leaf_value, pieces, gm, u, mask=None):
     """The Gram estimate ``<X X^T, G G^T>`` with its rounding bound, and the fallback to each example's own
-    X^T G where cancellation makes the bound loose (see :func:`site_norms`)."""
+    X^T G where cancellation makes the bound loose (see :func:`site_norms`).
+
+    Each example's X and G are first scaled by exact powers of two into [-1, 1], so that no square
+    or product overflows and underflow is an absolute error (at most ``2^-126`` per operation,
+    flush-to-zero included) that the bound counts; unscaled, tiny inputs against huge output
+    gradients (x ~ 1e-20, g ~ 1e18) flushed every Gram entry to zero and gave a bound of 0 for
+    a gradient far above C.
+    """
     t, d_in, d_out = gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2]
-    x_gram = sum(jnp.matmul(x, jnp.swapaxes(x, 1, 2), precision=_HIGHEST) for x in pieces)
-    g_gram = jnp.matmul(gm, jnp.swapaxes(gm, 1, 2), precision=_HIGHEST)
+    e_x, e_g = _pow2_exponent(pieces), _pow2_exponent([gm])
+    sx, sg = [jnp.ldexp(x, -e_x[:, None, None]) for x in pieces], jnp.ldexp(gm, -e_g[:, None, None])
+    x_gram = sum(jnp.matmul(x, jnp.swapaxes(x, 1, 2), precision=_HIGHEST) for x in sx)
+    g_gram = jnp.matmul(sg, jnp.swapaxes(sg, 1, 2), precision=_HIGHEST)
     sq = _two_stage_sum(x_gram * g_gram)
-    q = _position_weight(pieces, gm, u)
+    # Q of the scaled values, plus what flushed position norms may have lost (each < 2^-63 sqrt(d)).
+    q = _position_weight(sx, sg, u) + t * 2.0**-60 * math.sqrt(d_in * d_out)
     # |computed - exact| <= (gamma_{d_in} + gamma_{d_out} + gamma_{2T} + ...) Q^2; twice that covers the
-    # gamma denominators and second-order terms.
-    slack = 2 * (d_in + d_out + 2 * t + 4) * u * jnp.square(q)
+    # gamma denominators and second-order terms. Underflow: each Gram entry is off by at most
+    # 2 d 2^-126 (entries scaled into [-1, 1], so Gram entries <= d), each of the T^2 products by
+    # that times the other Gram's d, plus its own flush.
+    underflow = 2 * t * t * (4 * d_in * d_out + 1) * _TINY
+    # An example whose X or G is all zeros has a zero gradient here: no underflow term (padding rows).
+    nonzero = jnp.any(sg != 0, axis=(1, 2)) & functools.reduce(
+        jnp.logical_or, [jnp.any(x != 0, axis=(1, 2)) for x in sx]
+    )
+    slack = 2 * (d_in + d_out + 2 * t + 4) * u * jnp.square(q) + jnp.where(nonzero, underflow, 0.0)
     summing = (t + 4) * u * q  # the weighted backward's rounding, per example
     est = jnp.maximum(sq, 0.0)
     bound = jnp.square(jnp.sqrt(est + slack) + 2 * summing)
-    loose = jnp.isfinite(sq) & jnp.isfinite(q) & (bound > _GRAM_TRUST**2 * est)
+    unscale = jnp.ldexp(jnp.ones((), sq.dtype), 2 * (e_x + e_g))  # 4^(e_x + e_g), exact (inf beyond range)
+    sq, bound = sq * unscale, bound * unscale
+    loose = jnp.isfinite(sq) & jnp.isfinite(q) & (bound > _GRAM_TRUST**2 * jnp.maximum(sq, 0.0))
+    if mask is not None:  # masked rows (padding, anything) never send the chunk to the slow path
+        loose = loose & (mask > 0)
     use = jnp.any(loose)
 
     def direct_norms():

@@ -398,7 +398,7 @@ class ClippedGradFn:
         leaf_bound = list(leaf_sq)
         materialised, fallbacks = {}, {}
         for k, site in enumerate(sites):
-            sq, bound, per_ex, fallback = _ghost.site_norms(site, leaves[site.leaf], operands[k], cotangents[k])
+            sq, bound, per_ex, fallback = _ghost.site_norms(site, leaves[site.leaf], operands[k], cotangents[k], mask)
             leaf_sq[site.leaf], leaf_bound[site.leaf] = sq, bound
             if per_ex is not None:
                 materialised[k] = per_ex
