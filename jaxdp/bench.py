@@ -570,8 +570,10 @@ def scale_worker(job: dict) -> dict:
         dataset_size=len(dataset.x_train), batch_size=batch, l2_clip_norm=1.0, noise_multiplier=1.0, num_steps=1
     )
     mesh = distributed.make_mesh(n)
+    # One public key for every device count (synthetic data, nothing private): the runs must draw the same
+    # noise for their parameters to be compared.
     tx, step, _ = make_private_step(
-        plan, loss_fn, opt, noise_key=key_from_secret(new_secret()), mesh=mesh, clipping_impl=job["clipping_impl"]
+        plan, loss_fn, opt, noise_key=key_from_secret(job["seed"] + 3), mesh=mesh, clipping_impl=job["clipping_impl"]
     )
     state = [distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))]
     mask = np.ones((batch,), np.float32)

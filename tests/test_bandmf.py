@@ -48,7 +48,7 @@ def test_streaming_noise_equals_dense_inverse(bands):
     c = bandmf.optimal_coefficients(t, bands)
     tree = {"a": jnp.zeros((3, 5)), "b": jnp.zeros(7)}
     noise, state = run_noise(banded(c, key=3, sigma=2.0, batch=4), tree, t)
-    z = fresh_draws(jax.random.key(3), tree, t)
+    z = fresh_draws(jaxdp.key_from_secret(3), tree, t)  # what key=3 means
     dense = np.linalg.inv(bandmf.dense_strategy(c, t)) @ z  # rows: steps
     np.testing.assert_allclose(noise, 2.0 * dense / 4, rtol=2e-5, atol=2e-6)
     assert int(state.count) == t
