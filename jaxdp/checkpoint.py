@@ -32,7 +32,10 @@ def _keys_to_data(tree):
 
 
 def _data_to_keys(tree, template):
-    return jax.tree_util.tree_map(lambda x, t: jax.random.wrap_key_data(x) if _is_key(t) else x, tree, template)
+    # Each key comes back with its own implementation (the template's), not JAX's default.
+    return jax.tree_util.tree_map(
+        lambda x, t: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x, tree, template
+    )
 
 
 class Checkpointer:

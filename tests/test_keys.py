@@ -156,3 +156,17 @@ def test_a_128_bit_secret_survives_the_checkpoint_meta(tmp_path):
     ckpt.save(1, {"w": jnp.ones(2)}, {"secret_seed": S})
     assert ckpt.meta(1)["secret_seed"] == S
     ckpt.close()
+
+
+def test_checkpointed_keys_come_back_with_their_own_implementation(tmp_path):
+    """A threefry noise key restores as threefry, bit for bit, whatever JAX's default implementation is."""
+    from jaxdp.checkpoint import Checkpointer
+
+    state = {"noise": keys.key_from_secret(S), "other": jax.random.key(0, impl="rbg")}
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    ckpt.save(1, state, {})
+    restored, _ = ckpt.restore(1, state)
+    ckpt.close()
+    for name in state:
+        assert str(jax.random.key_impl(restored[name])) == str(jax.random.key_impl(state[name]))
+        assert _data(restored[name]) == _data(state[name])
