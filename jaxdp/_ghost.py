@@ -445,11 +445,6 @@ def site_roundoff(site: _Site, leaf_value, *arrays) -> float:
     return _unit_roundoff(*dtypes, *arrays)
 
 
-def _frobenius(x) -> jax.Array:
-    """Per-example Frobenius norm of a (B, ...) array."""
-    return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))))
-
-
 def _position_weight(pieces, gm, u) -> jax.Array:
     """``Q = sum_t ||x_t|| ||g_t||`` per example (an upper bound, rounding included).
 
@@ -470,8 +465,8 @@ def _example_blocks(pieces, gm):
 
 
 def _one_block(pieces, gm, i):
-    """Example i's X^T G, (d_in, d_out), at HIGHEST precision."""
-    return jnp.concatenate([jnp.matmul(x[i].T, gm[i], precision=_HIGHEST) for x in pieces], axis=0)
+    """Example i's X^T G, (d_in, d_out): :func:`_example_blocks` of that example alone."""
+    return _example_blocks([x[i][None] for x in pieces], gm[i][None])[0]
 
 
 class Fallback(NamedTuple):
@@ -534,10 +529,11 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
                 same = (i[:, :, None] == i[:, None, :]).astype(gm.dtype)
                 g_gram = jnp.matmul(gm, jnp.swapaxes(gm, 1, 2), precision=_HIGHEST)
                 sq = _two_stage_sum(same * g_gram)
-                big_p = _position_weight([jnp.ones(i.shape + (1,), gm.dtype)], gm, u)  # one-hot rows: ||x_t|| = 1
                 # Only pairs of positions holding the same row carry a term (and its rounding error):
                 # the slack is in sum_{t,s same} ||g_t|| ||g_s||, not Q^2 (which over-clipped distinct tokens).
                 g_norm = jnp.sqrt(jnp.sum(jnp.square(gm), axis=-1)) * (1 + 2 * (gm.shape[2] + 8) * u)
+                # Q = sum_t ||g_t|| (one-hot rows: ||x_t|| = 1), with the rounding of that sum of T terms too.
+                big_p = jnp.sum(g_norm, axis=-1) * (1 + 2 * (t + 1) * u)
                 same_weight = jnp.einsum("bts,bt,bs->b", same, g_norm, g_norm, precision=_HIGHEST)
                 slack = 2 * (gm.shape[2] + 2 * t + 4) * u * same_weight * (1 + 4 * t * u)
                 bound = jnp.sqrt(jnp.maximum(sq, 0.0) + slack) + 2 * (t + 4) * u * big_p

@@ -9,6 +9,7 @@ is what :func:`jaxdp.privatize` adds noise for.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -410,24 +411,24 @@ class ClippedGradFn:
             # `where` (not a multiply): a dropped example's NaN/inf contributes exactly zero.
             return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
 
+        def weighted_backward(k, site, w):
+            g = cotangents[k]
+            g_w = kept(g * w.astype(jnp.promote_types(g.dtype, jnp.float32)).reshape((-1,) + (1,) * (g.ndim - 1)))
+            return _ghost.site_weighted_sum(site, leaves[site.leaf], [kept(o) for o in operands[k]], g_w)
+
         summed = [jnp.zeros(leaf.shape, jnp.promote_types(leaf.dtype, jnp.float32)) for leaf in leaves]
         for k, site in enumerate(sites):
             if k in materialised:  # the gradients whose norms were taken, scaled and summed (as on the vmap path)
                 total_k = _scaled_sum(materialised[k], factors[site.leaf], keep)
+            elif k in fallbacks:  # norms from each example's own X^T G when fb.use: then sum those products
+                w, fb = jnp.where(keep, factors[site.leaf], 0.0), fallbacks[k]
+                total_k = jax.lax.cond(
+                    fb.use,
+                    functools.partial(fb.weighted_sum, w, keep),
+                    functools.partial(weighted_backward, k, site, w),
+                )
             else:
-                g = cotangents[k]
-                w = jnp.where(keep, factors[site.leaf], 0.0).astype(jnp.promote_types(g.dtype, jnp.float32))
-                g_w = kept(g * w.reshape((-1,) + (1,) * (g.ndim - 1)))
-                ops = [kept(o) for o in operands[k]]
-                total_k = _ghost.site_weighted_sum(site, leaves[site.leaf], ops, g_w)
-                if k in fallbacks:  # the norms are those of each example's own X^T G: sum those products
-                    fb, w_k = fallbacks[k], jnp.where(keep, factors[site.leaf], 0.0)
-                    dtype = summed[site.leaf].dtype
-                    total_k = jax.lax.cond(
-                        fb.use,
-                        lambda fb=fb, w_k=w_k, dtype=dtype: fb.weighted_sum(w_k, keep).astype(dtype),
-                        lambda total_k=total_k, dtype=dtype: total_k.astype(dtype),
-                    )
+                total_k = weighted_backward(k, site, jnp.where(keep, factors[site.leaf], 0.0))
             summed[site.leaf] = total_k.astype(summed[site.leaf].dtype)
         grad_sum = jax.tree_util.tree_unflatten(treedef, summed)
         return grad_sum, loss, aux, norms, stats
