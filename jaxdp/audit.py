@@ -66,7 +66,7 @@ import optax
 from scipy import special, stats
 
 from jaxdp import keys
-from jaxdp.accounting import check_delta
+from jaxdp.accounting import PldAccountant, check_delta
 from jaxdp.config import ConfigError
 from jaxdp.plan import PrivacyPlan, steps_per_epoch
 from jaxdp.train import TrainState, make_private_step
@@ -435,17 +435,16 @@ class TradeoffCurve:
             and isinstance(gaussian, dp_accounting.GaussianDpEvent)
         ):
             raise ValueError(f"the f-DP audit knows the Poisson-subsampled Gaussian only, not the event {event!r}.")
-        from dp_accounting.pld import privacy_loss_distribution as pld_lib
-
-        pld = pld_lib.from_gaussian_mechanism(
-            gaussian.noise_multiplier,
-            sampling_prob=inner.sampling_probability,
+        # The pld accountant's own PLD (pessimistic discretisation) of ``rounds`` compositions.
+        pld = PldAccountant(
+            sampling_rate=inner.sampling_probability,
+            noise_multiplier=gaussian.noise_multiplier,
             value_discretization_interval=value_discretization_interval,
-        ).self_compose(rounds)
-        eps_max = pld.get_epsilon_for_delta(1e-12)
-        eps_max = 50.0 if eps_max is None or not math.isfinite(eps_max) else min(max(float(eps_max), 1e-3), 50.0)
+        )
+        eps_max = pld.epsilon_for(1e-12, rounds)  # inf where dp-accounting finds none
+        eps_max = 50.0 if not math.isfinite(eps_max) else min(max(eps_max, 1e-3), 50.0)
         eps = np.linspace(0.0, eps_max, num_epsilons)
-        delta = np.asarray(pld.get_delta_for_epsilon(list(eps)), dtype=np.float64)
+        delta = np.asarray(pld.delta_curve(eps, rounds), dtype=np.float64)
         return cls(eps, np.clip(delta, 0.0, 1.0), name=label + f" steps={plan.num_steps}")
 
 
