@@ -87,7 +87,7 @@ def key_from_secret(secret: int) -> jax.Array:
 
 def as_key(key, name: str = "key") -> jax.Array:
     """A PRNG key array passes through; an int is a secret turned into a key by :func:`key_from_secret`."""
-    if isinstance(key, jax.Array) and not isinstance(key, bool) and key.shape == () and _is_key(key):
+    if isinstance(key, jax.Array) and key.shape == () and _is_key(key):
         return key
     if isinstance(key, jax.Array | np.ndarray) and not _is_key(key):
         if key.shape == (2,) and key.dtype == np.uint32:  # a raw (legacy PRNGKey) key: its 64 bits are its state

@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxdp import accounting, distributed, keys
 from jaxdp import data as data_lib
-from jaxdp.accounting._base import check_delta, require_upper_bound
+from jaxdp.accounting._base import require_upper_bound
 from jaxdp.clipping import CLIPPING_IMPLS, ExampleGradFn, gradient_norm_stats
 from jaxdp.config import ConfigError
 from jaxdp.data.augment import multiplicity_loss, random_crop_flip
@@ -269,7 +269,7 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
         "the target must be None (no target) or a finite number > 0 (e.g. 3.0)",
     )
     try:  # the one δ rule (jaxdp.accounting.check_delta): δ ∈ (0, 1), and δ <= 1/N once N is known
-        check_delta(config.privacy.delta, dataset_size=dataset_size)
+        accounting.check_delta(config.privacy.delta, dataset_size=dataset_size)
     except ValueError as e:
         raise ConfigError(f"privacy.{e}") from None
     lr = config.optimizer.learning_rate

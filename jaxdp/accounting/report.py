@@ -62,18 +62,17 @@ def run(args: argparse.Namespace) -> str:
     q, steps = _resolve(args)
     delta = _check_delta(args, q)
     names = [n.strip() for n in args.accountants.split(",") if n.strip()]
-    calibration = calibrated_with = None
+    calibration = None
+    calibrated_with = None if args.noise_multiplier is not None else calibration_accountant(args)
     t0 = time.perf_counter()
     if args.noise_multiplier is not None:
         sigma = args.noise_multiplier
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"--noise-multiplier={sigma!r} must be a finite number > 0.")
     elif args.target_epsilon is not None:
-        calibrated_with = calibration_accountant(args)
         sigma = calibrate_noise_multiplier(args.target_epsilon, delta, q, steps, accountant=calibrated_with)
         calibration = f"epsilon <= {args.target_epsilon} with {calibrated_with}"
     else:
-        calibrated_with = calibration_accountant(args)
         sigma = calibrate_noise_multiplier_for_attack_risk(
             args.target_tpr, args.fpr, q, steps, accountant=calibrated_with
         )
