@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,16 +20,33 @@ import dp_accounting
 import jax
 import optax
 
-from jaxdp.accounting import Accountant, make_accountant
-from jaxdp.accounting._base import check_delta, require_upper_bound
-from jaxdp.accounting._dp_accounting import dp_event as _dp_event
-from jaxdp.clipping import ClippedGradFn, ExampleGradFn, _check_clip_norm, clipped_grad
+from jaxdp import rules
+from jaxdp.accounting import (
+    Accountant,
+    calibrate_noise_multiplier,
+    dp_event,
+    make_accountant,
+    max_steps,
+    require_upper_bound,
+)
+from jaxdp.clipping import ClippedGradFn, ExampleGradFn, clipped_grad
 from jaxdp.noise import privatize, privatize_banded
 from jaxdp.sampling import CyclicPoissonSampler, PoissonSampler, ShuffleSampler, steps_per_epoch
 
 __all__ = ["PrivacyPlan", "steps_per_epoch"]
 
-_SAMPLINGS = ("poisson", "shuffle", "cyclic_poisson")
+
+def _check_positive_int(name: str, value: Any, default: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int; pass e.g. {name}={default}.")
+
+
+def _check_batch_fits(batch_size: int, dataset_size: int) -> None:
+    if batch_size > dataset_size:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the dataset ({dataset_size} examples); "
+            f"choose batch_size <= {dataset_size}."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +74,7 @@ class PrivacyPlan:
         amplified BandMF theorem (:class:`jaxdp.accounting.CyclicPoissonAccountant`).
       noise_coefficients: the strategy ``(c_0, ..., c_{b-1})`` with ‖c‖₂ = 1;
         ``None`` = optimised for ``(num_steps, bands)`` by
-        :func:`jaxdp.bandmf.optimal_coefficients` (cached).
+        :func:`jaxdp.noise.bandmf.optimal_coefficients` (cached).
 
     Example:
       >>> plan = PrivacyPlan(dataset_size=60000, batch_size=256, l2_clip_norm=1.0,
@@ -77,56 +95,23 @@ class PrivacyPlan:
     noise_coefficients: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        def positive_int(name, value, default):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int; pass e.g. {name}={default}.")
-
-        positive_int("dataset_size", self.dataset_size, 60000)
-        positive_int("batch_size", self.batch_size, 256)
-        if self.batch_size > self.dataset_size:
-            raise ValueError(
-                f"batch_size={self.batch_size} is larger than the dataset ({self.dataset_size} examples); "
-                f"choose batch_size <= {self.dataset_size}."
-            )
+        _check_positive_int("dataset_size", self.dataset_size, 60000)
+        _check_positive_int("batch_size", self.batch_size, 256)
+        _check_batch_fits(self.batch_size, self.dataset_size)
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 0:
             raise ValueError(f"num_steps={self.num_steps!r} must be an int >= 0 (the noisy steps the run takes).")
-        object.__setattr__(self, "l2_clip_norm", _check_clip_norm(self.l2_clip_norm))
-        try:
-            sigma = float(self.noise_multiplier)
-        except (TypeError, ValueError):
-            sigma = math.nan
-        if not math.isfinite(sigma) or sigma < 0:
-            raise ValueError(
-                f"noise_multiplier={self.noise_multiplier!r} must be a finite number >= 0 "
-                "(0 means no noise and no privacy); pass e.g. noise_multiplier=1.0."
-            )
-        object.__setattr__(self, "noise_multiplier", sigma)
-        if self.sampling not in _SAMPLINGS:
-            raise ValueError(
-                f"sampling={self.sampling!r} is not supported by the privacy plan; use one of {_SAMPLINGS}."
-            )
-        if self.sampling == "shuffle" and self.noise_multiplier > 0:
-            raise ValueError(
-                f"sampling='shuffle' with noise_multiplier={self.noise_multiplier}: shuffled fixed-size batches "
-                "have no amplification analysis here, so no epsilon could be claimed for them; use "
-                "sampling='poisson' for private runs (shuffle is for non-private runs, noise_multiplier=0)."
-            )
+        # The privacy rules (jaxdp.rules): one function and one message each, shared by every entry point.
+        object.__setattr__(self, "l2_clip_norm", rules.check_clip_norm(self.l2_clip_norm))
+        object.__setattr__(self, "noise_multiplier", rules.check_noise_multiplier(self.noise_multiplier))
+        rules.check_sampling(self.sampling)
+        rules.check_shuffle_noise(self.sampling, self.noise_multiplier)
         require_upper_bound(self.accountant)  # unknown names and approximations are refused
-        positive_int("bands", self.bands, 1)
-        if self.bands > 1 and self.sampling != "cyclic_poisson":
-            raise ValueError(
-                f"bands={self.bands} with sampling={self.sampling!r}: b-banded correlated noise is only private "
-                "as accounted when each example's participations are at least b steps apart; ordinary Poisson "
-                "or shuffled batches break that. Use sampling='cyclic_poisson' (or bands=1 for DP-SGD)."
-            )
-        if self.sampling == "cyclic_poisson" and self.bands * self.batch_size > self.dataset_size:
-            raise ValueError(
-                f"bands={self.bands} x batch_size={self.batch_size} exceeds dataset_size={self.dataset_size}: "
-                "cyclic Poisson samples the expected batch from one of b groups of N/b examples; use "
-                f"bands <= {self.dataset_size // self.batch_size} or a smaller batch_size."
-            )
+        object.__setattr__(self, "bands", rules.check_bands(self.bands))
+        rules.check_bands_sampling(self.bands, self.sampling)
+        if self.sampling == "cyclic_poisson":
+            rules.check_bands_fit(self.bands, self.batch_size, self.dataset_size)
         if self.noise_coefficients is not None:
-            from jaxdp.bandmf import check_coefficients
+            from jaxdp.noise.bandmf import check_coefficients
 
             c = check_coefficients(self.noise_coefficients)
             if len(c) != self.bands:
@@ -134,6 +119,110 @@ class PrivacyPlan:
                     f"noise_coefficients has {len(c)} entries but bands={self.bands}; pass exactly b coefficients."
                 )
             object.__setattr__(self, "noise_coefficients", tuple(float(v) for v in c))
+
+    @classmethod
+    def from_target(
+        cls,
+        *,
+        dataset_size: int,
+        batch_size: int,
+        l2_clip_norm: float,
+        planned_steps: int,
+        delta: float,
+        target_epsilon: float | None = None,
+        noise_multiplier: float | None = None,
+        per_layer: bool = False,
+        sampling: str = "poisson",
+        accountant: str = "rdp",
+        bands: int = 1,
+        prefix: str = "",
+        verbose: bool = False,
+    ) -> PrivacyPlan:
+        """The plan for a privacy target: σ calibrated to ``target_epsilon``, or given and budget-capped.
+
+        * ``noise_multiplier`` None, ``target_epsilon`` set: σ is the smallest that
+          spends at most the target at ``delta`` over all ``planned_steps``.
+        * both set: σ as given; if the target would be exceeded, the plan keeps only
+          the steps that fit (``num_steps < planned_steps``: the run stops there).
+        * ``target_epsilon`` None: σ as given (0 = no noise, no privacy).
+
+        ``bands > 1`` with ``sampling="poisson"`` means cyclic Poisson over b groups
+        (BandMF). ``prefix`` is put before the privacy argument names in messages
+        (``"privacy."`` for a config); ``verbose`` prints the calibration and the cap.
+        Raises ValueError naming the value and the fix.
+        """
+        p = prefix
+        _check_positive_int("dataset_size", dataset_size, 60000)
+        _check_positive_int("batch_size", batch_size, 256)
+        _check_positive_int("planned_steps", planned_steps, 1000)
+        _check_batch_fits(batch_size, dataset_size)
+        rules.check_clip_norm(l2_clip_norm, f"{p}l2_clip_norm")
+        if noise_multiplier is not None:
+            noise_multiplier = rules.check_noise_multiplier(noise_multiplier, f"{p}noise_multiplier")
+        target = rules.check_target_epsilon(target_epsilon, f"{p}target_epsilon")
+        delta = rules.check_delta(delta, dataset_size=dataset_size, name=f"{p}delta")
+        bands = rules.check_bands(bands, f"{p}bands")
+        if bands > 1 and sampling == "poisson":
+            sampling = "cyclic_poisson"
+        rules.check_sampling(sampling)
+        rules.check_bands_sampling(bands, sampling, prefix=p)
+        rules.check_bands_fit(bands, batch_size, dataset_size, prefix=p)
+        try:  # unknown names and approximations (gdp) cannot back a run's guarantee
+            require_upper_bound(accountant)
+        except ValueError as e:
+            raise ValueError(f"{p}{e}") from None
+        rules.check_shuffle_noise(sampling, noise_multiplier, target, prefix=p)
+        q = bands * batch_size / dataset_size
+        sigma, steps = noise_multiplier, planned_steps
+        if sigma is None:
+            if target is None:
+                raise ValueError(
+                    f"{p}target_epsilon and {p}noise_multiplier are both None; set a target epsilon "
+                    "(sigma is then calibrated) or a noise multiplier."
+                )
+            t0 = time.perf_counter()
+            sigma = calibrate_noise_multiplier(
+                target, delta, q, planned_steps, accountant=accountant, sampling=sampling, bands=bands
+            )
+            if verbose:
+                print(
+                    f"jaxdp: calibrated sigma={sigma:.4f}: the smallest noise with epsilon <= {target} at "
+                    f"delta={delta:g} over {planned_steps} steps (q={q:.4f}, {accountant}; took "
+                    f"{time.perf_counter() - t0:.2f} s)",
+                    flush=True,
+                )
+        elif target is not None:
+            if sigma == 0:
+                raise ValueError(
+                    f"{p}noise_multiplier=0 adds no noise, so {p}target_epsilon={target} cannot be met; "
+                    f"set {p}noise_multiplier=None to calibrate it, or {p}target_epsilon=None for a "
+                    "non-private run."
+                )
+            steps = max_steps(
+                target, delta, q, sigma, accountant=accountant, limit=planned_steps, sampling=sampling, bands=bands
+            )
+            if steps == 0:
+                raise ValueError(
+                    f"{p}noise_multiplier={sigma} spends more than {p}target_epsilon={target} in a single "
+                    "step; raise the noise multiplier or the target."
+                )
+            if steps < planned_steps and verbose:
+                print(
+                    f"jaxdp: budget: sigma={sigma} reaches epsilon={target} after {steps} of the {planned_steps} "
+                    "planned steps; the run will stop there.",
+                    flush=True,
+                )
+        return cls(
+            dataset_size=dataset_size,
+            batch_size=batch_size,
+            l2_clip_norm=float(l2_clip_norm),
+            noise_multiplier=float(sigma),
+            num_steps=steps,
+            per_layer=bool(per_layer),
+            sampling=sampling,
+            accountant=accountant,
+            bands=bands,
+        )
 
     @property
     def sampling_rate(self) -> float:
@@ -149,7 +238,7 @@ class PrivacyPlan:
         """The strategy coefficients ``c`` (NumPy, ‖c‖₂ = 1): given, or optimised for this plan's steps."""
         import numpy as np
 
-        from jaxdp.bandmf import optimal_coefficients
+        from jaxdp.noise.bandmf import optimal_coefficients
 
         if self.noise_coefficients is not None:
             return np.asarray(self.noise_coefficients)
@@ -245,7 +334,7 @@ class PrivacyPlan:
         steps = self._steps(steps)
         if self.noise_multiplier == 0:
             return dp_accounting.NonPrivateDpEvent()
-        return _dp_event(self.sampling_rate, self.noise_multiplier, steps, bands=self.bands)
+        return dp_event(self.sampling_rate, self.noise_multiplier, steps, bands=self.bands)
 
     def make_accountant(self) -> Accountant:
         """A fresh accountant (the plan's ``accountant``) for this plan's mechanism."""
@@ -265,7 +354,7 @@ class PrivacyPlan:
         Raises ValueError for δ outside (0, 1) or δ > 1/dataset_size (a guarantee that
         allows publishing an example outright).
         """
-        delta = check_delta(delta, dataset_size=self.dataset_size)  # δ ∈ (0, 1) and δ <= 1/N
+        delta = rules.check_delta(delta, dataset_size=self.dataset_size)  # δ ∈ (0, 1) and δ <= 1/N
         steps = self._steps(steps)
         if self.noise_multiplier == 0:
             return math.inf

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from jaxdp import rules
+
 __all__ = ["CyclicPoissonSampler", "PoissonSampler", "default_physical_batch_size", "steps_per_epoch"]
 
 
@@ -69,13 +71,8 @@ class PoissonSampler:
             dataset_size = int(dataset_size)
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
             raise ValueError(f"dataset_size={dataset_size!r} must be a positive int (number of examples).")
-        if not (isinstance(sampling_rate, (int, float, np.floating)) and 0.0 < sampling_rate <= 1.0):
-            raise ValueError(
-                f"sampling_rate={sampling_rate!r} must lie in (0, 1]: it is the probability that each "
-                "example joins a step (expected batch size / dataset size, e.g. 256 / 60000)."
-            )
         self.dataset_size = dataset_size
-        self.sampling_rate = float(sampling_rate)
+        self.sampling_rate = rules.check_sampling_rate(sampling_rate)
         expected = max(1, round(dataset_size * self.sampling_rate))
         if physical_batch_size is None:
             physical_batch_size = default_physical_batch_size(expected, self.sampling_rate, multiple_of)
@@ -149,10 +146,7 @@ class CyclicPoissonSampler(PoissonSampler):
         seed: int = 0,
         multiple_of: int = 1,
     ):
-        if isinstance(bands, np.integer):
-            bands = int(bands)
-        if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
-            raise ValueError(f"bands={bands!r} must be a positive int (the number of cyclic groups).")
+        bands = rules.check_bands(bands)
         if isinstance(dataset_size, (int, np.integer)) and not isinstance(dataset_size, bool) and bands > dataset_size:
             raise ValueError(
                 f"bands={bands} exceeds dataset_size={dataset_size}: every group needs at least one example; "

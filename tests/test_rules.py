@@ -1,4 +1,4 @@
-"""Bad input is a clear error, never a silent weaker guarantee (property-based).
+"""jaxdp.rules: bad input is a clear error, never a silent weaker guarantee (property-based).
 
 Every privacy-relevant argument is tried with values drawn by hypothesis at each
 entry point that takes it (primitives, plan, accountants, sampler, config). The
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import jaxdp
 from jaxdp import accounting
 from jaxdp.audit import audit_training_run
-from jaxdp.config import ConfigError, load_config
+from jaxdp.config import ConfigError, apply_overrides, load_config
 from jaxdp.sampling import PoissonSampler
 from jaxdp.train import train, validate_config
 
@@ -331,3 +331,70 @@ def test_inconsistent_multi_host_settings_are_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         train(config, progress=False)
     assert_clear(e, "distributed.process_id", 5)
+
+
+# -- the rules themselves: one function, one message, named by the caller --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "check, bad, message",
+    [
+        (jaxdp.rules.check_clip_norm, 0.0, "is not a finite positive number"),
+        (jaxdp.rules.check_noise_multiplier, -1.0, "must be a finite number >= 0"),
+        (jaxdp.rules.check_target_epsilon, math.inf, "the target must be None (no target) or a finite number > 0"),
+        (jaxdp.rules.check_sampling_rate, 1.5, "must lie in (0, 1]"),
+        (jaxdp.rules.check_bands, 0, "must be a positive int"),
+        (jaxdp.rules.check_sampling, "uniform", "is not supported by the privacy plan"),
+    ],
+)
+def test_each_rule_names_the_key_its_caller_knows(check, bad, message):
+    with pytest.raises(ValueError) as plain:
+        check(bad)
+    with pytest.raises(ValueError) as named:
+        check(bad, "privacy.thing")
+    assert message in str(plain.value) and message in str(named.value)
+    assert str(named.value).startswith(f"privacy.thing={bad!r}")
+
+
+@pytest.mark.parametrize("value", ["1.0", True, None, [1.0], math.nan])
+def test_a_clip_norm_that_is_not_a_real_number_is_refused(value):
+    with pytest.raises(ValueError, match="l2_clip_norm="):
+        jaxdp.rules.check_clip_norm(value)
+
+
+def test_the_same_rule_gives_the_same_message_at_every_entry_point(tmp_path):
+    """The clipping bound is refused by clipped_grad, privatize, the plan and the config with one wording."""
+
+    def message(fn):
+        with pytest.raises(ValueError) as e:
+            fn()
+        return str(e.value)
+
+    plan_args = dict(dataset_size=100, batch_size=10, noise_multiplier=1.0, num_steps=1)
+    texts = [
+        message(lambda: jaxdp.clipped_grad(lambda p, x: x.sum(), l2_clip_norm=-2.0)),
+        message(lambda: jaxdp.privatize(l2_clip_norm=-2.0, noise_multiplier=1.0, expected_batch_size=4, key=1)),
+        message(lambda: jaxdp.PrivacyPlan(l2_clip_norm=-2.0, **plan_args)),
+        message(lambda: jaxdp.gradient_norm_stats(jnp.ones(2), jnp.ones(2), l2_clip_norm=-2.0)),
+    ]
+    assert len(set(texts)) == 1, texts
+    config = load_config(os.path.join(ROOT, "configs", "digits.py:smoke"))
+    with pytest.raises(ConfigError) as e:
+        validate_config(apply_overrides(config, ["privacy.l2_clip_norm=-2.0"]))
+    assert str(e.value) == texts[0].replace("l2_clip_norm=", "privacy.l2_clip_norm=")
+
+
+def test_shuffle_with_noise_and_bands_without_cyclic_poisson_are_one_rule_each():
+    for fn in (
+        lambda: jaxdp.rules.check_shuffle_noise("shuffle", 1.0),
+        lambda: jaxdp.PrivacyPlan(
+            dataset_size=100, batch_size=10, l2_clip_norm=1.0, noise_multiplier=1.0, num_steps=1, sampling="shuffle"
+        ),
+    ):
+        with pytest.raises(ValueError, match="sampling='shuffle' with noise_multiplier=1.0: shuffled fixed-size"):
+            fn()
+    jaxdp.rules.check_shuffle_noise("shuffle", 0.0)  # non-private shuffle is allowed
+    with pytest.raises(ValueError, match="bands=3 with sampling='poisson'"):
+        jaxdp.rules.check_bands_sampling(3, "poisson")
+    with pytest.raises(ValueError, match="bands=3 with sampling='poisson'"):
+        jaxdp.PrivacyPlan(dataset_size=100, batch_size=10, l2_clip_norm=1.0, noise_multiplier=1.0, num_steps=1, bands=3)

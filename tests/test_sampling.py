@@ -1,84 +1,13 @@
-"""The privacy plan (validation, dp-accounting event) and the Poisson sampler."""
+"""jaxdp.sampling: Poisson draws (inclusion rate, padded chunks with masks, determinism) and shuffled epochs."""
 
-import dataclasses
 import math
 
-import dp_accounting
 import numpy as np
 import pytest
-from dp_accounting import rdp
 from scipy import stats
 
 import jaxdp
 from jaxdp.sampling import default_physical_batch_size
-
-PLAN = dict(dataset_size=60000, batch_size=256, l2_clip_norm=1.0, noise_multiplier=1.1, num_steps=2340)
-
-
-def test_plan_is_frozen_and_describes_poisson_gaussian():
-    plan = jaxdp.PrivacyPlan(**PLAN)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        plan.noise_multiplier = 0.5
-    event = plan.dp_event()
-    assert isinstance(event, dp_accounting.SelfComposedDpEvent) and event.count == 2340
-    inner = event.event
-    assert isinstance(inner, dp_accounting.PoissonSampledDpEvent)
-    assert inner.sampling_probability == pytest.approx(256 / 60000)
-    assert inner.event.noise_multiplier == 1.1
-
-
-@pytest.mark.parametrize(
-    "q, sigma, steps",
-    [(256 / 60000, 1.1, 2340), (512 / 1437, 5.99, 120), (0.01, 0.8, 1000), (0.1, 2.0, 50)],
-)
-def test_epsilon_matches_dp_accounting(q, sigma, steps):
-    """The plan's epsilon is dp-accounting's RDP epsilon for the plan's event."""
-    n = 100_000
-    plan = jaxdp.PrivacyPlan(
-        dataset_size=n, batch_size=round(q * n), l2_clip_norm=1.0, noise_multiplier=sigma, num_steps=steps
-    )
-    ref = rdp.RdpAccountant()  # dp-accounting's default orders
-    ref.compose(
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(plan.sampling_rate, dp_accounting.GaussianDpEvent(sigma)), steps
-        )
-    )
-    want = ref.get_epsilon(1e-5)
-    got = plan.epsilon(1e-5)
-    assert got == pytest.approx(want, rel=1e-12)
-
-
-def test_epsilon_grows_with_steps_and_is_infinite_without_noise():
-    plan = jaxdp.PrivacyPlan(**PLAN)
-    eps = [plan.epsilon(1e-5, s) for s in (0, 100, 1000, 2340)]
-    assert eps[0] == 0.0 and eps[1] < eps[2] < eps[3]
-    assert jaxdp.PrivacyPlan(**{**PLAN, "noise_multiplier": 0.0}).epsilon(1e-5) == math.inf
-
-
-@pytest.mark.parametrize(
-    "change, name",
-    [
-        ({"batch_size": 70000}, "batch_size"),
-        ({"batch_size": 0}, "batch_size"),
-        ({"l2_clip_norm": -1.0}, "l2_clip_norm"),
-        ({"l2_clip_norm": math.inf}, "l2_clip_norm"),
-        ({"noise_multiplier": -0.1}, "noise_multiplier"),
-        ({"num_steps": -1}, "num_steps"),
-        ({"sampling": "shuffle"}, "sampling"),
-        ({"sampling": "bogus"}, "sampling"),
-    ],
-)
-def test_plan_refuses_bad_values(change, name):
-    with pytest.raises(ValueError, match=name):
-        jaxdp.PrivacyPlan(**{**PLAN, **change})
-
-
-def test_plan_builds_matching_pieces():
-    plan = jaxdp.PrivacyPlan(**{**PLAN, "per_layer": True})
-    fn = plan.clipped_grad(lambda p, x: (p * x).sum(), microbatch_size=8)
-    assert fn.l2_clip_norm == 1.0 and fn.per_layer and fn.microbatch_size == 8
-    sampler = plan.sampler(seed=0)
-    assert sampler.sampling_rate == plan.sampling_rate and sampler.dataset_size == 60000
 
 
 def test_poisson_inclusion_frequency_matches_q():
@@ -142,17 +71,6 @@ def test_sampler_bad_arguments(kwargs, name):
         jaxdp.PoissonSampler(**kwargs)
 
 
-def test_plan_step_and_delta_arguments_are_checked():
-    plan = jaxdp.PrivacyPlan(**PLAN)
-    for bad in (-3, 2.5):
-        with pytest.raises(ValueError, match="steps="):
-            plan.epsilon(1e-5, bad)
-        with pytest.raises(ValueError, match="steps="):
-            plan.dp_event(bad)
-    with pytest.raises(ValueError, match="delta=5.0"):
-        plan.epsilon(5.0, 0)
-
-
 def test_shuffle_visits_every_example_once_per_epoch():
     from jaxdp.sampling import ShuffleSampler
 
@@ -168,11 +86,3 @@ def test_shuffle_visits_every_example_once_per_epoch():
     first = np.concatenate([s.draw(i) for i in range(11)])
     second = np.concatenate([s.draw(11 + i) for i in range(11)])
     assert not np.array_equal(first, second)  # a fresh permutation each epoch
-
-
-def test_shuffle_is_refused_for_private_plans_and_allowed_without_noise():
-    with pytest.raises(ValueError, match="sampling='shuffle' with noise_multiplier=1.1"):
-        jaxdp.PrivacyPlan(**{**PLAN, "sampling": "shuffle"})
-    plan = jaxdp.PrivacyPlan(**{**PLAN, "sampling": "shuffle", "noise_multiplier": 0.0})
-    assert plan.epsilon(1e-5) == math.inf
-    assert type(plan.sampler(seed=0)).__name__ == "ShuffleSampler"
