@@ -22,9 +22,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdp.clipping import ClippedGradAux, ClippedGradFn, _normalise_argnums
+from jaxdp.clipping import ClippedGradAux, ClippedGradFn, batch_argnums
 
-__all__ = ["data_parallel", "initialize", "make_mesh", "replicate", "replicated_sharding", "shard_batch"]
+__all__ = ["data_parallel", "initialize", "make_mesh", "place_rows", "replicate", "replicated_sharding", "shard_batch"]
 
 DATA_AXIS = "data"
 
@@ -98,13 +98,16 @@ def shard_batch(mesh: Mesh, tree: Any) -> Any:
     ``tree`` holds the *global* batch as NumPy arrays, identical on every host
     (the sampler is deterministic given the broadcast secret seed); each process
     places only the rows its own devices own (``addressable_devices_indices_map``),
-    so multi-host runs need no extra communication.
+    so multi-host runs need no extra communication. Arrays already sharded this way
+    are passed through as they are.
     """
     sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     n = mesh.devices.size
     nproc = jax.process_count()
 
     def put(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x  # already sharded over this mesh's "data" axis (e.g. by the caller, once): no copy
         x = np.asarray(x)
         if x.shape[0] % n:
             raise ValueError(
@@ -113,12 +116,12 @@ def shard_batch(mesh: Mesh, tree: Any) -> Any:
             )
         if nproc == 1:
             return jax.device_put(x, sharding)
-        return _place_rows(x, sharding)
+        return place_rows(x, sharding)
 
     return jax.tree_util.tree_map(put, tree)
 
 
-def _place_rows(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def place_rows(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Build a global array from a host-local copy of all of it: each host places the
     rows its own devices own, whatever the mesh's device order (multi-host path)."""
     index_map = sharding.addressable_devices_indices_map(x.shape)
@@ -141,7 +144,7 @@ def data_parallel(grad_fn: ClippedGradFn, mesh: Mesh):
     def fn(params, *batch, example_mask):
         # Only the batched arguments are split over devices; the others are
         # replicated, so every device evaluates its examples with all of them.
-        batched = _normalise_argnums(grad_fn.batch_argnums, len(batch))
+        batched = batch_argnums(grad_fn.batch_argnums, len(batch))
         specs = tuple(data if (i + 1) in batched else replicated for i in range(len(batch)))
 
         def local(p, b, m):

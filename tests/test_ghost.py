@@ -18,6 +18,7 @@ from test_clipping import reference_clipped_sum
 
 import jaxdp
 from jaxdp import GhostUnsupported
+from jaxdp.clipping import ghost, vmap
 from jaxdp.models import MLP
 from jaxdp.models._recipes import DPMnistCNN, WideResNet
 from jaxdp.train import classification_loss
@@ -75,7 +76,7 @@ def problem(name):
 
 
 # Clipped sums agree to this relative tolerance: ghost's clip factor divides by a rigorous upper
-# bound of the norm under float rounding (see jaxdp/_ghost.py, site_norms), so an example that
+# bound of the norm under float rounding (see jaxdp/clipping/ghost.py, site_norms), so an example that
 # is clipped is scaled up to ~1e-3 more than on the vmap path. Norms themselves agree to 1e-4.
 RTOL = 2e-3
 
@@ -270,11 +271,13 @@ def test_auto_falls_back_to_vmap_saying_why_once(caplog):
 
 def test_auto_takes_the_ghost_path_when_covered(monkeypatch):
     loss_fn, params, x, y = problem("mlp")
-    calls = []
-    original = jaxdp.ClippedGradFn._ghost_chunk
-    monkeypatch.setattr(jaxdp.ClippedGradFn, "_ghost_chunk", lambda self, *a: calls.append(1) or original(self, *a))
+    calls, vmap_calls = [], []
+    original, original_vmap = ghost.chunk, vmap.chunk
+    monkeypatch.setattr(ghost, "chunk", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.setattr(vmap, "chunk", lambda *a, **kw: vmap_calls.append(1) or original_vmap(*a, **kw))
     _run(loss_fn, params, x, y, jnp.ones((x.shape[0],)), "auto")
     assert calls
+    assert not vmap_calls
 
 
 def test_bad_clipping_impl_and_example_grad_with_ghost_are_errors():
@@ -372,21 +375,19 @@ class DirectLayouts(nnx.Module):
 def test_direct_per_example_gradients_are_put_back_in_each_layout(monkeypatch):
     """The direct path's gradients, summed as normed, equal vmap's in every layout (a wrong layout
     would permute the sum), and every kernel here took that path."""
-    from jaxdp import _ghost
-
     direct = set()
-    to_leaf = _ghost._to_leaf
+    to_leaf = ghost._to_leaf  # private: the one place that sees which sites formed per-example gradients
 
     def spy(site, leaf_value, blocks):
         if blocks.shape[0] > 1:  # per-example blocks (the Gram sites' fallback maps one summed block)
             direct.add(site.leaf)
         return to_leaf(site, leaf_value, blocks)
 
-    monkeypatch.setattr(_ghost, "_to_leaf", spy)
+    monkeypatch.setattr(ghost, "_to_leaf", spy)
     x = np.random.default_rng(7).normal(size=(6, 48 + 64)).astype(np.float32)
     loss_fn, params, x, y = _nnx_problem(DirectLayouts(nnx.Rngs(0)), x, 3)
     _assert_ghost_equals_vmap(loss_fn, params, x, y, jnp.ones((6,)).at[2].set(0.0), clip=0.05)
-    names = _ghost.leaf_names(params)
+    names = ghost.leaf_names(params)
     kernels = {n for n in names if "head" not in n}
     assert {names[i] for i in direct} == kernels
 
@@ -515,7 +516,7 @@ def test_auto_falls_back_when_the_ghost_path_fails_to_trace(monkeypatch, caplog)
     def broken(*args):
         raise RuntimeError("simulated")
 
-    monkeypatch.setattr(jaxdp._ghost, "site_weighted_sum", broken)
+    monkeypatch.setattr(ghost, "site_weighted_sum", broken)
     with caplog.at_level(logging.WARNING, logger="jaxdp"):
         g_auto, _ = _run(loss_fn, params, x, y, jnp.ones((x.shape[0],)), "auto")
     assert any("did not trace (RuntimeError: simulated)" in r.getMessage() for r in caplog.records)
@@ -576,17 +577,15 @@ def test_float32_products_with_a_float64_result_are_bounded_at_float32(x64):
 
 
 def test_site_roundoff_is_the_lowest_precision_on_the_site():
-    from jaxdp import _ghost
-
     with jax.enable_x64(True):
         loss, w, x, t = _cancelling_dense(1.0, n=2, dtype=jnp.float64, preferred=jnp.float64)
-        _, sites, _ = _ghost.analyse(loss, w, (jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t[0]))
+        _, sites, _ = ghost.analyse(loss, w, (jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t[0]))
         (site,) = sites
         assert site.out_dtype == jnp.float64
-        assert _ghost.site_roundoff(site, w) == float(jnp.finfo(jnp.float32).eps) / 2
+        assert ghost.site_roundoff(site, w) == float(jnp.finfo(jnp.float32).eps) / 2
         w64 = w.astype(jnp.float64)
-        _, sites64, _ = _ghost.analyse(loss, w64, (jax.ShapeDtypeStruct(x.shape[1:], jnp.float64), t[0]))
-        assert _ghost.site_roundoff(sites64[0], w64) == float(jnp.finfo(jnp.float64).eps) / 2
+        _, sites64, _ = ghost.analyse(loss, w64, (jax.ShapeDtypeStruct(x.shape[1:], jnp.float64), t[0]))
+        assert ghost.site_roundoff(sites64[0], w64) == float(jnp.finfo(jnp.float64).eps) / 2
 
 
 def _dot_precisions(jaxpr, out):

@@ -1,4 +1,9 @@
-"""Ghost clipping: per-example gradient norms without per-example gradients of the whole model.
+"""The ghost path: per-example gradient norms without per-example gradients of the whole model.
+
+``clipping_impl="ghost"`` (or ``"auto"`` where it covers the loss) takes this path
+instead of :mod:`jaxdp.clipping.vmap`: :func:`analyse_loss` checks the loss once,
+:func:`chunk` clips and sums one chunk of examples (the factors and the masked sum
+come from :mod:`jaxdp.clipping.core`, as on the vmap path).
 
 The vmap path (``clipping_impl="vmap"``) computes every example's full gradient,
 ``batch x params`` numbers. For a parameter that enters the loss through one
@@ -41,6 +46,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -49,7 +55,24 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdp.clipping.core import ChunkSum, clip_factors, scaled_sum
+
 PyTree = Any
+
+__all__ = [
+    "Fallback",
+    "GhostPlan",
+    "GhostUnsupported",
+    "analyse",
+    "analyse_loss",
+    "check_traces",
+    "chunk",
+    "leaf_names",
+    "run_with_probes",
+    "site_norms",
+    "site_roundoff",
+    "site_weighted_sum",
+]
 
 # Linear unary steps a parameter may take before its one linear use (re-applied, then transposed, per site).
 _STRUCTURAL = {
@@ -75,7 +98,7 @@ _LINEAR = {"dot_general", "conv_general_dilated", "mul", "add", "sub", "gather"}
 _CUSTOM_RULES = {"custom_jvp_call", "custom_vjp_call"}
 _EXACT_RULES = {
     # DPConv's im2col backward, tested equal to the derivative of its body (tests/test_models.py).
-    (os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "_conv.py"), "conv_same"),
+    (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "_conv.py"), "conv_same"),
 }
 _CALLS = {
     "jit",
@@ -641,11 +664,20 @@ def site_weighted_sum(site: _Site, leaf_value, operands, g_weighted):
 
 
 def leaf_names(params: PyTree) -> list[str]:
+    """``params['a']['kernel']``-style names of the parameter leaves, in flattening order (for messages)."""
     paths = jax.tree_util.tree_flatten_with_path(params)[0]
     return ["params" + jax.tree_util.keystr(p) for p, _ in paths]
 
 
-def analyse(fun, params, example_args) -> tuple[Any, list[_Site], Any]:
+class GhostPlan(NamedTuple):
+    """An analysed one-example loss: its jaxpr, the one linear use of each parameter leaf, its output tree."""
+
+    closed: Any
+    sites: list[_Site]
+    out_tree: Any
+
+
+def analyse(fun, params, example_args) -> GhostPlan:
     """Trace ``fun(params, *example_args)`` (one example) and find its parameter sites.
 
     Returns ``(closed_jaxpr, sites, out_tree)``; raises :class:`GhostUnsupported`.
@@ -689,7 +721,7 @@ def analyse(fun, params, example_args) -> tuple[Any, list[_Site], Any]:
                 f"parameter {_describe(site.leaf, interp.names)} meets a {jnp.dtype(dtype).name} value in "
                 f"`{site.eqn.primitive.name}`:",
             )
-    return closed, interp.sites, out_tree[0]
+    return GhostPlan(closed, interp.sites, out_tree[0])
 
 
 def _is_index(site: _Site, i: int) -> bool:
@@ -721,3 +753,126 @@ def run_with_probes(closed, sites, names, flat_args, probes):
     if len(interp.operands) != len(sites):
         raise AssertionError("ghost clipping: the probed run found a different number of sites than the analysis")
     return outs, interp.operands
+
+
+# -- the ghost path: one loss analysed, one chunk of examples clipped and summed -------------------
+
+
+def analyse_loss(loss_of_one: Callable[..., Any], params: PyTree, batched_nums: Sequence[int], args) -> GhostPlan:
+    """The one-example loss traced and its parameter uses checked (:func:`analyse`).
+
+    ``loss_of_one(p, *example_args) -> (loss, aux)`` is the loss of one example
+    (:func:`jaxdp.clipping.vmap.example_loss`); ``args`` are the call's arguments, the
+    batched ones (``batched_nums``, 1-based) with their example axis. Raises
+    :class:`GhostUnsupported`.
+    """
+    one = [
+        jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(jnp.shape(v)[1:], jnp.result_type(v)), a)
+        if (i + 1) in batched_nums
+        else a
+        for i, a in enumerate(args)
+    ]
+    return analyse(loss_of_one, params, one)
+
+
+def check_traces(
+    plan: GhostPlan, params: PyTree, batched_nums: Sequence[int], args, *, l2_clip_norm: float, per_layer: bool
+) -> None:
+    """Trace the whole ghost chunk abstractly (nothing is computed); a failure raises :class:`GhostUnsupported`.
+
+    ``"auto"`` and :meth:`jaxdp.ClippedGradFn.ghost_coverage` call it: a model the analysis
+    accepts but the ghost path cannot run is a reason to use vmap, not an error.
+    """
+
+    def abstract(v):
+        return jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) if hasattr(v, "shape") else v
+
+    size = jax.tree_util.tree_leaves(args[batched_nums[0] - 1])[0].shape[0]
+    try:
+        jax.eval_shape(
+            lambda p, a: chunk(
+                plan,
+                p,
+                batched_nums,
+                a,
+                jnp.ones((size,), jnp.float32),
+                l2_clip_norm=l2_clip_norm,
+                per_layer=per_layer,
+            ),
+            jax.tree_util.tree_map(abstract, params),
+            jax.tree_util.tree_map(abstract, list(args)),
+        )
+    except Exception as e:  # anything: auto must never fail where vmap works
+        raise GhostUnsupported(f"the ghost path did not trace ({type(e).__name__}: {e})") from e
+
+
+def chunk(
+    plan: GhostPlan,
+    params: PyTree,
+    batched_nums: Sequence[int],
+    args,
+    mask: jax.Array,
+    *,
+    l2_clip_norm: float,
+    per_layer: bool,
+) -> ChunkSum:
+    """One chunk of examples on the ghost path: one backward pass to the probes gives every site's output
+    gradients, :func:`site_norms` the per-leaf norms, :func:`jaxdp.clipping.core.clip_factors` the factors,
+    and per leaf one weighted backward pass (or the sum of the gradients already formed) the clipped sum."""
+    closed, sites, out_tree = plan
+    names = leaf_names(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    size = mask.shape[0]
+    in_axes = (0, *[0 if (i + 1) in batched_nums else None for i in range(len(args))])
+
+    def one(probes, *a):
+        outs, operands = run_with_probes(closed, sites, names, leaves + jax.tree_util.tree_leaves(a), probes)
+        loss, aux = jax.tree_util.tree_unflatten(out_tree, outs)
+        return loss, aux, operands
+
+    def total(probes):
+        loss, aux, operands = jax.vmap(one, in_axes=in_axes)(probes, *args)
+        return jnp.sum(loss.astype(jnp.float32)), (loss, aux, operands)
+
+    probes = [jnp.zeros((size, *s.out_shape), s.out_dtype) for s in sites]
+    _, vjp_fn, (loss, aux, operands) = jax.vjp(total, probes, has_aux=True)
+    (cotangents,) = vjp_fn(jnp.ones((), jnp.float32))
+
+    leaf_sq = [jnp.zeros((size,), jnp.float32) for _ in leaves]
+    leaf_bound = list(leaf_sq)
+    materialised, fallbacks = {}, {}
+    for k, site in enumerate(sites):
+        sq, bound, per_ex, fallback = site_norms(site, leaves[site.leaf], operands[k], cotangents[k], mask)
+        leaf_sq[site.leaf], leaf_bound[site.leaf] = sq, bound
+        if per_ex is not None:
+            materialised[k] = per_ex
+        if fallback is not None:
+            fallbacks[k] = fallback
+    factors, keep, norms, stats = clip_factors(
+        leaf_sq, mask, l2_clip_norm=l2_clip_norm, per_layer=per_layer, leaf_bound=leaf_bound
+    )
+
+    def kept(x):
+        # `where` (not a multiply): a dropped example's NaN/inf contributes exactly zero.
+        return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+    def weighted_backward(k, site, w):
+        g = cotangents[k]
+        g_w = kept(g * w.astype(jnp.promote_types(g.dtype, jnp.float32)).reshape((-1,) + (1,) * (g.ndim - 1)))
+        return site_weighted_sum(site, leaves[site.leaf], [kept(o) for o in operands[k]], g_w)
+
+    summed = [jnp.zeros(leaf.shape, jnp.promote_types(leaf.dtype, jnp.float32)) for leaf in leaves]
+    for k, site in enumerate(sites):
+        if k in materialised:  # the gradients whose norms were taken, scaled and summed (as on the vmap path)
+            total_k = scaled_sum(materialised[k], factors[site.leaf], keep)
+        elif k in fallbacks:  # norms from each example's own X^T G when fb.use: then sum those products
+            w, fb = jnp.where(keep, factors[site.leaf], 0.0), fallbacks[k]
+            total_k = jax.lax.cond(
+                fb.use,
+                functools.partial(fb.weighted_sum, w, keep),
+                functools.partial(weighted_backward, k, site, w),
+            )
+        else:
+            total_k = weighted_backward(k, site, jnp.where(keep, factors[site.leaf], 0.0))
+        summed[site.leaf] = total_k.astype(summed[site.leaf].dtype)
+    return ChunkSum(jax.tree_util.tree_unflatten(treedef, summed), loss, aux, norms, stats)

@@ -1,0 +1,156 @@
+"""The clip itself: per-example squared norms -> clip factors -> the scaled, masked sum.
+
+Both paths end here. The vmap path (:mod:`jaxdp.clipping.vmap`) gives it every
+example's gradient; the ghost path (:mod:`jaxdp.clipping.ghost`) gives it per-leaf
+squared norms (with upper bounds under rounding) taken without them. The factors
+decide what each example adds to the sum, so the guarantees of
+:func:`jaxdp.clipped_grad` are kept here: an example's clipped gradient has norm
+``<= C``; a masked or non-finite example adds exactly zero; a zero gradient stays
+zero; sums are formed in at least float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+__all__ = [
+    "ChunkSum",
+    "ClipFactors",
+    "clip_factors",
+    "per_example_norms",
+    "rounding_slack",
+    "scaled_sum",
+    "sq_norm_per_example",
+]
+
+
+class ClipFactors(NamedTuple):
+    """What :func:`clip_factors` decides for a chunk of B examples.
+
+    Attributes:
+      factors: one ``(B,)`` clip factor in ``[0, 1]`` per parameter leaf (the same
+        array for every leaf unless clipping per layer).
+      keep: ``(B,)`` bool, the examples that count: unmasked and finite.
+      norms: ``(B,)`` per-example gradient norms before clipping (``inf``/``nan``
+        where non-finite).
+      stats: ``(num_clipped, num_nonfinite)`` over the unmasked examples, int32.
+    """
+
+    factors: list[jax.Array]
+    keep: jax.Array
+    norms: jax.Array
+    stats: tuple[jax.Array, jax.Array]
+
+
+class ChunkSum(NamedTuple):
+    """One chunk of examples clipped and summed: what either path returns and the microbatch scan adds up."""
+
+    grad_sum: PyTree
+    loss: jax.Array
+    aux: Any
+    norms: jax.Array
+    stats: tuple[jax.Array, jax.Array]
+
+
+def sq_norm_per_example(leaf: jax.Array) -> jax.Array:
+    """Squared L2 norm of each example's slice of ``leaf`` (complex: |re|^2 + |im|^2)."""
+    leaf = jnp.abs(leaf) if jnp.iscomplexobj(leaf) else leaf
+    leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+    return jnp.sum(jnp.square(leaf), axis=tuple(range(1, leaf.ndim)))
+
+
+def rounding_slack(dtype) -> float:
+    """The factor a squared norm is inflated by, for the clip factor, when a gradient is held in ``dtype``.
+
+    A gradient below float32 (bfloat16, float16) may be rounded to its dtype in one XLA
+    fusion and kept wider in another: the norm may then be taken of one rounding and the
+    sum formed of the other, which differ by up to half an ulp per element, a relative
+    ``eps / 2`` in norm. Measured: float16 parameters clipped to 1.00045 C when XLA's
+    CPU backend ran at optimisation level 0 (``XLA_FLAGS=--xla_backend_optimization_level=0``),
+    which fuses differently; a GPU's fusions differ again. Dividing by ``(1 + eps)`` times
+    the norm keeps every clipped gradient below C whichever rounding the sum sees (it
+    clips at most ``eps`` = 0.1% (float16) or 0.8% (bfloat16) tighter); float32 and wider: 1.
+    """
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize >= 4:
+        return 1.0
+    return (1.0 + float(jnp.finfo(dtype).eps)) ** 2
+
+
+def clip_factors(
+    leaf_sq: list[jax.Array],
+    mask: jax.Array,
+    *,
+    l2_clip_norm: float,
+    per_layer: bool,
+    leaf_bound: list[jax.Array] | None = None,
+) -> ClipFactors:
+    """Clip factors per leaf, the kept examples, the norms and the counters, from per-leaf squared norms.
+
+    Args:
+      leaf_sq: per parameter leaf, the ``(B,)`` squared norms of each example's gradient of it.
+      mask: ``(B,)``; an example counts when ``mask > 0``.
+      l2_clip_norm: the clipping bound C.
+      per_layer: clip each of the K leaves to ``C / sqrt(K)`` (the total stays ``<= C``)
+        instead of the whole gradient to C.
+      leaf_bound: upper bounds of the squared norms under rounding (ghost: the formulas' error; vmap:
+        :func:`rounding_slack` of low-precision gradients), used for
+        the factors; the reported norms stay the estimates ``leaf_sq``.
+    """
+    leaf_bound = leaf_sq if leaf_bound is None else leaf_bound
+    total_sq, total_bound = sum(leaf_sq), sum(leaf_bound)
+    # A closed-form estimate whose terms cancel can round below zero: that example is finite
+    # (its bound, not the estimate, sets the factor), never dropped as NaN.
+    norms = jnp.sqrt(jnp.maximum(total_sq, 0.0))
+    bound = jnp.sqrt(jnp.maximum(total_bound, 0.0))
+    finite = jnp.isfinite(total_sq) & jnp.isfinite(total_bound)
+    if per_layer:
+        # Each of the K leaves gets budget C / sqrt(K): the total stays <= C.
+        budget = l2_clip_norm / math.sqrt(len(leaf_sq))
+        factors = [jnp.minimum(1.0, budget / jnp.maximum(jnp.sqrt(jnp.maximum(s, 0.0)), 1e-30)) for s in leaf_bound]
+        clipped_any = sum((f < 1.0).astype(jnp.int32) for f in factors) > 0
+    else:
+        factor = jnp.minimum(1.0, l2_clip_norm / jnp.maximum(bound, 1e-30))
+        factors = [factor] * len(leaf_sq)
+        clipped_any = factor < 1.0
+    keep = finite & (mask > 0)
+    unmasked = mask > 0
+    stats = (
+        jnp.sum(clipped_any & finite & unmasked).astype(jnp.int32),
+        jnp.sum(~finite & unmasked).astype(jnp.int32),
+    )
+    return ClipFactors(factors, keep, norms, stats)
+
+
+def scaled_sum(per_example: jax.Array, factor: jax.Array, keep: jax.Array) -> jax.Array:
+    """``sum_i factor_i * g_i`` over the kept examples of a (B, ...) leaf."""
+    # Scale and sum in at least float32: in bfloat16 the rounding of
+    # g * (C / ||g||) can land above C (measured: 1.0028 for C = 1).
+    per_example = per_example.astype(jnp.promote_types(per_example.dtype, jnp.float32))
+    w = jnp.where(keep, factor, 0.0).astype(per_example.real.dtype)
+    shape = (-1,) + (1,) * (per_example.ndim - 1)
+    # `where` (not a multiply) so a NaN/inf gradient of a dropped example
+    # contributes exactly zero instead of NaN.
+    contrib = jnp.where(keep.reshape(shape), per_example * w.reshape(shape), jnp.zeros((), per_example.dtype))
+    return jnp.sum(contrib, axis=0)
+
+
+def per_example_norms(per_example_grads: PyTree) -> jax.Array:
+    """L2 norm of each example's gradient over all leaves of a batched pytree.
+
+    Args:
+      per_example_grads: pytree whose leaves have a leading example axis.
+
+    Returns:
+      ``(batch,)`` float array. Complex leaves count real and imaginary parts.
+    """
+    leaves = jax.tree_util.tree_leaves(per_example_grads)
+    if not leaves:
+        raise ValueError("per_example_grads has no leaves: there is nothing to take the norm of.")
+    return jnp.sqrt(sum(sq_norm_per_example(leaf) for leaf in leaves))
