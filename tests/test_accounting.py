@@ -10,7 +10,7 @@ import pytest
 from dp_accounting import rdp
 from scipy import stats
 
-from jaxdp import accounting
+from jaxdp import accounting, rules
 from jaxdp.accounting import (
     Accountant,
     attack_risk,
@@ -148,8 +148,18 @@ def test_step_counts_one_at_a_time():
 
 
 def test_shuffled_batches_are_refused():
-    with pytest.raises(ValueError, match="sampling='shuffle' cannot be accounted"):
+    """Refused by the one shuffle-with-noise rule (jaxdp.rules.check_shuffle_noise), with its message."""
+    with pytest.raises(ValueError, match="sampling='shuffle' with noise_multiplier=1.0") as e:
         make_accountant("rdp", sampling_rate=0.01, noise_multiplier=1.0, sampling="shuffle")
+    with pytest.raises(ValueError) as same:
+        rules.check_shuffle_noise("shuffle", 1.0)
+    assert str(e.value) == str(same.value)
+    # Any other sampler an Accountant has no analysis for is refused too (cyclic Poisson goes through
+    # make_accountant, which wraps a Poisson accountant).
+    with pytest.raises(ValueError, match="sampling='cyclic_poisson' cannot be accounted for by an Accountant"):
+        accounting.RdpAccountant(sampling_rate=0.01, noise_multiplier=1.0, sampling="cyclic_poisson")
+    with pytest.raises(ValueError, match="sampling='without_replacement' cannot be accounted"):
+        make_accountant("rdp", sampling_rate=0.01, noise_multiplier=1.0, sampling="without_replacement")
 
 
 def test_user_registered_accountant_works_everywhere():
@@ -168,9 +178,10 @@ def test_user_registered_accountant_works_everywhere():
         sigma = calibrate_noise_multiplier(3.0, 1e-5, 0.01, 100, accountant="noamp")
         assert sigma > calibrate_noise_multiplier(3.0, 1e-5, 0.01, 100, accountant="rdp")
     finally:
-        from jaxdp.accounting import _base
-
-        _base._REGISTRY.pop("noamp", None)
+        accounting.unregister_accountant("noamp")
+    assert "noamp" not in accounting.available_accountants()
+    with pytest.raises(ValueError, match="'rdp' is built in"):
+        accounting.unregister_accountant("rdp")
     with pytest.raises(ValueError, match="accountant='nope' is not registered"):
         make_accountant("nope", sampling_rate=0.1, noise_multiplier=1.0)
 
@@ -211,7 +222,7 @@ def test_approximate_accountants_cannot_set_or_claim_a_guarantee():
 def test_gdp_refusal_names_fixes_that_work(capsys, monkeypatch):
     """The refusal used to suggest allow_approximation=True, which configs and the CLI reject; the fixes it
     names now work in a config override, in jaxdp account and in Python."""
-    from jaxdp.accounting import report
+    from jaxdp.cli import account as report
     from jaxdp.cli import main
     from jaxdp.config import ConfigError, apply_overrides, load_config
     from jaxdp.train import make_plan
@@ -296,13 +307,11 @@ def test_attack_risk_calibration_needs_less_noise_than_epsilon_calibration():
 def test_risk_grid_is_fine_enough():
     """The ε grid used for TPR must not be coarse: compare with a 10x finer grid on a GDP-like case."""
     acc = make_accountant("pld", sampling_rate=0.01, noise_multiplier=1.0).compose(2000)
-    from jaxdp.accounting import _risk
-
     deltas_fine_grid = np.linspace(0, 30, 3001)
     fine = acc.delta_curve(deltas_fine_grid, 2000)
     e = deltas_fine_grid
     fine_tpr = float(np.min(np.minimum(fine + np.exp(e) * 0.01, 1 - np.exp(-e) * (1 - fine - 0.01))))
-    assert _risk.tpr_at_fpr(acc, 0.01) == pytest.approx(fine_tpr, rel=5e-3)
+    assert accounting.tpr_at_fpr(acc, 0.01) == pytest.approx(fine_tpr, rel=5e-3)
 
 
 def test_pld_matches_dp_accounting_pld_accountant_on_dp_events():
@@ -314,3 +323,114 @@ def test_pld_matches_dp_accounting_pld_accountant_on_dp_events():
     ours = make_accountant("pld", sampling_rate=0.02, noise_multiplier=0.9).compose(300)
     assert ours.epsilon(1e-6) == pytest.approx(ref.get_epsilon(1e-6), rel=1e-9)
     assert ours.delta(1.5) == pytest.approx(ref.get_delta(1.5), rel=1e-9)
+
+
+# -- the argument rules the accountants share (jaxdp.rules) ----------------------------------------------
+def test_accounting_applies_the_rules_of_jaxdp_rules():
+    """check_delta is jaxdp.rules' (re-exported); q, sigma, epsilon and bands go through the same rules."""
+    assert accounting.check_delta is rules.check_delta
+    assert set(accounting.__all__) <= set(dir(accounting))
+    for kwargs, rule in [
+        (dict(sampling_rate=1.5, noise_multiplier=1.0), lambda: rules.check_sampling_rate(1.5)),
+        (dict(sampling_rate=0.01, noise_multiplier=-2.0), lambda: rules.check_noise_multiplier(-2.0, allow_zero=False)),
+        (dict(sampling_rate=0.01, noise_multiplier=1.0, bands=0), lambda: rules.check_bands(0)),
+        (dict(sampling_rate=0.01, noise_multiplier=1.0, bands=4), lambda: rules.check_bands_sampling(4, "poisson")),
+    ]:
+        with pytest.raises(ValueError) as e:
+            make_accountant("rdp", **kwargs)
+        with pytest.raises(ValueError) as same:
+            rule()
+        assert str(e.value) == str(same.value)
+    acc = make_accountant("rdp", sampling_rate=0.01, noise_multiplier=1.0).compose(5)
+    with pytest.raises(ValueError, match="epsilon=-1.0 must be a finite number >= 0"):
+        acc.delta(-1.0)
+    with pytest.raises(ValueError, match="bands=0 must be a positive int"):
+        accounting.CyclicPoissonAccountant(acc, bands=0)
+    # bands as a NumPy integer (an orbax round trip) is the int it is
+    cyclic = make_accountant(
+        "rdp", sampling_rate=0.1, noise_multiplier=1.0, sampling="cyclic_poisson", bands=np.int64(2)
+    )
+    assert cyclic.bands == 2 and type(cyclic.bands) is int
+
+
+def test_no_accounting_module_imports_another_modules_private_names():
+    """Shared pieces are public names (or jaxdp.rules); nothing imports a leading-underscore name."""
+    import ast
+    import pathlib
+
+    for path in (pathlib.Path(accounting.__file__).parent).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, (path.name, node.module, private)
+
+
+def test_check_steps():
+    from jaxdp.accounting._calibrate import check_steps
+
+    assert check_steps(1) == 1 and check_steps(10**6) == 10**6
+    for bad in (0, -3, 2.0, True, None):
+        with pytest.raises(ValueError, match=f"steps={bad!r} must be an int >= 1"):
+            check_steps(bad)
+    with pytest.raises(ValueError, match="num_steps=0 must be an int >= 1"):
+        check_steps(0, "num_steps")
+    with pytest.raises(ValueError, match="steps=0"):
+        calibrate_noise_multiplier_for_attack_risk(0.05, 0.01, 0.01, 0)
+
+
+def test_smallest_sigma_finds_the_smallest_noise_meeting_the_target():
+    from jaxdp.accounting._calibrate import smallest_sigma
+
+    sigma = smallest_sigma(lambda s: 1.0 / s, 0.25, guess=1.0, rtol=1e-4, what="1/sigma <= 0.25")
+    assert 1.0 / sigma <= 0.25 and sigma == pytest.approx(4.0, rel=1e-4)
+    with pytest.raises(ValueError, match="no noise multiplier up to 1e5 reaches 1/sigma <= 1e-9"):
+        smallest_sigma(lambda s: 1.0 / s, 1e-9, guess=1.0, rtol=1e-4, what="1/sigma <= 1e-9")
+
+
+def test_require_upper_bound():
+    assert accounting.require_upper_bound("pld") is None
+    assert accounting.require_upper_bound("gdp", allow_approximation=True) is None
+    with pytest.raises(ValueError, match="accountant='gdp' is an approximation"):
+        accounting.require_upper_bound("gdp")
+    with pytest.raises(ValueError, match="accountant='nope' is not registered"):
+        accounting.require_upper_bound("nope")
+
+
+# -- amplified BandMF: cyclic Poisson calibration and the band choice ------------------------------------
+def test_bandmf_calibration_and_accountant_state():
+    q, steps, bands = 8 * 250 / 60000, 2000, 8
+    sigma = accounting.calibrate_noise_multiplier(3.0, 1e-5, q, steps, sampling="cyclic_poisson", bands=bands)
+    acc = accounting.make_accountant(
+        "rdp", sampling_rate=q, noise_multiplier=sigma, sampling="cyclic_poisson", bands=bands
+    )
+    assert acc.epsilon_for(1e-5, steps) <= 3.0
+    smaller = accounting.make_accountant(
+        "rdp", sampling_rate=q, noise_multiplier=sigma / 1.001, sampling="cyclic_poisson", bands=bands
+    )
+    assert smaller.epsilon_for(1e-5, steps) > 3.0
+    assert sigma == pytest.approx(1.1410909566170746, rel=1e-3)  # pinned with this code
+    # One band: the DP-SGD calibration exactly.
+    assert accounting.calibrate_noise_multiplier(
+        3.0, 1e-5, 250 / 60000, steps, sampling="cyclic_poisson", bands=1
+    ) == accounting.calibrate_noise_multiplier(3.0, 1e-5, 250 / 60000, steps)
+    acc.compose(100)
+    restored = accounting.make_accountant(
+        "rdp", sampling_rate=q, noise_multiplier=sigma, sampling="cyclic_poisson", bands=bands
+    ).load_state_dict(acc.state_dict())
+    assert restored.steps == 100 and restored.epsilon(1e-5) == acc.epsilon(1e-5)
+    other = accounting.make_accountant(
+        "rdp", sampling_rate=q, noise_multiplier=sigma, sampling="cyclic_poisson", bands=4
+    )
+    with pytest.raises(ValueError, match="bands"):
+        other.load_state_dict(acc.state_dict())
+
+
+def test_choose_bands_prefers_dpsgd_at_small_epsilon_on_small_data():
+    """Predicted error σ_b² · error(c_b) relative to DP-SGD: b = 1 at ε = 1, b > 1 at ε = 8 (digits-sized run)."""
+    kw = dict(dataset_size=1437, batch_size=64, num_steps=880, candidates=(2, 4, 8))
+    best, rel = accounting.choose_bands(1.0, 1e-5, **kw)
+    assert best == 1 and rel[1] == 1.0 and min(rel[b] for b in (2, 4, 8)) > 1.0
+    best, rel = accounting.choose_bands(8.0, 1e-5, **kw)
+    assert best > 1 and rel[best] < 0.8
+    with pytest.raises(ValueError, match="bands=0 must be a positive int"):
+        accounting.choose_bands(1.0, 1e-5, **{**kw, "candidates": (0, 2)})

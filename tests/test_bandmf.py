@@ -1,4 +1,10 @@
-"""Banded matrix-factorization noise (BandMF): strategy, streaming noise, cyclic Poisson sampling, accounting."""
+"""Banded matrix-factorization (BandMF): the strategies (jaxdp.noise.bandmf), and the feature end to end.
+
+The streaming noise itself (jaxdp.noise.banded) is tested in test_noise.py, the
+band choice and the cyclic-Poisson calibration (jaxdp.accounting) in
+test_accounting.py. Here: the strategies, and the sampler, plan and training
+loop that use them (until those move next to their own modules' tests).
+"""
 
 import math
 
@@ -8,97 +14,8 @@ import numpy as np
 import pytest
 
 import jaxdp
-from jaxdp import accounting, bandmf
-from jaxdp.noise import _standard_normal_like
-
-
-def run_noise(tx, tree, steps):
-    """Outputs of ``steps`` updates of zero gradients (the noise stream itself), flattened per step."""
-    state = tx.init(tree)
-    update = jax.jit(tx.update)
-    out = []
-    for _ in range(steps):
-        noisy, state = update(tree, state)
-        out.append(np.concatenate([np.ravel(np.asarray(v)) for v in jax.tree_util.tree_leaves(noisy)]))
-    return np.stack(out), state
-
-
-def fresh_draws(key, tree, steps):
-    """The z_t a privatizer with ``key`` draws: the same key splitting, one split per step."""
-    out = []
-    for _ in range(steps):
-        key, noise_key = jax.random.split(key)
-        z = _standard_normal_like(noise_key, tree)
-        out.append(np.concatenate([np.ravel(np.asarray(v)) for v in jax.tree_util.tree_leaves(z)]))
-    return np.stack(out)
-
-
-def banded(c, key=0, sigma=1.0, batch=1):
-    return jaxdp.privatize_banded(
-        l2_clip_norm=1.0, noise_multiplier=sigma, expected_batch_size=batch, key=key, coefficients=c
-    )
-
-
-# -- the streaming recursion is C^{-1} z -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("bands", [2, 4, 7])
-def test_streaming_noise_equals_dense_inverse(bands):
-    t = 14
-    c = bandmf.optimal_coefficients(t, bands)
-    tree = {"a": jnp.zeros((3, 5)), "b": jnp.zeros(7)}
-    noise, state = run_noise(banded(c, key=3, sigma=2.0, batch=4), tree, t)
-    z = fresh_draws(jaxdp.key_from_secret(3), tree, t)  # what key=3 means
-    dense = np.linalg.inv(bandmf.dense_strategy(c, t)) @ z  # rows: steps
-    np.testing.assert_allclose(noise, 2.0 * dense / 4, rtol=2e-5, atol=2e-6)
-    assert int(state.count) == t
-    assert jax.tree_util.tree_leaves(state.history)[0].shape[0] == bands - 1  # O(b * model) memory
-
-
-def test_one_band_is_dpsgd_bit_for_bit():
-    tree = {"w": jnp.linspace(-1, 1, 300).reshape(20, 15), "c": jnp.ones(4, jnp.complex64)}
-    plain = jaxdp.privatize(l2_clip_norm=0.7, noise_multiplier=1.3, expected_batch_size=32, key=11)
-    band1 = jaxdp.privatize_banded(
-        l2_clip_norm=0.7, noise_multiplier=1.3, expected_batch_size=32, key=11, coefficients=[1.0]
-    )
-    sp, sb = plain.init(tree), band1.init(tree)
-    for _ in range(3):
-        up, sp = jax.jit(plain.update)(tree, sp)
-        ub, sb = jax.jit(band1.update)(tree, sb)
-        for a, b in zip(jax.tree_util.tree_leaves(up), jax.tree_util.tree_leaves(ub), strict=True):
-            assert np.array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_noise_covariance_across_steps_matches_factorisation():
-    """Empirical T x T covariance over 40k coordinates == C^{-1} C^{-T}, entry by entry (6 standard errors)."""
-    t, bands, n = 8, 3, 40_000
-    c = bandmf.optimal_coefficients(t, bands)
-    cinv = np.linalg.inv(bandmf.dense_strategy(c, t))
-    target = cinv @ cinv.T
-
-    def consistent(samples, sigma):
-        emp = samples @ samples.T / samples.shape[1]
-        se = np.sqrt((np.outer(np.diag(sigma), np.diag(sigma)) + sigma**2) / samples.shape[1])
-        return np.all(np.abs(emp - sigma) < 6 * se)
-
-    noise, _ = run_noise(banded(c, key=5), {"w": jnp.zeros(n)}, t)
-    assert consistent(noise, target)
-    # The test has power: independent noise (DP-SGD's) is rejected against this covariance,
-    # and the correlated stream is rejected as independent.
-    independent, _ = run_noise(banded([1.0], key=5), {"w": jnp.zeros(n)}, t)
-    assert not consistent(independent, target)
-    assert not consistent(noise, np.eye(t))
-    assert np.min(target - np.diag(np.diag(target))) < -0.1  # the correlation cancels noise across steps
-
-
-def test_banded_noise_complex_leaves_and_state_is_a_params_like_pytree():
-    tree = {"z": jnp.zeros((2, 3), jnp.complex64), "r": jnp.zeros(5, jnp.float32)}
-    tx = banded(bandmf.optimal_coefficients(10, 3))
-    state = tx.init(tree)
-    assert state.history["z"].shape == (2, 2, 3) and state.history["z"].dtype == jnp.complex64
-    out, state = tx.update(tree, state)
-    assert out["z"].dtype == jnp.complex64 and np.all(np.imag(np.asarray(out["z"])) != 0)
-
+from jaxdp import accounting, rules
+from jaxdp.noise import bandmf
 
 # -- strategies ------------------------------------------------------------------------------------------
 
@@ -134,8 +51,34 @@ def test_coefficient_errors_name_the_fix():
         bandmf.check_coefficients([-1.0])
     with pytest.raises(ValueError, match="bands=5 exceeds num_steps=3"):
         bandmf.optimal_coefficients(3, 5)
-    with pytest.raises(ValueError, match="norm"):
-        banded([0.5, 0.5])
+    with pytest.raises(ValueError, match=r"coefficients=\[\] must be a non-empty 1-D sequence"):
+        bandmf.check_coefficients([])
+    np.testing.assert_array_equal(bandmf.check_coefficients((0.6, 0.8)), [0.6, 0.8])
+
+
+def test_bands_follow_the_one_rule():
+    """bands is checked by jaxdp.rules.check_bands (one message); a NumPy integer counts as the int it is."""
+    for bad in (0, -1, 2.0, True, "4"):
+        with pytest.raises(ValueError) as e:
+            bandmf.sqrt_coefficients(bad)
+        with pytest.raises(ValueError) as same:
+            rules.check_bands(bad)
+        assert str(e.value) == str(same.value)
+        with pytest.raises(ValueError, match="bands="):
+            bandmf.optimal_coefficients(10, bad)
+    np.testing.assert_array_equal(bandmf.sqrt_coefficients(np.int64(3)), bandmf.sqrt_coefficients(3))
+    np.testing.assert_array_equal(
+        bandmf.optimal_coefficients(np.int64(10), np.int64(2)), bandmf.optimal_coefficients(10, 2)
+    )
+    with pytest.raises(ValueError, match="num_steps=0 must be a positive int"):
+        bandmf.inverse_coefficients([1.0], 0)
+
+
+def test_inverse_coefficients_are_the_first_column_of_the_inverse():
+    c = bandmf.optimal_coefficients(12, 3)
+    np.testing.assert_allclose(
+        bandmf.inverse_coefficients(c, 12), np.linalg.inv(bandmf.dense_strategy(c, 12))[:, 0], rtol=1e-12, atol=1e-12
+    )
 
 
 # -- cyclic Poisson sampling ----------------------------------------------------------------------------
@@ -238,34 +181,6 @@ def test_bandmf_epsilon_pinned(name, expected):
     assert plan.epsilon(1e-5, steps=1992) < eps
 
 
-def test_bandmf_calibration_and_accountant_state():
-    q, steps, bands = 8 * 250 / 60000, 2000, 8
-    sigma = accounting.calibrate_noise_multiplier(3.0, 1e-5, q, steps, sampling="cyclic_poisson", bands=bands)
-    acc = accounting.make_accountant(
-        "rdp", sampling_rate=q, noise_multiplier=sigma, sampling="cyclic_poisson", bands=bands
-    )
-    assert acc.epsilon_for(1e-5, steps) <= 3.0
-    smaller = accounting.make_accountant(
-        "rdp", sampling_rate=q, noise_multiplier=sigma / 1.001, sampling="cyclic_poisson", bands=bands
-    )
-    assert smaller.epsilon_for(1e-5, steps) > 3.0
-    assert sigma == pytest.approx(1.1410909566170746, rel=1e-3)  # pinned with this code
-    # One band: the DP-SGD calibration exactly.
-    assert accounting.calibrate_noise_multiplier(
-        3.0, 1e-5, 250 / 60000, steps, sampling="cyclic_poisson", bands=1
-    ) == accounting.calibrate_noise_multiplier(3.0, 1e-5, 250 / 60000, steps)
-    acc.compose(100)
-    restored = accounting.make_accountant(
-        "rdp", sampling_rate=q, noise_multiplier=sigma, sampling="cyclic_poisson", bands=bands
-    ).load_state_dict(acc.state_dict())
-    assert restored.steps == 100 and restored.epsilon(1e-5) == acc.epsilon(1e-5)
-    other = accounting.make_accountant(
-        "rdp", sampling_rate=q, noise_multiplier=sigma, sampling="cyclic_poisson", bands=4
-    )
-    with pytest.raises(ValueError, match="bands"):
-        other.load_state_dict(acc.state_dict())
-
-
 # -- end to end -------------------------------------------------------------------------------------------
 
 
@@ -305,12 +220,3 @@ def test_train_bandmf_learns_and_resumes_bit_identical(tmp_path):
     assert jax.tree_util.tree_leaves(history)[0].shape[0] == 1
     for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_array_equal(u, v)
-
-
-def test_choose_bands_prefers_dpsgd_at_small_epsilon_on_small_data():
-    """Predicted error σ_b² · error(c_b) relative to DP-SGD: b = 1 at ε = 1, b > 1 at ε = 8 (digits-sized run)."""
-    kw = dict(dataset_size=1437, batch_size=64, num_steps=880, candidates=(2, 4, 8))
-    best, rel = bandmf.choose_bands(1.0, 1e-5, **kw)
-    assert best == 1 and rel[1] == 1.0 and min(rel[b] for b in (2, 4, 8)) > 1.0
-    best, rel = bandmf.choose_bands(8.0, 1e-5, **kw)
-    assert best > 1 and rel[best] < 0.8

@@ -1,101 +1,41 @@
-"""The accountant protocol and the registry that picks accountants by name."""
+"""The accountant protocol and the registry that picks accountants by name.
+
+Place in the data path: none. Accounting is host-side bookkeeping over the
+mechanism a :class:`jaxdp.PrivacyPlan` fixes (Poisson sampling rate q, noise
+multiplier σ, steps); it never touches gradients or noise. Its argument rules
+(q, σ > 0, δ, bands) are those of :mod:`jaxdp.rules`.
+"""
 
 from __future__ import annotations
 
 import abc
-import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
+from jaxdp import rules
+
 __all__ = [
+    "ACCOUNTED_SAMPLINGS",
     "Accountant",
     "CyclicPoissonAccountant",
+    "TooCostly",
+    "accountant_class",
     "available_accountants",
-    "check_delta",
     "make_accountant",
     "register_accountant",
+    "require_upper_bound",
 ]
 
-SAMPLINGS = ("poisson",)
+#: The samplers an :class:`Accountant` accounts for directly (cyclic Poisson goes through
+#: :func:`make_accountant`, which wraps a Poisson accountant in :class:`CyclicPoissonAccountant`).
+ACCOUNTED_SAMPLINGS = ("poisson",)
 
 _REGISTRY: dict[str, type[Accountant]] = {}
 
 
-_FIXES = {
-    "noise_multiplier": "pass the noise multiplier sigma > 0 (e.g. 1.0); a run without noise has no epsilon to "
-    "account for",
-    "sampling_rate": "it is the probability that each example joins a step (expected batch size / dataset size, "
-    "e.g. 256 / 60000)",
-    "target_epsilon": "pass the privacy budget, e.g. target_epsilon=3.0",
-    "epsilon": "pass epsilon >= 0, e.g. 1.0",
-    "target_tpr": "pass e.g. target_tpr=0.05",
-}
-
-
-def _positive_finite(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = math.nan
-    ok = math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        fix = _FIXES.get(name, f"pass a finite {name} {bound}")
-        raise ValueError(f"{name}={value!r} must be a finite number {bound}; {fix}.")
-    return v
-
-
 class TooCostly(ValueError):
     """An accountant cannot evaluate this many steps within its resource limit (not a bad argument)."""
-
-
-def check_sampling_rate(value: Any) -> float:
-    """q in (0, 1], or a ValueError that says what q is."""
-    q = _positive_finite("sampling_rate", value)
-    if q > 1:
-        raise ValueError(f"sampling_rate={value!r} must lie in (0, 1]; {_FIXES['sampling_rate']}.")
-    return q
-
-
-def check_delta(delta: Any, *, dataset_size: int | None = None, sampling_rate: float | None = None) -> float:
-    """jaxdp's one rule for δ; training, plans, accountants, calibration, audits and ``jaxdp account`` all call it.
-
-    * δ must be a number in (0, 1).
-    * With ``dataset_size`` N known: δ > 1/N is refused. A mechanism that
-      publishes one random example in the clear is (0, 1/N)-DP, so such a δ
-      promises nothing.
-    * Without N but with the sampling rate q: δ > q is refused. Every jaxdp run
-      has an expected batch q·N >= 1, so N >= 1/q and δ > q is above 1/N for
-      every dataset the run could have (training would refuse it). δ in
-      (1/N, q] cannot be caught without N: pass it where you can.
-
-    Returns δ as a float; raises ValueError naming δ, the bound and the fix.
-    """
-    try:  # a number (Python, NumPy or a 0-d array), never a string or a bool
-        d = math.nan if isinstance(delta, (bool, str, bytes)) else float(delta)
-    except (TypeError, ValueError):
-        d = math.nan
-    if not 0.0 < d < 1.0:
-        raise ValueError(
-            f"delta={delta!r} must lie in (0, 1); use a value well below 1/N, N the dataset size (e.g. 1e-5)."
-        )
-    if dataset_size is not None:
-        n = int(dataset_size)
-        if d > 1.0 / n:
-            raise ValueError(
-                f"delta={delta!r} is larger than 1/N = 1/{n} (N = dataset size): a delta that large allows leaking "
-                f"a few examples outright, so the (epsilon, delta) claim would mean little. Choose delta well below "
-                f"1/N (e.g. 1e-5, or 1/N^1.1 = {n**-1.1:.2g})."
-            )
-    elif sampling_rate is not None and d > sampling_rate:
-        raise ValueError(
-            f"delta={delta!r} is larger than the sampling rate q = {sampling_rate:.6g}, so it is larger than 1/N for "
-            f"every dataset this run could have (an expected batch q*N >= 1 means N >= 1/q = {1 / sampling_rate:.6g}): "
-            "a delta that large allows leaking examples outright. Choose delta well below 1/N (e.g. 1e-5); where N "
-            "is known (PrivacyPlan.epsilon, jaxdp train, jaxdp account --dataset-size) delta <= 1/N is checked exactly."
-        )
-    return d
 
 
 class Accountant(abc.ABC):
@@ -121,14 +61,15 @@ class Accountant(abc.ABC):
     is_upper_bound: ClassVar[bool] = True
 
     def __init__(self, *, sampling_rate: float, noise_multiplier: float, sampling: str = "poisson"):
-        self.sampling_rate = check_sampling_rate(sampling_rate)
-        self.noise_multiplier = _positive_finite("noise_multiplier", noise_multiplier)
-        if sampling not in SAMPLINGS:
+        self.sampling_rate = rules.check_sampling_rate(sampling_rate)
+        self.noise_multiplier = rules.check_noise_multiplier(noise_multiplier, allow_zero=False)
+        rules.check_shuffle_noise(sampling, self.noise_multiplier)  # σ > 0 here: shuffled batches are refused
+        if sampling not in ACCOUNTED_SAMPLINGS:
             raise ValueError(
-                f"sampling={sampling!r} cannot be accounted for: only Poisson sampling ('poisson') gets "
-                "amplification by subsampling here. Shuffled fixed-size batches need a different analysis "
-                "(dp-accounting's sampling-without-replacement event assumes independent draws per step, "
-                "which shuffling is not); use Poisson sampling for private runs."
+                f"sampling={sampling!r} cannot be accounted for by an Accountant: it accounts for Poisson "
+                "sampling ('poisson'), the sampler that gets amplification by subsampling here; for cyclic "
+                "Poisson (BandMF) use make_accountant(..., sampling='cyclic_poisson', bands=b). Use Poisson "
+                "sampling for private runs."
             )
         self.sampling = sampling
         self._steps = 0
@@ -163,12 +104,12 @@ class Accountant(abc.ABC):
 
     def epsilon(self, delta: float) -> float:
         """ε spent so far at ``delta`` (0 before the first step)."""
-        delta = check_delta(delta, sampling_rate=self.sampling_rate)
+        delta = rules.check_delta(delta, sampling_rate=self.sampling_rate)
         return 0.0 if self._steps == 0 else float(self.epsilon_for(delta, self._steps))
 
     def delta(self, epsilon: float) -> float:
         """δ spent so far at ``epsilon`` (0 before the first step)."""
-        epsilon = _positive_finite("epsilon", epsilon, allow_zero=True)
+        epsilon = rules.positive_finite("epsilon", epsilon, allow_zero=True)
         return 0.0 if self._steps == 0 else float(self.delta_for(epsilon, self._steps))
 
     # -- state -------------------------------------------------------------------
@@ -224,6 +165,14 @@ def register_accountant(name: str, cls: type[Accountant]) -> type[Accountant]:
     return cls
 
 
+def unregister_accountant(name: str) -> None:
+    """Remove ``name`` from the registry (a test's or a notebook's own accountant); unknown names are ignored.
+    The built-in accountants cannot be removed."""
+    if name in ("rdp", "pld", "prv", "gdp"):
+        raise ValueError(f"accountant {name!r} is built in and cannot be unregistered.")
+    _REGISTRY.pop(name, None)
+
+
 def accountant_class(name: str) -> type[Accountant]:
     """The registered class for ``name`` (ValueError naming the known ones otherwise)."""
     if name not in _REGISTRY:
@@ -267,20 +216,13 @@ def make_accountant(
     matrix factorization (:class:`CyclicPoissonAccountant`): ``sampling_rate`` is
     then the per-group rate and any registered accountant does the composition.
     """
-    if isinstance(bands, np.integer):
-        bands = int(bands)
-    if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
-        raise ValueError(f"bands={bands!r} must be a positive int (1 = DP-SGD).")
+    bands = rules.check_bands(bands)
     if sampling == "cyclic_poisson":
         inner = accountant_class(name)(
             sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, sampling="poisson", **options
         )
         return CyclicPoissonAccountant(inner, bands=bands)
-    if bands != 1:
-        raise ValueError(
-            f"bands={bands} with sampling={sampling!r}: b-banded correlated noise is only accounted for with "
-            "b-min-separated participation; use sampling='cyclic_poisson' (PrivacyPlan(bands=b) does), or bands=1."
-        )
+    rules.check_bands_sampling(bands, sampling)
     return accountant_class(name)(
         sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, sampling=sampling, **options
     )
@@ -312,8 +254,7 @@ class CyclicPoissonAccountant(Accountant):
     def __init__(self, inner: Accountant, *, bands: int):
         if not isinstance(inner, Accountant):
             raise TypeError(f"inner={inner!r} must be a jaxdp Accountant.")
-        if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
-            raise ValueError(f"bands={bands!r} must be a positive int.")
+        rules.check_bands(bands)
         self.inner = inner
         self.bands = bands
         self.name = inner.name

@@ -1,4 +1,10 @@
-"""Noise calibration (target ε or target attack risk) and the inverse helpers."""
+"""Noise calibration to a target ε, and its inverses (steps or epochs within a budget).
+
+Place in the data path: before it. Calibration runs on the host when a run is
+planned and fixes the noise multiplier σ that :func:`jaxdp.privatize` then uses;
+:func:`smallest_sigma` is the root-finder shared with attack-risk calibration
+(:mod:`jaxdp.accounting._risk`).
+"""
 
 from __future__ import annotations
 
@@ -7,27 +13,21 @@ from collections.abc import Callable
 
 from scipy import optimize
 
-from jaxdp.accounting._base import (
-    TooCostly,
-    _positive_finite,
-    check_delta,
-    check_sampling_rate,
-    make_accountant,
-    require_upper_bound,
-)
+from jaxdp import rules
+from jaxdp.accounting._base import TooCostly, make_accountant, require_upper_bound
 from jaxdp.accounting._gdp import gdp_epsilon, gdp_mu
 from jaxdp.sampling import steps_per_epoch
 
-__all__ = ["calibrate_noise_multiplier", "max_epochs", "max_steps"]
+__all__ = ["calibrate_noise_multiplier", "check_steps", "max_epochs", "max_steps", "smallest_sigma"]
 
 _DIRECT_LIMIT = 2**20  # max_steps evaluates ε at its limit first only up to this many steps
 
 
-def _check_common(sampling_rate, steps):
-    q = check_sampling_rate(sampling_rate)
+def check_steps(steps, name: str = "steps") -> int:
+    """The number of steps a calibration targets: an int >= 1 (a NumPy integer is not accepted)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be an int >= 1.")
-    return q
+        raise ValueError(f"{name}={steps!r} must be an int >= 1.")
+    return steps
 
 
 def smallest_sigma(value: Callable[[float], float], target: float, *, guess: float, rtol: float, what: str) -> float:
@@ -95,9 +95,10 @@ def calibrate_noise_multiplier(
       >>> round(calibrate_noise_multiplier(3.0, 1e-5, 0.01, 10000), 3)
       1.662
     """
-    eps = _positive_finite("target_epsilon", target_epsilon)
-    q = _check_common(sampling_rate, steps)
-    delta = check_delta(delta, sampling_rate=q)
+    eps = rules.check_target_epsilon(target_epsilon, allow_none=False)
+    q = rules.check_sampling_rate(sampling_rate)
+    check_steps(steps)
+    delta = rules.check_delta(delta, sampling_rate=q)
     require_upper_bound(accountant, allow_approximation)
 
     def epsilon(sigma):
@@ -147,9 +148,9 @@ def max_steps(
 
     0 if even one step exceeds the target.
     """
-    eps = _positive_finite("target_epsilon", target_epsilon)
-    q = _check_common(sampling_rate, 1)
-    delta = check_delta(delta, sampling_rate=q)
+    eps = rules.check_target_epsilon(target_epsilon, allow_none=False)
+    q = rules.check_sampling_rate(sampling_rate)
+    delta = rules.check_delta(delta, sampling_rate=q)
     require_upper_bound(accountant, allow_approximation)
     acc = make_accountant(
         accountant,

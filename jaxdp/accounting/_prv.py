@@ -22,7 +22,8 @@ import math
 
 import numpy as np
 
-from jaxdp.accounting._base import Accountant, TooCostly, _positive_finite, register_accountant
+from jaxdp.accounting._base import Accountant, TooCostly, register_accountant
+from jaxdp.rules import positive_finite
 
 __all__ = ["PrvAccountant"]
 
@@ -65,8 +66,8 @@ class PrvAccountant(Accountant):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.eps_error = _positive_finite("eps_error", eps_error)
-        self.delta_error = None if delta_error is None else _positive_finite("delta_error", delta_error)
+        self.eps_error = positive_finite("eps_error", eps_error)
+        self.delta_error = None if delta_error is None else positive_finite("delta_error", delta_error)
         self.max_grid_points = int(max_grid_points)
 
     def _error(self, delta: float | None) -> float:

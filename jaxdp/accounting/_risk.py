@@ -25,8 +25,9 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats
 
-from jaxdp.accounting._base import Accountant, _positive_finite, check_delta, make_accountant, require_upper_bound
-from jaxdp.accounting._calibrate import _check_common, smallest_sigma
+from jaxdp import rules
+from jaxdp.accounting._base import Accountant, make_accountant, require_upper_bound
+from jaxdp.accounting._calibrate import check_steps, smallest_sigma
 from jaxdp.accounting._gdp import GdpAccountant, gdp_mu, gdp_tpr
 
 __all__ = ["AttackRisk", "attack_risk", "calibrate_noise_multiplier_for_attack_risk", "tpr_at_fpr"]
@@ -84,7 +85,7 @@ def attack_risk(
     Uses the accountant's own privacy profile (PLD: tight; RDP: an upper bound
     via its δ(ε) conversion; GDP: closed form).
     """
-    delta = check_delta(delta, sampling_rate=accountant.sampling_rate)
+    delta = rules.check_delta(delta, sampling_rate=accountant.sampling_rate)
     steps = accountant.steps if steps is None else steps
     mu = gdp_mu(accountant.sampling_rate, accountant.noise_multiplier, steps)
     if steps == 0:
@@ -116,13 +117,14 @@ def calibrate_noise_multiplier_for_attack_risk(
     Example: ``calibrate_noise_multiplier_for_attack_risk(0.05, 0.01, q, T)``
     bounds every attack at 1% FPR to at most 5% TPR.
     """
-    target = _positive_finite("target_tpr", target_tpr)
+    target = rules.positive_finite("target_tpr", target_tpr)
     if not 0 < fpr < 1 or not fpr < target <= 1:
         raise ValueError(
             f"need 0 < fpr < target_tpr <= 1; got fpr={fpr!r}, target_tpr={target_tpr!r} "
             "(a TPR at or below the FPR would demand no information at all)."
         )
-    q = _check_common(sampling_rate, steps)
+    q = rules.check_sampling_rate(sampling_rate)
+    check_steps(steps)
     require_upper_bound(accountant, allow_approximation)
     # A coarser PLD grid is faster and still pessimistic (an upper bound on risk).
     options = {"value_discretization_interval": 1e-3} if accountant == "pld" else {}

@@ -1,5 +1,11 @@
 """Banded Toeplitz strategies for matrix-factorization (DP-MF / BandMF) noise, on the host.
 
+Place in the data path: none at step time. These are host-side NumPy/SciPy
+functions, run once per run before training, that give the coefficients ``c``
+:func:`jaxdp.privatize_banded` (:mod:`jaxdp.noise.banded`) uses inside the jitted
+step. They know nothing about accounting: picking the band count at a target ε
+(which needs the accountant) is :func:`jaxdp.accounting.choose_bands`.
+
 The mechanism (Choquette-Choo et al. 2023, "Multi-Epoch Matrix Factorization
 Mechanisms" and "(Amplified) Banded Matrix Factorization"): factor the prefix-sum
 workload ``A`` (``T x T`` lower-triangular ones) as ``A = B C`` and release
@@ -46,9 +52,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import optimize, signal
 
+from jaxdp import rules
+
 __all__ = [
     "check_coefficients",
-    "choose_bands",
     "dense_strategy",
     "inverse_coefficients",
     "optimal_coefficients",
@@ -63,14 +70,6 @@ def _check_steps(num_steps, name: str = "num_steps") -> int:
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"{name}={num_steps!r} must be a positive int (the number of noisy steps of the run).")
     return num_steps
-
-
-def _check_bands(bands) -> int:
-    if isinstance(bands, np.integer):
-        bands = int(bands)
-    if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
-        raise ValueError(f"bands={bands!r} must be a positive int (1 = DP-SGD, b > 1 = b-banded correlated noise).")
-    return bands
 
 
 def check_coefficients(coefficients: Sequence[float] | np.ndarray, *, atol: float = 1e-6) -> np.ndarray:
@@ -150,7 +149,7 @@ def sqrt_coefficients(bands: int) -> np.ndarray:
     (Fichtenberger et al. 2023); truncation keeps them positive and decreasing,
     so ``1 / c(x)`` stays stable.
     """
-    b = _check_bands(bands)
+    b = rules.check_bands(bands)
     c = np.ones(b)
     for k in range(1, b):
         c[k] = c[k - 1] * (2 * k - 1) / (2 * k)
@@ -192,55 +191,7 @@ def optimal_coefficients(num_steps: int, bands: int) -> np.ndarray:
       >>> prefix_sum_error(c, 100) < prefix_sum_error([1.0], 100)
       True
     """
-    t, b = _check_steps(num_steps), _check_bands(bands)
+    t, b = _check_steps(num_steps), rules.check_bands(bands)
     if b > t:
         raise ValueError(f"bands={b} exceeds num_steps={t}; use bands <= num_steps (extra bands never act).")
     return np.asarray(_optimal(t, b))
-
-
-def choose_bands(
-    target_epsilon: float,
-    delta: float,
-    *,
-    dataset_size: int,
-    batch_size: int,
-    num_steps: int,
-    candidates: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
-    accountant: str = "rdp",
-) -> tuple[int, dict[int, float]]:
-    """The band count b (1 = DP-SGD) with the smallest predicted error at a target ε, and every candidate's.
-
-    For each b the noise multiplier σ_b is calibrated to the target with the
-    amplified-BandMF accounting (cyclic Poisson over b groups, rate bB/N,
-    ceil(T/b) rounds); the predicted error is ``σ_b² · prefix_sum_error(c_b, T)``
-    with the optimised strategy ``c_b``, reported relative to DP-SGD's (b = 1).
-    Amplification weakens as b grows (each group is sampled at b times the
-    rate), so at small ε and small data the answer is often b = 1, as in
-    Choquette-Choo et al. (2023), who pick b per setting the same way.
-
-    Returns:
-      ``(best_b, {b: error relative to DP-SGD})`` over the candidates that fit
-      (``b * batch_size <= dataset_size`` and ``b <= num_steps``).
-    """
-    from jaxdp.accounting import calibrate_noise_multiplier
-
-    t = _check_steps(num_steps)
-    rel: dict[int, float] = {}
-    base = None
-    for b in sorted({1, *(_check_bands(b) for b in candidates)}):
-        if b * batch_size > dataset_size or b > t:
-            continue
-        sigma = calibrate_noise_multiplier(
-            target_epsilon,
-            delta,
-            b * batch_size / dataset_size,
-            t,
-            accountant=accountant,
-            sampling="cyclic_poisson",
-            bands=b,
-        )
-        err = sigma**2 * prefix_sum_error(optimal_coefficients(t, b), t)
-        base = err if b == 1 else base
-        rel[b] = err / base
-    best = min(rel, key=rel.get)
-    return best, rel

@@ -1,8 +1,14 @@
-"""Gaussian noise for clipped gradient sums, as plain functions and optax transforms."""
+"""Independent Gaussian noise: the step between the clipped gradient sum and the optimizer (DP-SGD).
+
+Data path: ``clipped_grad`` gives the sum of clipped per-example gradients
+(sensitivity C); :func:`privatize` adds ``N(0, (σC)² I)`` to it and divides by
+the public expected batch size; the optax optimizer chained after it sees only
+that noisy average. :func:`standard_normal_like` is the one source of the
+Gaussian draws, shared with the banded privatizer (:mod:`jaxdp.noise.banded`).
+"""
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -10,21 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdp import rules
 from jaxdp.keys import as_key
 
 PyTree = Any
 
-__all__ = ["BandedPrivatizeState", "PrivatizeState", "add_noise", "privatize", "privatize_banded"]
-
-
-def _check_nonneg(name: str, value: Any, fix: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}={value!r} must be a Python number; {fix}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name}={value!r} must be a finite number >= 0; {fix}")
-    return v
+__all__ = ["PrivatizeState", "add_noise", "check_privatize_args", "privatize", "standard_normal_like"]
 
 
 def add_noise(key: jax.Array, tree: PyTree, stddev: float | jax.Array) -> PyTree:
@@ -55,18 +52,23 @@ def add_noise(key: jax.Array, tree: PyTree, stddev: float | jax.Array) -> PyTree
       >>> key = jaxdp.key_from_secret(jaxdp.new_secret())  # secret: never jax.random.key(0) in a real run
       >>> noisy = jaxdp.add_noise(key, {"w": jnp.zeros(3)}, 1.0)
     """
-    noise = _standard_normal_like(key, tree)  # in at least float32
+    noise = standard_normal_like(key, tree)  # in at least float32
     # Added in at least float32 and rounded once: rounding the noisy value is post-processing.
     return jax.tree_util.tree_map(
         lambda leaf, n: (jnp.asarray(leaf).astype(n.dtype) + stddev * n).astype(jnp.asarray(leaf).dtype), tree, noise
     )
 
 
-def _standard_normal_like(key: jax.Array, tree: PyTree) -> PyTree:
+def standard_normal_like(key: jax.Array, tree: PyTree) -> PyTree:
     """N(0, 1) per real coordinate (per part for complex leaves), one key split per leaf.
 
     The single source of the Gaussian draws of :func:`add_noise` and both
-    privatizers, so the same key gives the same ``z`` everywhere.
+    privatizers, so the same key gives the same ``z`` everywhere. Each draw is
+    in at least float32 (a complex64 leaf gets a complex64 draw, a bfloat16 leaf
+    a float32 one).
+
+    Raises:
+      TypeError: for a leaf that is neither float nor complex.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     if not leaves:
@@ -94,15 +96,21 @@ def _standard_normal_like(key: jax.Array, tree: PyTree) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _check_privatize_args(l2_clip_norm, noise_multiplier, expected_batch_size, key):
-    """Validated ``(stddev = σC, expected_batch_size, key)`` of a privatizer."""
-    clip = _check_nonneg("l2_clip_norm", l2_clip_norm, "pass the clipping bound C used by clipped_grad.")
-    if clip == 0:
-        raise ValueError(
-            f"l2_clip_norm={l2_clip_norm!r} makes every gradient zero; pass the clipping bound C > 0 used by "
-            "clipped_grad (e.g. 1.0)."
-        )
-    sigma = _check_nonneg("noise_multiplier", noise_multiplier, "pass sigma >= 0 (e.g. 1.0).")
+def check_privatize_args(
+    l2_clip_norm: Any, noise_multiplier: Any, expected_batch_size: Any, key: Any
+) -> tuple[float, int, jax.Array]:
+    """The validated ``(stddev = σC, expected_batch_size, key)`` of a privatizer (:func:`privatize`, banded).
+
+    C and σ go through :func:`jaxdp.rules.check_clip_norm` and
+    :func:`jaxdp.rules.check_noise_multiplier`; the key through
+    :func:`jaxdp.keys.as_key` (an int secret is used whole); B must be a
+    positive int (a NumPy integer is accepted).
+
+    Raises:
+      ValueError: naming the bad argument and the fix.
+    """
+    clip = rules.check_clip_norm(l2_clip_norm)
+    sigma = rules.check_noise_multiplier(noise_multiplier)
     if isinstance(expected_batch_size, np.integer):
         expected_batch_size = int(expected_batch_size)
     key = as_key(key)  # an int secret is used whole (all of its bits), never truncated to 32
@@ -157,7 +165,7 @@ def privatize(
       ...                     expected_batch_size=256, key=jaxdp.new_secret()),
       ...     optax.sgd(0.5))
     """
-    stddev, expected_batch_size, key = _check_privatize_args(l2_clip_norm, noise_multiplier, expected_batch_size, key)
+    stddev, expected_batch_size, key = check_privatize_args(l2_clip_norm, noise_multiplier, expected_batch_size, key)
 
     def init_fn(params):
         del params
@@ -169,107 +177,5 @@ def privatize(
         noisy = add_noise(noise_key, updates, stddev) if stddev > 0 else updates
         mean = jax.tree_util.tree_map(lambda g: g / expected_batch_size, noisy)
         return mean, PrivatizeState(key=new_key)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-class BandedPrivatizeState(NamedTuple):
-    """State of :func:`privatize_banded`.
-
-    Attributes:
-      key: the noise key, split once per step (as in :class:`PrivatizeState`).
-      count: steps taken so far (int32); picks the ring-buffer slot.
-      history: the last ``b - 1`` correlated noises ``w`` (unit variance, before
-        the σC scale), a pytree like the updates with a leading axis of
-        ``b - 1``; a ring buffer where ``w_t`` lives in slot ``t mod (b - 1)``.
-        It has the parameters' structure, so it is sharded/replicated like them
-        and checkpointed with the optimizer state.
-    """
-
-    key: jax.Array
-    count: jax.Array
-    history: PyTree
-
-
-def privatize_banded(
-    *,
-    l2_clip_norm: float,
-    noise_multiplier: float,
-    expected_batch_size: int,
-    key: jax.Array | int,
-    coefficients: Any,
-) -> optax.GradientTransformation:
-    """Like :func:`privatize`, with noise correlated across steps by a b-banded Toeplitz strategy (BandMF).
-
-    With strategy coefficients ``c = (c_0, ..., c_{b-1})`` (‖c‖₂ = 1, ``c_0 > 0``;
-    see :mod:`jaxdp.bandmf`) and fresh ``z_t ~ N(0, I)`` per step, step t returns
-
-        (grad_sum_t + σC · w_t) / B,   w_t = (z_t - Σ_{j=1}^{b-1} c_j w_{t-j}) / c_0,
-
-    i.e. the noise stream is ``σC · C^{-1} z`` where ``C`` is the lower-triangular
-    Toeplitz matrix with ``C[t, s] = c_{t-s}``: the gradient estimate recovered
-    from the released ``C x + σC z`` (Choquette-Choo et al. 2023). Only the last
-    ``b - 1`` w's are kept (O(b · model size) memory, inside the jitted step).
-    ``c = (1.0,)`` is DP-SGD and reproduces :func:`privatize` bit for bit with
-    the same key.
-
-    Guarantee: with per-example clipping to C and ‖c‖₂ = 1, one participation
-    moves ``C x`` by at most C, so the mechanism is the one
-    :class:`jaxdp.PrivacyPlan` accounts for with b-min-separated (cyclic Poisson)
-    sampling. Using b > 1 with ordinary Poisson sampling would break that
-    accounting: build it from a plan (``PrivacyPlan(bands=b)``), which refuses that.
-
-    Args:
-      l2_clip_norm, noise_multiplier, expected_batch_size, key: as :func:`privatize`.
-      coefficients: the strategy ``c`` (e.g.
-        :func:`jaxdp.bandmf.optimal_coefficients`), normalised to ‖c‖₂ = 1.
-
-    Returns:
-      An ``optax.GradientTransformation`` whose state is a :class:`BandedPrivatizeState`.
-
-    Example:
-      >>> import optax, jaxdp
-      >>> from jaxdp.bandmf import optimal_coefficients
-      >>> tx = optax.chain(
-      ...     jaxdp.privatize_banded(l2_clip_norm=1.0, noise_multiplier=1.1, expected_batch_size=256,
-      ...                            key=jaxdp.new_secret(), coefficients=optimal_coefficients(1000, 4)),
-      ...     optax.sgd(0.5))
-    """
-    from jaxdp.bandmf import check_coefficients  # host-side math (scipy) stays out of import time
-
-    stddev, expected_batch_size, key = _check_privatize_args(l2_clip_norm, noise_multiplier, expected_batch_size, key)
-    c = check_coefficients(coefficients)
-    b = len(c)
-    c0 = float(c[0])
-    tail = jnp.asarray(c[1:], jnp.float32)  # c_1 .. c_{b-1}
-
-    def init_fn(params):
-        history = jax.tree_util.tree_map(lambda p: jnp.zeros((b - 1, *jnp.shape(p)), jnp.result_type(p)), params)
-        return BandedPrivatizeState(key=key, count=jnp.zeros((), jnp.int32), history=history)
-
-    def update_fn(updates, state, params=None):
-        del params
-        new_key, noise_key = jax.random.split(state.key)
-        z = _standard_normal_like(noise_key, updates)
-        if b == 1:
-            w, history = z, state.history
-        else:
-            slot = state.count % (b - 1)
-            # weight of each ring slot: w_{t-j} sits in slot (t - j) mod (b - 1), j = 1..b-1
-            slots = (slot - jnp.arange(1, b)) % (b - 1)
-            weights = jnp.zeros((b - 1,), jnp.float32).at[slots].set(tail)
-
-            def one(zl, hl):
-                past = jnp.tensordot(weights.astype(hl.real.dtype), hl, axes=1)
-                return ((zl - past) / c0).astype(zl.dtype)
-
-            w = jax.tree_util.tree_map(one, z, state.history)
-            history = jax.tree_util.tree_map(lambda hl, wl: hl.at[slot].set(wl), state.history, w)
-        if stddev > 0:
-            noisy = jax.tree_util.tree_map(lambda g, wl: g + (stddev * wl).astype(g.dtype), updates, w)
-        else:
-            noisy = updates
-        mean = jax.tree_util.tree_map(lambda g: g / expected_batch_size, noisy)
-        return mean, BandedPrivatizeState(key=new_key, count=state.count + 1, history=history)
 
     return optax.GradientTransformation(init_fn, update_fn)
