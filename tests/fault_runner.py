@@ -1,4 +1,4 @@
-"""``jaxdp train`` that SIGKILLs itself at a named point: the crash half of ``tests/test_faults.py``.
+"""``jaxdp train`` that SIGKILLs itself at a named point: the crash half of ``tests/test_guards.py``.
 
     python tests/fault_runner.py POINT:N --config ... workdir=DIR [key=value ...]
 
@@ -35,14 +35,16 @@ def main() -> int:
     workdir = [a.split("=", 1)[1] for a in argv if a.startswith("workdir=")][-1]
     os.makedirs(workdir, exist_ok=True)
 
-    import jaxdp.train as train_mod
+    import jaxdp.train.loop as loop_mod
+    import jaxdp.train.setup as setup_mod
 
     calls = [0]
     if where == "step":
-        make_private_step = train_mod.make_private_step
+        make_private_step = setup_mod.make_private_step
 
         def patched(*args, **kwargs):
-            tx, step, accumulate = make_private_step(*args, **kwargs)
+            private_step = make_private_step(*args, **kwargs)
+            step = private_step.step_fn
 
             def step_then_die(state, *a):
                 out = step(state, *a)  # dispatched asynchronously: still running when we die
@@ -51,9 +53,10 @@ def main() -> int:
                     _die(workdir, {"point": "step", "step": n, "params_step_before": int(state.step)})
                 return out
 
-            return tx, step_then_die, accumulate
+            private_step.step_fn = step_then_die
+            return private_step
 
-        train_mod.make_private_step = patched
+        setup_mod.make_private_step = patched
     elif where == "checkpoint":
         from orbax.checkpoint._src.path import atomicity
 
@@ -66,7 +69,7 @@ def main() -> int:
 
         atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
     elif where == "eval":
-        evaluate = train_mod._evaluate
+        evaluate = loop_mod.evaluate
 
         def evaluate_and_die(*args, **kwargs):
             calls[0] += 1
@@ -74,7 +77,7 @@ def main() -> int:
                 _die(workdir, {"point": "eval", "call": n})
             return evaluate(*args, **kwargs)
 
-        train_mod._evaluate = evaluate_and_die
+        loop_mod.evaluate = evaluate_and_die
     else:
         raise SystemExit(f"fault_runner: unknown point {where!r}; use step:N, checkpoint:N or eval:N")
 

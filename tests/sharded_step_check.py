@@ -21,7 +21,7 @@ from conftest import nnx_loss  # noqa: E402
 import jaxdp  # noqa: E402
 from jaxdp import distributed  # noqa: E402
 from jaxdp.models import CNN, MLP  # noqa: E402
-from jaxdp.train import TrainState, make_private_step  # noqa: E402
+from jaxdp.step import make_private_step, run_private_step  # noqa: E402
 
 
 def max_diff(a, b):
@@ -51,7 +51,7 @@ def run(model, x, y, mask, num_devices, microbatch_size=None, hooks=None, plan_k
         dataset_size=1000, batch_size=24, l2_clip_norm=0.5, noise_multiplier=1.3, num_steps=2, **(plan_kwargs or {})
     )
     mesh = distributed.make_mesh(num_devices)
-    tx, step, _ = make_private_step(
+    step = make_private_step(
         plan,
         loss_fn,
         optax.sgd(0.1),
@@ -61,10 +61,10 @@ def run(model, x, y, mask, num_devices, microbatch_size=None, hooks=None, plan_k
         clipping_impl=clipping_impl,
         **(hooks or {}),
     )
-    state = distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))
+    state = step.init(params)
+    batch = distributed.shard_batch(mesh, (x, y, mask))  # placed once; run_private_step takes it as it is
     for _ in range(2):
-        batch = distributed.shard_batch(mesh, (x, y, mask))
-        state, metrics = step(state, None, *batch)
+        state, metrics = run_private_step(step, state, [batch])
     shards = len(batch[0].addressable_shards)
     replicated = all(leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leaves(state.params))
     # Per-example norms leave the step replicated, so every host of a multi-host run can read them.
@@ -142,7 +142,7 @@ def main(models):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     perm = Mesh(np.asarray(jax.devices()[::-1]), ("data",))
-    placed = distributed._place_rows(xs, NamedSharding(perm, PartitionSpec("data")))
+    placed = distributed.place_rows(xs, NamedSharding(perm, PartitionSpec("data")))
     out["place_rows_ok"] = bool(np.array_equal(np.asarray(placed), xs)) and len(placed.addressable_shards) == 8
     out["unbatched_arg_diff"] = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
     try:
@@ -157,9 +157,8 @@ def run_one_step(model, x, y, mask):
     loss_fn, params = nnx_loss(model)
     plan = jaxdp.PrivacyPlan(dataset_size=1000, batch_size=24, l2_clip_norm=0.5, noise_multiplier=1.3, num_steps=1)
     mesh = distributed.make_mesh(8)
-    tx, step, _ = make_private_step(plan, loss_fn, optax.sgd(0.1), noise_key=jax.random.key(42), mesh=mesh)
-    state = distributed.replicate(mesh, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)))
-    state, _ = step(state, None, *distributed.shard_batch(mesh, (x, y, mask)))
+    step = make_private_step(plan, loss_fn, optax.sgd(0.1), noise_key=jax.random.key(42), mesh=mesh)
+    state, _ = run_private_step(step, step.init(params), [(x, y, mask)])
     return state.params, None, None, None
 
 

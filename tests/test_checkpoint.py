@@ -15,6 +15,9 @@ import pytest
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.train import train
 
+# Its module-scoped runs are shared by its tests: one xdist worker for the whole module (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("checkpoint")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
 COMMON = ["privacy.noise_seed=4", "epochs=30", "checkpoint.every_epochs=1", "checkpoint.keep=2"]
@@ -103,6 +106,7 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().out and summary["steps"] == 6
 
 
+@pytest.mark.slow  # ~11 s: an 8-device resume (CI's slow step)
 def test_checkpoint_from_one_device_resumes_on_eight(reference, tmp_path):
     """Save on 1 device, restore on 8 forced CPU devices: same run to float tolerance."""
     import shutil

@@ -79,12 +79,12 @@ def test_train_draws_128_bit_secrets_and_builds_its_noise_key_from_all_of_them()
 def test_train_setup_noise_key_uses_the_whole_seed(tmp_path):
     """The key in a run's optimizer state (what jaxdp train adds noise with) differs for S and S mod 2**32."""
     from jaxdp.config import apply_overrides, load_config
-    from jaxdp.train import _setup
+    from jaxdp.train import setup_run
 
     config = apply_overrides(load_config(os.path.join(ROOT, "configs/digits.py:smoke")), [f"workdir={tmp_path}"])
     key_leaves = []
     for seed in (S, S % 2**32):
-        run = _setup(config, secret_seed=seed)
+        run = setup_run(config, secret_seed=seed)
         leaves = [
             x
             for x in jax.tree_util.tree_leaves(run.state.opt_state)
@@ -150,7 +150,7 @@ def test_multi_host_key_equals_the_one_host_key():
 
 def test_a_128_bit_secret_survives_the_checkpoint_meta(tmp_path):
     """A resumed run rebuilds its key from the saved secret: all 128 bits must come back."""
-    from jaxdp.checkpoint import Checkpointer
+    from jaxdp.train.checkpoint import Checkpointer
 
     ckpt = Checkpointer(str(tmp_path / "ckpt"))
     ckpt.save(1, {"w": jnp.ones(2)}, {"secret_seed": S})
@@ -160,7 +160,7 @@ def test_a_128_bit_secret_survives_the_checkpoint_meta(tmp_path):
 
 def test_checkpointed_keys_come_back_with_their_own_implementation(tmp_path):
     """A threefry noise key restores as threefry, bit for bit, whatever JAX's default implementation is."""
-    from jaxdp.checkpoint import Checkpointer
+    from jaxdp.train.checkpoint import Checkpointer
 
     state = {"noise": keys.key_from_secret(S), "other": jax.random.key(0, impl="rbg")}
     ckpt = Checkpointer(str(tmp_path / "ckpt"))

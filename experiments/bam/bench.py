@@ -3,9 +3,10 @@
     python -m experiments.bam.bench                    # digits MLP, batch 512 (the README line)
     python -m experiments.bam.bench --batch 256 --rounds 3
 
-The three jitted steps share the model, the batch and the plan; they are timed in
-alternation (round-robin, several rounds, best round kept) so that other load on the
-machine hits all three alike. Prints examples/s and the ratio to DP-SGD.
+The three jitted steps share the model, the batch and the plan; each runs through
+``jaxdp.run_private_step`` and they are timed in alternation by the benchmarks' one timer
+(:func:`jaxdp.bench.time_interleaved`: round-robin, several rounds, best round kept) so
+that other load on the machine hits all three alike. Prints examples/s and the ratio to DP-SGD.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import jaxdp
 from experiments.bam.bam import method_hooks
+from jaxdp.bench import time_interleaved
 from jaxdp.config import load_config
 from jaxdp.data import load as load_data
 from jaxdp.keys import key_from_secret, new_secret
 from jaxdp.models import make_model
 from jaxdp.plan import PrivacyPlan
-from jaxdp.train import TrainState, classification_loss, make_optimizer, make_private_step
+from jaxdp.train import classification_loss, make_optimizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,30 +58,26 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     idx = rng.integers(0, n, args.batch)
     x, y = jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
-    mask = jnp.ones(args.batch, jnp.float32)
-    steps, states = {}, {}
+    chunks = [(x, y, jnp.ones(args.batch, jnp.float32))]  # one draw of exactly one chunk
+    runners = {}
     for method in ("dpsgd", "dpsat", "bam"):
         config.bam.method = method
         optimizer = make_optimizer(config.optimizer.name, config.optimizer.learning_rate)
-        tx, step, _ = make_private_step(
+        step = jaxdp.make_private_step(
             plan, loss_fn, optimizer, noise_key=key_from_secret(new_secret()), **method_hooks(config.bam)
         )
-        state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+        state = [step.init(params)]
+
+        def run(step=step, state=state):
+            state[0], _ = jaxdp.run_private_step(step, state[0], chunks)
+            return state[0].params
+
         t0 = time.perf_counter()
-        state, _ = step(state, None, x, y, mask)
-        jax.block_until_ready(state.params)
+        jax.block_until_ready(run())
         print(f"{method}: compile + first step {time.perf_counter() - t0:.2f} s", flush=True)
-        steps[method], states[method] = step, state
-    best = dict.fromkeys(steps, np.inf)
-    for _ in range(args.rounds):
-        for method, step in steps.items():
-            state = states[method]
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                state, _ = step(state, None, x, y, mask)
-            jax.block_until_ready(state.params)
-            best[method] = min(best[method], (time.perf_counter() - t0) / args.steps)
-            states[method] = state
+        runners[method] = run
+    timings = time_interleaved(runners, args.rounds, iters=args.steps, warmup=False)
+    best = {method: t.min_s for method, t in timings.items()}
     base = args.batch / best["dpsgd"]
     print(
         f"\n{config.model.name} on {config.dataset}, batch {args.batch}, {jax.devices()[0].platform}, "

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from experiments._table import mean_std, save_table
+from experiments.tables import mean_std, save_table
 from experiments.bam.bam import GradientNormProbe, method_hooks
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.train import train

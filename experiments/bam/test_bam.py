@@ -17,7 +17,8 @@ from experiments.bam.bam import bam_example_grad, method_hooks, sat_perturb
 from jaxdp import distributed
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.models import CNN, MLP
-from jaxdp.train import TrainState, make_private_step, train
+from jaxdp.step import make_private_step, run_private_step
+from jaxdp.train import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMOKE = os.path.join(HERE, "configs", "digits.py") + ":smoke"
@@ -160,16 +161,15 @@ def test_dpsat_ascends_along_the_previous_privatised_gradient_only():
     mesh = distributed.make_mesh(1)
     key = jax.random.key(7)
     radius = 0.1
-    tx, step, _ = make_private_step(
+    step = make_private_step(
         plan, loss_fn, optax.sgd(0.5), noise_key=key, mesh=mesh, perturb=sat_perturb(radius=radius)
     )
-    _, plain_step, _ = make_private_step(plan, loss_fn, optax.sgd(0.5), noise_key=key, mesh=mesh)
-    state0 = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
-    state1, _ = step(state0, None, x, y, mask)
+    tx = step.tx
+    plain_step = make_private_step(plan, loss_fn, optax.sgd(0.5), noise_key=key, mesh=mesh)
+    state1, _ = run_private_step(step, step.init(params), [(x, y, mask)])
 
     # Step 1 has no previous gradient: it is exactly DP-SGD's step.
-    plain_tx = jaxdp.dp_optimizer(plan.privatizer(key), optax.sgd(0.5))
-    plain1, _ = plain_step(TrainState(params, plain_tx.init(params), jnp.zeros((), jnp.int32)), None, x, y, mask)
+    plain1, _ = run_private_step(plain_step, plain_step.init(params), [(x, y, mask)])
     np.testing.assert_array_equal(flat(state1.params), flat(plain1.params))
 
     # What is kept is the privatised gradient (clipped sum + noise) / B: recompute it independently.
@@ -184,7 +184,7 @@ def test_dpsat_ascends_along_the_previous_privatised_gradient_only():
 
     # Step 2's per-example gradients are taken at params1 + r * kept / ||kept||, and applied to params1.
     x2, y2 = x[::-1], y[::-1]
-    state2, _ = step(state1, None, x2, y2, mask)
+    state2, _ = run_private_step(step, state1, [(x2, y2, mask)])
     d = flat(kept)
     point = jax.tree_util.tree_map(lambda p, k: p + radius * k / np.linalg.norm(d), state1.params, kept)
     g2, _ = grad_fn(point, x2, y2, example_mask=mask)
@@ -227,6 +227,7 @@ def test_bad_hyperparameters_and_complex_params_are_refused():
         fn(jnp.ones(3, jnp.complex64), jnp.ones((2, 3), jnp.complex64))
 
 
+@pytest.mark.slow  # ~25 s: trains every row of the table once (CI's slow step)
 def test_table_smoke_run(tmp_path):
     results = run.main(["--config", SMOKE, "--epsilons", "3", "--seeds", "0", "--out", str(tmp_path)])
     assert [r["method"] for r in results] == ["dpsgd", "dpsat", "bam"]

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from experiments._table import mean_std, save_table
+from experiments.tables import mean_std, save_table
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.train import train
 

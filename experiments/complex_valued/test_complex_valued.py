@@ -43,6 +43,7 @@ def test_recipes_parse(name):
         load_config(os.path.join(HERE, "configs", "digits_kspace.py:bogus"))
 
 
+@pytest.mark.slow  # ~40 s: trains every row of the table once (CI's slow step)
 def test_table_command_smoke(tmp_path):
     rows = run.main(["--epsilons", "3", "--seeds", "0", "--smoke", "--out", str(tmp_path)])
     assert {r["model"] for r in rows} == {"complex", "magnitude", "reim"}

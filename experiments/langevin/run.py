@@ -17,7 +17,7 @@ import io
 import os
 import time
 
-from experiments._table import mean_std, save_table
+from experiments.tables import mean_std, save_table
 from experiments.langevin.langevin import PosteriorPredictive, learning_rate_for_temperature, noise_for_temperature
 from jaxdp import accounting, metrics
 from jaxdp.config import apply_overrides, load_config

@@ -104,6 +104,7 @@ def test_burn_in_is_accounted_and_sampling_is_free(tmp_path):
     assert os.path.isdir(with_samples["posterior_predictive_path"])
 
 
+@pytest.mark.slow  # ~16 s: trains the table's runs once (CI's slow step)
 def test_experiment_smoke_produces_table_and_diagrams(tmp_path):
     results = run.main(["--config", SMOKE, "--epsilons", "3", "--seeds", "0", "--out", str(tmp_path)])
     methods = {r["method"] for r in results}

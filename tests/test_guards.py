@@ -1,4 +1,4 @@
-"""Faults lose nothing: SIGKILL at named points, divergence, NaN data and a full disk.
+"""jaxdp.train.guards: faults lose nothing. SIGKILL at named points, divergence, NaN data and a full disk.
 
 The kills run ``tests/fault_runner.py`` in a subprocess; it SIGKILLs itself during a
 noisy step, while a checkpoint is being written, or during evaluation. Each killed run
@@ -20,10 +20,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxdp import data as data_lib
-from jaxdp.checkpoint import Checkpointer
 from jaxdp.cli import main
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.train import TrainingError, train
+from jaxdp.train.checkpoint import Checkpointer
+
+# Its module-scoped runs are shared by its tests: one xdist worker for the whole module (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("guards")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
@@ -152,12 +155,13 @@ def test_resume_refuses_a_checkpoint_whose_accountant_is_behind(reference, tmp_p
 
 def nan_params_at_step(monkeypatch, bad_step):
     """Make the loop's step return NaN parameters from noisy step ``bad_step`` on."""
-    import jaxdp.train as train_mod
+    import jaxdp.train.setup as setup_mod
 
-    make_private_step = train_mod.make_private_step
+    make_private_step = setup_mod.make_private_step
 
     def patched(*args, **kwargs):
-        tx, step, accumulate = make_private_step(*args, **kwargs)
+        private_step = make_private_step(*args, **kwargs)
+        step = private_step.step_fn
 
         def step_nan(state, *a):
             state, metrics = step(state, *a)
@@ -166,9 +170,10 @@ def nan_params_at_step(monkeypatch, bad_step):
                 state = state._replace(params=params)
             return state, metrics
 
-        return tx, step_nan, accumulate
+        private_step.step_fn = step_nan
+        return private_step
 
-    monkeypatch.setattr(train_mod, "make_private_step", patched)
+    monkeypatch.setattr(setup_mod, "make_private_step", patched)
 
 
 def test_divergence_stops_with_epoch_and_fix_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

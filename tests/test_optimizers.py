@@ -1,4 +1,5 @@
-"""Complex parameters: clipping over Re and Im together, exact per-example grads, the descent direction."""
+"""jaxdp.optimizers: the private optimizer chain, complex parameters (conjugation, clipping over Re and Im
+together, exact per-example grads) and the kept last update."""
 
 import jax
 import jax.numpy as jnp
@@ -88,3 +89,26 @@ def test_real_leaves_pass_through_unchanged():
     out, _ = tx.update(g, tx.init(g))
     np.testing.assert_array_equal(out["r"], g["r"])
     np.testing.assert_array_equal(out["c"], jnp.array([1 - 1j]))
+
+
+def test_keep_last_update_passes_updates_through_and_keeps_them_in_float32():
+    tx = jaxdp.optimizers.keep_last_update()
+    params = {"w": jnp.zeros(3, jnp.bfloat16)}
+    state = tx.init(params)
+    assert state.last_update["w"].dtype == jnp.float32 and not np.any(np.asarray(state.last_update["w"]))
+    g = {"w": jnp.array([1.0, -2.0, 0.5], jnp.bfloat16)}
+    out, state = tx.update(g, state)
+    assert out is g  # unchanged
+    np.testing.assert_array_equal(np.asarray(state.last_update["w"]), np.array([1.0, -2.0, 0.5], np.float32))
+
+
+def test_dp_optimizer_privatizes_first_then_conjugates_then_optimizes():
+    """chain(privatizer, conjugate, sgd): the noisy average of a complex gradient sum is conjugated before SGD."""
+    key = jaxdp.key_from_secret(11)
+    privatizer = jaxdp.privatize(l2_clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=4, key=key)
+    tx = jaxdp.dp_optimizer(privatizer, optax.sgd(1.0))
+    params = {"z": jnp.zeros(2, jnp.complex64)}
+    g_sum = {"z": jnp.array([1 + 2j, -1 + 0.5j], jnp.complex64)}
+    updates, _ = tx.update(g_sum, tx.init(params), params)
+    noisy, _ = privatizer.update(g_sum, privatizer.init(params))
+    np.testing.assert_allclose(np.asarray(updates["z"]), -np.conj(np.asarray(noisy["z"])), rtol=1e-6)
