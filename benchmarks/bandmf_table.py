@@ -23,7 +23,6 @@ import contextlib
 import io
 import json
 import os
-import statistics
 import tempfile
 import time
 
@@ -31,14 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from bench_core import _time  # same directory: median seconds per call
 from flax import nnx
 
 import jaxdp
+from jaxdp.bench import time_interleaved  # the one timer of every benchmark
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.keys import key_from_secret, new_secret
 from jaxdp.models import CNN
-from jaxdp.train import TrainState, classification_loss, make_private_step, train
+from jaxdp.train import classification_loss, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "digits_cnn.py")
@@ -114,7 +113,7 @@ def noise_cost(batch=256, bands_list=(4, 16), repeats=15, iters=10) -> list[dict
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, 28, 28, 1)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-    mask = jnp.ones((batch,), jnp.float32)
+    chunks = [(x, y, jnp.ones((batch,), jnp.float32))]  # one draw of exactly one chunk
     opt = optax.sgd(0.1)
     n = 60000
     runners = {}
@@ -128,34 +127,28 @@ def noise_cost(batch=256, bands_list=(4, 16), repeats=15, iters=10) -> list[dict
             bands=b,
             sampling="poisson" if b == 1 else "cyclic_poisson",
         )
-        tx, step, _ = make_private_step(plan, loss_fn, opt, noise_key=key_from_secret(new_secret()))
-        state = [TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))]
+        step = jaxdp.make_private_step(plan, loss_fn, opt, noise_key=key_from_secret(new_secret()))
+        state = [step.init(params)]
         privatizer = plan.privatizer(key_from_secret(new_secret()))
         p_state = [privatizer.init(params)]
         p_update = jax.jit(privatizer.update)
 
         def run_step(step=step, state=state):
-            state[0], metrics = step(state[0], None, x, y, mask)
+            state[0], metrics = jaxdp.run_private_step(step, state[0], chunks)
             return metrics["loss_sum"]
 
         def run_noise(p_update=p_update, p_state=p_state):
             out, p_state[0] = p_update(params, p_state[0])
             return out
 
-        runners[b] = (run_step, run_noise)
-    step_t = {b: [] for b in runners}
-    noise_t = {b: [] for b in runners}
-    for run_step, run_noise in runners.values():  # warm-up / compile
-        jax.block_until_ready(run_step())
-        jax.block_until_ready(run_noise())
-    for _ in range(repeats):  # interleaved block by block: load drifts on a shared machine
-        for b, (run_step, run_noise) in runners.items():
-            step_t[b].append(_time(run_step, 1, iters))
-            noise_t[b].append(_time(run_noise, 1, iters * 5))
-    base = statistics.median(step_t[1])
+        runners[f"step:{b}"], runners[f"noise:{b}"] = run_step, run_noise
+    # Interleaved block by block (load drifts on a shared machine), after one warm-up call each.
+    calls = {name: iters if name.startswith("step") else iters * 5 for name in runners}
+    times = time_interleaved(runners, repeats, iters=calls)
+    base = times["step:1"].seconds
     rows = []
-    for b in runners:
-        t = statistics.median(step_t[b])
+    for b in (1, *bands_list):
+        t, t_noise = times[f"step:{b}"].seconds, times[f"noise:{b}"].seconds
         rows.append(
             {
                 "bands": b,
@@ -163,9 +156,9 @@ def noise_cost(batch=256, bands_list=(4, 16), repeats=15, iters=10) -> list[dict
                 "batch": batch,
                 "step_ms": 1e3 * t,
                 "examples_per_sec": batch / t,
-                "privatizer_ms": 1e3 * statistics.median(noise_t[b]),
+                "privatizer_ms": 1e3 * t_noise,
                 "noise_share_vs_dpsgd": (t - base) / t,
-                "privatizer_share": statistics.median(noise_t[b]) / t,
+                "privatizer_share": t_noise / t,
             }
         )
     return rows

@@ -28,10 +28,10 @@ import optax
 from flax import nnx
 
 import jaxdp
-from jaxdp.bench import time_per_call as _time  # one timing helper for every benchmark
+from jaxdp.bench import time_interleaved, time_per_call  # the one timer of every benchmark
 from jaxdp.keys import key_from_secret, new_secret
 from jaxdp.models import CNN, MLP
-from jaxdp.train import TrainState, classification_loss, make_nonprivate_step, make_private_step
+from jaxdp.train import classification_loss
 
 MODELS = {
     # name: (constructor, input shape of one example)
@@ -49,13 +49,13 @@ def bench_model(name: str, batch: int, repeats: int, iters: int, naive_examples:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-    mask = jnp.ones((batch,), jnp.float32)
+    chunks = [(x, y, jnp.ones((batch,), jnp.float32))]  # one Poisson draw of exactly one chunk
     opt = optax.sgd(0.1)
     plan = jaxdp.PrivacyPlan(dataset_size=60000, batch_size=batch, l2_clip_norm=1.0, noise_multiplier=1.0, num_steps=1)
 
     # Non-private.
-    np_step = make_nonprivate_step(loss_fn, opt)
-    np_state = [TrainState(params, opt.init(params), jnp.zeros((), jnp.int32))]
+    np_step = jaxdp.make_nonprivate_step(loss_fn, opt)
+    np_state = [jaxdp.init_state(params, opt)]
 
     def run_nonprivate():
         np_state[0], loss = np_step(np_state[0], x, y)
@@ -66,11 +66,11 @@ def bench_model(name: str, batch: int, repeats: int, iters: int, naive_examples:
     compile_np = time.perf_counter() - t0
 
     # jaxdp private.
-    tx, p_step, _ = make_private_step(plan, loss_fn, opt, noise_key=key_from_secret(new_secret()), clipping_impl=impl)
-    p_state = [TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))]
+    p_step = jaxdp.make_private_step(plan, loss_fn, opt, noise_key=key_from_secret(new_secret()), clipping_impl=impl)
+    p_state = [p_step.init(params)]
 
     def run_private():
-        p_state[0], metrics = p_step(p_state[0], None, x, y, mask)
+        p_state[0], metrics = jaxdp.run_private_step(p_step, p_state[0], chunks)
         return metrics["loss_sum"]
 
     t0 = time.perf_counter()
@@ -95,9 +95,10 @@ def bench_model(name: str, batch: int, repeats: int, iters: int, naive_examples:
         naive_state[0] = optax.apply_updates(naive_state[0], updates)
         return naive_state[0]
 
-    t_np = _time(run_nonprivate, repeats, iters)
-    t_p = _time(run_private, repeats, iters)
-    t_naive = _time(run_naive, max(1, repeats // 2), 1) * batch / n_naive  # per full batch
+    # Both steps ran once above (compilation): interleaved blocks of `iters` steps from here.
+    t = time_interleaved({"np": run_nonprivate, "p": run_private}, repeats, iters=iters, warmup=False)
+    t_np, t_p = t["np"].seconds, t["p"].seconds
+    t_naive = time_per_call(run_naive, max(1, repeats // 2), 1) * batch / n_naive  # per full batch
     return {
         "model": name,
         "clipping_impl": impl,

@@ -1,7 +1,7 @@
 """jaxdp's private step vs reference DP-SGD implementations, interleaved in one process.
 
-Per model and batch: builds jaxdp's step (``jaxdp.train.make_private_step``, the
-step ``jaxdp train`` runs) and every installed reference (jax_privacy's
+Per model and batch: builds jaxdp's step (``jaxdp.make_private_step`` run by
+``jaxdp.run_private_step``, as ``jaxdp train`` runs it) and every installed reference (jax_privacy's
 ``clipped_grad``, optax's DP aggregator, Opacus), all on the same architecture,
 inputs, C = 1, σ = 1 and SGD; then times them in interleaved blocks (jaxdp, ref1,
 ref2, ..., jaxdp, ref1, ...) and prints medians and the ratios jaxdp / reference.
@@ -24,7 +24,7 @@ import sys
 
 import jax
 
-from jaxdp import _bench_refs as refs
+from jaxdp.bench import refs, time_interleaved
 
 
 def bench(model_name: str, batch: int, repeats: int, min_block_s: float, which: list[str]) -> list[dict]:
@@ -35,8 +35,9 @@ def bench(model_name: str, batch: int, repeats: int, min_block_s: float, which: 
         except ImportError as e:
             skipped.append({"model": model_name, "batch": batch, "impl": name, "skipped": str(e)})
             print(f"  skipped {name}: {e}", file=sys.stderr)
-    times = refs.time_interleaved(runners, repeats, min_block_s)
-    ours = times["jaxdp"]["step_s"]
+    # Every runner made its first step when built: no warm-up here.
+    times = time_interleaved({r.name: r.step for r in runners}, repeats, block_s=min_block_s, warmup=False)
+    ours = times["jaxdp"].seconds
     rows = []
     for r in runners:
         t = times[r.name]
@@ -46,11 +47,11 @@ def bench(model_name: str, batch: int, repeats: int, min_block_s: float, which: 
                 "batch": batch,
                 "impl": r.name,
                 "params": r.params,
-                "ex_per_s": batch / t["step_s"],
-                "ex_per_s_range": [batch / t["max_s"], batch / t["min_s"]],
-                "jaxdp_over_impl": t["step_s"] / ours,
+                "ex_per_s": batch / t.seconds,
+                "ex_per_s_range": [batch / t.max_s, batch / t.min_s],
+                "jaxdp_over_impl": t.seconds / ours,
                 "compile_s": r.compile_s,
-                "iters_per_block": t["iters"],
+                "iters_per_block": t.iters,
                 "notes": r.notes,
             }
         )
@@ -59,7 +60,7 @@ def bench(model_name: str, batch: int, repeats: int, min_block_s: float, which: 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["mnist_cnn"], choices=[*refs.MODELS, "transformer"])
+    parser.add_argument("--models", nargs="+", default=["mnist_cnn"], choices=[*refs.REFERENCE_MODELS, "transformer"])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (one block per implementation)")
     parser.add_argument("--min-block-s", type=float, default=0.5, help="steps per block: about this many seconds")

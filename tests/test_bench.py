@@ -20,6 +20,7 @@ def _in_process(out_dir, **grid):
     )
 
 
+@pytest.mark.slow  # ~12 s: a whole bench grid (CI's slow step)
 def test_tiny_grid_writes_csv_json_markdown_png(tmp_path, capsys):
     out = tmp_path / "out"
     result = _in_process(out, batch_sizes=[32], epsilons=[4.0], clipping_impl="vmap", epochs=1)
@@ -64,6 +65,7 @@ def test_sigma_rises_as_epsilon_falls():
         assert c["epsilon_target"] * 0.95 <= c["epsilon_spent"] <= c["epsilon_target"] + 1e-9
 
 
+@pytest.mark.slow  # ~9 s of timing (CI's slow step)
 def test_references_hook_reports_ratio_or_not_installed(tmp_path, monkeypatch, capsys):
     def fake(model, batch, repeats):
         return 100.0
@@ -85,16 +87,17 @@ def test_references_hook_reports_ratio_or_not_installed(tmp_path, monkeypatch, c
     "argv, message",
     [
         (["--models", "resnet"], r"--models 'resnet' is not a benchmarked model; choose from mnist_cnn"),
-        (["--epsilons", "0"], r"--epsilons 0.0 is invalid"),
-        (["--epsilons", "inf"], r"--epsilons inf is invalid"),
+        (["--epsilons", "0"], r"--epsilons=0.0 is invalid"),
+        (["--epsilons", "inf"], r"--epsilons=inf is invalid"),
         (["--batch-sizes", "0"], r"--batch-sizes 0 is invalid"),
-        (["--delta", "2"], r"--delta 2.0 is invalid"),
+        (["--delta", "2"], r"--delta=2.0 must lie in \(0, 1\)"),
         (["--accountant", "nope"], r"--accountant"),
         (["--clipping-impl", "fast"], r"--clipping-impl 'fast' is not known; choose one of vmap, ghost, auto"),
         (["--clipping-impl", "vmap", "vmap"], r"--clipping-impl vmap vmap names one implementation twice"),
         (["--devices", "0"], r"--devices 0 is invalid"),
         (["--models", "mlp", "--batch-sizes", "30", "--devices", "1", "4"], r"global batch of 30 .* divisible by 4"),
         (["--models", "mlp", "--batch-sizes", "5000", "--devices"], r"--batch-sizes 5000 is larger than mlp's"),
+        (["--models", "mlp", "--delta", "0.01", "--devices"], r"mlp: --delta=0.01 is larger than 1/N = 1/"),
         (["--repeats", "0"], r"--repeats 0 is invalid"),
         (["--epochs", "-1"], r"--epochs -1 is invalid"),
     ],
@@ -108,6 +111,7 @@ def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
     assert re.search(message, err), err
 
 
+@pytest.mark.slow  # ~9 s of timing (CI's slow step)
 def test_clipping_impls_are_timed_side_by_side(tmp_path, capsys):
     """Each implementation gets its own line; auto says which path it took; the CSV has a record per impl."""
     result = _in_process(tmp_path, batch_sizes=[16], epsilons=[8.0], clipping_impl=["auto", "vmap"], epochs=0)
@@ -143,3 +147,25 @@ def test_subprocess_per_config_and_device_scale_out(tmp_path):
     assert two["max_abs_param_diff_vs_1"] < 1e-5
     with open(result["files"]["devices_csv"]) as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_nothing_else_in_the_library_imports_the_bench_package():
+    """jaxdp.bench is a leaf: only the command line (jaxdp/cli) reaches it."""
+    import ast
+    import pathlib
+
+    import jaxdp
+
+    root = pathlib.Path(jaxdp.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.is_relative_to(root / "bench") or path.is_relative_to(root / "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith("jaxdp.bench")]
+    assert not offenders, offenders

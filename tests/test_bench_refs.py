@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 import jaxdp
-from jaxdp import _bench_refs as refs
+from jaxdp.bench import refs
+from jaxdp.bench.models import MODELS, param_count, random_batch
 from jaxdp.models import WideResNet
 from jaxdp.train import classification_loss
 
@@ -24,12 +25,11 @@ CLIP = 0.5  # small enough that most examples are clipped (checked below)
 
 def _problem(model_name, batch=6):
     if model_name == "mnist_cnn":
-        spec, model = refs.MODELS["mnist_cnn"], refs.MODELS["mnist_cnn"].make(0)
+        shape, model = MODELS["mnist_cnn"].input_shape, MODELS["mnist_cnn"].build(0)
     else:  # a tiny WRN: same blocks (GroupNorm, weight-standardised convs, strided shortcuts), cheap
-        spec = refs.ModelSpec(None, (8, 8, 3), 10)
-        model = WideResNet((8, 8, 3), 10, depth=10, width=1, groups=4, rngs=nnx.Rngs(0))
+        shape, model = (8, 8, 3), WideResNet((8, 8, 3), 10, depth=10, width=1, groups=4, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    x, y = refs._data(spec, batch, seed=1)
+    x, y = random_batch(shape, 10, batch, seed=1)
     return classification_loss(graphdef, rest), params, jnp.asarray(x), jnp.asarray(y)
 
 
@@ -56,8 +56,20 @@ def test_unknown_and_pending_models_are_named():
         refs.REFERENCES["optax"]("resnet50", 4, 1)
     with pytest.raises(NotImplementedError, match="TransformerClassifier"):
         refs.REFERENCES["optax"]("transformer", 4, 1)
+    with pytest.raises(ValueError, match="model_name='mlp' has no PyTorch twin.*mnist_cnn, wrn16_4"):
+        refs.REFERENCES["optax"]("mlp", 4, 1)
 
 
+@pytest.mark.slow  # ~13 s of timing (CI's slow step)
+def test_jaxdp_and_optax_runners_time_the_same_model():
+    """jaxdp's own runner (run_private_step) and the optax reference run on the same model and report ex/s."""
+    ours, theirs = refs.jaxdp_private("mnist_cnn", 4, 1), refs.REFERENCES["optax"]("mnist_cnn", 4, 1)
+    assert ours["params"] == theirs["params"] == 26010
+    assert ours["ex_per_s"] > 0 and theirs["ex_per_s"] > 0 and ours["compile_s"] > 0
+    assert "run_private_step" in ours["notes"] and "differentially_private_aggregate" in theirs["notes"]
+
+
+@pytest.mark.slow  # ~22 s: compiles optax's per-example aggregator on the MNIST CNN (CI's slow step)
 def test_optax_aggregator_without_noise_is_jaxdp_clipped_mean():
     loss_fn, params, x, y = _problem("mnist_cnn")
     per_example = jax.vmap(jax.grad(lambda p, xi, yi: loss_fn(p, xi[None], yi[None])), in_axes=(None, 0, 0))(
@@ -84,15 +96,15 @@ def test_opacus_twin_clipped_sum_equals_jaxdp(model_name):
     """Opacus on the PyTorch twin, σ = 0 and lr = 1: the parameter change is -(clipped sum) / batch."""
     torch = pytest.importorskip("torch")
     opacus = pytest.importorskip("opacus")
-    from jaxdp import _bench_torch
+    from jaxdp.bench import torch_ref
 
     loss_fn, params, x, y = _problem(model_name)
     if model_name == "mnist_cnn":
-        twin = _bench_torch.make("mnist_cnn")
+        twin = torch_ref.make("mnist_cnn")
     else:
-        twin = _bench_torch.WideResNet(3, 10, depth=10, width=1, groups=4)
-    assert sum(p.numel() for p in twin.parameters()) == refs._count(params)
-    _bench_torch.load_flax(twin, params)
+        twin = torch_ref.WideResNet(3, 10, depth=10, width=1, groups=4)
+    assert sum(p.numel() for p in twin.parameters()) == param_count(params)
+    torch_ref.load_flax(twin, params)
     xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
     yt = torch.from_numpy(np.asarray(y).astype(np.int64))
     before = {k: v.detach().clone() for k, v in twin.named_parameters()}

@@ -113,7 +113,7 @@ class WideResNet(nn.Module):
 
 
 def make(model_name: str) -> nn.Module:
-    """The twin of the benchmark model ``model_name`` (see :data:`jaxdp._bench_refs.MODELS`)."""
+    """The twin of the benchmark model ``model_name`` (see :data:`jaxdp.bench.refs.REFERENCE_MODELS`)."""
     if model_name == "mnist_cnn":
         return MnistCNN()
     if model_name == "wrn16_4":

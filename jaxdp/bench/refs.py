@@ -9,18 +9,20 @@ inputs as jaxdp: per-example gradients, clipping to C = 1, one Gaussian noise dr
   Flax model and our :func:`jaxdp.train.classification_loss`.
 * ``optax``: ``jax.vmap(jax.grad(loss))`` + ``optax.contrib.differentially_private_aggregate``
   + SGD, again on our model and loss.
-* ``opacus``: a PyTorch twin of the model (same layers, shapes and parameter
-  count; GroupNorm, weight-standardised convs) made private with Opacus's
-  ``PrivacyEngine`` (hooks mode, flat clipping), ``torch.set_num_threads`` set to
-  the cores JAX uses.
+* ``opacus``: a PyTorch twin of the model (:mod:`jaxdp.bench.torch_ref`: same
+  layers, shapes and parameter count; GroupNorm, weight-standardised convs) made
+  private with Opacus's ``PrivacyEngine`` (hooks mode, flat clipping),
+  ``torch.set_num_threads`` set to the cores JAX uses.
 
+The models are those of :data:`REFERENCE_MODELS` in :data:`jaxdp.bench.models.MODELS`
+(the ones with a PyTorch twin), on :func:`jaxdp.bench.models.random_batch` inputs.
 A reference is a callable ``(model_name, batch, repeats) -> dict`` with keys
 ``ex_per_s``, ``compile_s`` (first step, compilation included), ``params`` and
 ``notes``; :data:`REFERENCES` maps names to them, :func:`jaxdp_private` times
 jaxdp's own step with the same signature. A missing package raises
 ``ImportError`` saying what to install. For side-by-side ratios build the
-runners (:data:`BUILDERS`) and time them with :func:`time_interleaved`
-(what ``benchmarks/bench_refs.py`` does).
+runners (:data:`BUILDERS`) and time their ``step`` with
+:func:`jaxdp.bench.time_interleaved` (what ``benchmarks/bench_refs.py`` does).
 
 None of this is needed by the library or its tests.
 """
@@ -28,9 +30,8 @@ None of this is needed by the library or its tests.
 from __future__ import annotations
 
 import dataclasses
-import math
+import importlib
 import os
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -40,33 +41,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
+import jaxdp
+from jaxdp.bench.models import MODELS, param_count, random_batch, split_model
+from jaxdp.bench.timing import time_interleaved
 from jaxdp.keys import key_from_secret
 
 __all__ = [
     "BUILDERS",
-    "MODELS",
     "REFERENCES",
+    "REFERENCE_MODELS",
     "Runner",
     "build_jax_privacy",
     "build_jaxdp",
     "build_opacus",
     "build_optax",
     "jaxdp_private",
-    "time_interleaved",
 ]
 
 L2_CLIP = 1.0
 NOISE_MULTIPLIER = 1.0
 LEARNING_RATE = 0.1
+#: The models with a PyTorch twin in :mod:`jaxdp.bench.torch_ref`: every reference runs on these.
+REFERENCE_MODELS = ("mnist_cnn", "wrn16_4")
 _INSTALL = "pip install 'jaxdp[bench]'  (or: pip install jax-privacy opacus torch)"
 
 
 def _require(module: str, package: str):
     """Import ``module`` or raise an ImportError that names the package and the install command."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -76,71 +78,25 @@ def _require(module: str, package: str):
         ) from e
 
 
-# ----------------------------------------------------------------------------- models
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """A benchmark model: the Flax constructor, one example's input shape (HWC), classes."""
-
-    make: Callable[[int], nnx.Module]
-    input_shape: tuple[int, ...]
-    num_classes: int
-
-
-def _mnist_cnn(seed: int) -> nnx.Module:
-    from jaxdp.models import DPMnistCNN
-
-    return DPMnistCNN((28, 28, 1), 10, rngs=nnx.Rngs(seed))
-
-
-def _wrn16_4(seed: int) -> nnx.Module:
-    from jaxdp.models import WideResNet
-
-    return WideResNet((32, 32, 3), 10, depth=16, width=4, rngs=nnx.Rngs(seed))
-
-
-MODELS: dict[str, ModelSpec] = {
-    "mnist_cnn": ModelSpec(_mnist_cnn, (28, 28, 1), 10),
-    "wrn16_4": ModelSpec(_wrn16_4, (32, 32, 3), 10),
-}
-# "transformer" (jaxdp.models.TransformerClassifier) joins when that model lands; see _spec.
-
-
-def _spec(model_name: str) -> ModelSpec:
-    if model_name in MODELS:
-        return MODELS[model_name]
+def _check_model(model_name: str) -> None:
+    if model_name in REFERENCE_MODELS:
+        return
     if model_name == "transformer":
         raise NotImplementedError(
             "model_name='transformer' is not wired into the reference benchmark yet: it needs "
             "jaxdp.models.TransformerClassifier and a PyTorch twin for Opacus. Use 'mnist_cnn' or 'wrn16_4'."
         )
-    raise ValueError(f"model_name={model_name!r} is not known; choose one of {sorted(MODELS)}.")
+    why = "has no PyTorch twin for the references" if model_name in MODELS else "is not known"
+    raise ValueError(f"model_name={model_name!r} {why}; choose one of {', '.join(REFERENCE_MODELS)}.")
 
 
-def _data(spec: ModelSpec, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random NHWC float32 inputs and int labels, identical for every implementation."""
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch={batch!r} must be an int >= 1.")
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, *spec.input_shape)).astype(np.float32)
-    y = rng.integers(0, spec.num_classes, batch).astype(np.int32)
-    return x, y
-
-
-def _flax(model_name: str, seed: int = 0):
-    from jaxdp.train import classification_loss
-
-    spec = _spec(model_name)
-    graphdef, params, rest = nnx.split(spec.make(seed), nnx.Param, ...)
-    return spec, params, classification_loss(graphdef, rest)
-
-
-def _count(params: Any) -> int:
-    return int(sum(np.size(v) for v in jax.tree_util.tree_leaves(params)))
-
-
-# ----------------------------------------------------------------------------- runners
+def _problem(model_name: str, batch: int, seed: int):
+    """The model's params and loss, and one random batch on the device: the same for every implementation."""
+    _check_model(model_name)
+    spec = MODELS[model_name]
+    _, params, _, loss_fn = split_model(model_name, seed)
+    x, y = (jnp.asarray(a) for a in random_batch(spec.input_shape, spec.num_classes, batch, seed))
+    return params, loss_fn, x, y
 
 
 @dataclasses.dataclass
@@ -166,13 +122,9 @@ def _first_call(step: Callable[[], Any]) -> float:
 
 
 def build_jaxdp(model_name: str, batch: int, *, seed: int = 0) -> Runner:
-    """jaxdp's private step exactly as ``jaxdp train`` runs it (:func:`jaxdp.train.make_private_step`)."""
-    import jaxdp
-    from jaxdp.train import TrainState, make_private_step
-
-    spec, params, loss_fn = _flax(model_name, seed)
-    x, y = (jnp.asarray(a) for a in _data(spec, batch, seed))
-    mask = jnp.ones((batch,), jnp.float32)
+    """jaxdp's private step exactly as ``jaxdp train`` runs it (:func:`jaxdp.run_private_step`)."""
+    params, loss_fn, x, y = _problem(model_name, batch, seed)
+    chunks = [(x, y, jnp.ones((batch,), jnp.float32))]
     plan = jaxdp.PrivacyPlan(
         dataset_size=max(60000, batch),
         batch_size=batch,
@@ -180,14 +132,16 @@ def build_jaxdp(model_name: str, batch: int, *, seed: int = 0) -> Runner:
         noise_multiplier=NOISE_MULTIPLIER,
         num_steps=1,
     )
-    tx, p_step, _ = make_private_step(plan, loss_fn, optax.sgd(LEARNING_RATE), noise_key=key_from_secret(seed))
-    state = [TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))]
+    p_step = jaxdp.make_private_step(plan, loss_fn, optax.sgd(LEARNING_RATE), noise_key=key_from_secret(seed))
+    state = [p_step.init(params)]
 
     def step():
-        state[0], metrics = p_step(state[0], None, x, y, mask)
+        state[0], metrics = jaxdp.run_private_step(p_step, state[0], chunks)
         return metrics["loss_sum"]
 
-    return Runner("jaxdp", step, batch, _count(params), _first_call(step), "make_private_step (returns loss, norms)")
+    return Runner(
+        "jaxdp", step, batch, param_count(params), _first_call(step), "run_private_step (returns loss, norms)"
+    )
 
 
 def build_jax_privacy(model_name: str, batch: int, *, seed: int = 0, with_aux: bool = False) -> Runner:
@@ -199,8 +153,7 @@ def build_jax_privacy(model_name: str, batch: int, *, seed: int = 0, with_aux: b
     jp = _require("jax_privacy", "jax-privacy")
     noise_addition = _require("jax_privacy.noise_addition", "jax-privacy")
 
-    spec, params, loss_fn = _flax(model_name, seed)
-    x, y = (jnp.asarray(a) for a in _data(spec, batch, seed))
+    params, loss_fn, x, y = _problem(model_name, batch, seed)
     grad_fn = jp.clipped_grad(
         loss_fn, l2_clip_norm=L2_CLIP, batch_argnums=(1, 2), return_values=with_aux, return_grad_norms=with_aux
     )
@@ -231,7 +184,7 @@ def build_jax_privacy(model_name: str, batch: int, *, seed: int = 0, with_aux: b
         "jax_privacy",
         step,
         batch,
-        _count(params),
+        param_count(params),
         _first_call(step),
         f"jax-privacy {getattr(jp, '__version__', '?')}: clipped_grad + gaussian_privatizer"
         + (" (returns loss, norms)" if with_aux else ""),
@@ -240,10 +193,9 @@ def build_jax_privacy(model_name: str, batch: int, *, seed: int = 0, with_aux: b
 
 def build_optax(model_name: str, batch: int, *, seed: int = 0) -> Runner:
     """``vmap(grad)`` per-example gradients + ``optax.contrib.differentially_private_aggregate`` + SGD."""
-    spec, params, loss_fn = _flax(model_name, seed)
-    x, y = (jnp.asarray(a) for a in _data(spec, batch, seed))
     from optax import contrib
 
+    params, loss_fn, x, y = _problem(model_name, batch, seed)
     tx = optax.chain(
         contrib.differentially_private_aggregate(L2_CLIP, NOISE_MULTIPLIER, key=key_from_secret(seed)),
         optax.sgd(LEARNING_RATE),
@@ -266,7 +218,7 @@ def build_optax(model_name: str, batch: int, *, seed: int = 0) -> Runner:
         "optax",
         step,
         batch,
-        _count(params),
+        param_count(params),
         _first_call(step),
         f"optax {optax.__version__}: vmap(grad) + contrib.differentially_private_aggregate",
     )
@@ -276,14 +228,15 @@ def build_opacus(model_name: str, batch: int, *, seed: int = 0, threads: int | N
     """The PyTorch twin of the model made private by Opacus's ``PrivacyEngine`` (hooks, flat clipping)."""
     torch = _require("torch", "torch")
     opacus = _require("opacus", "opacus")
-    from jaxdp import _bench_torch
+    from jaxdp.bench import torch_ref
 
-    spec = _spec(model_name)
+    _check_model(model_name)
+    spec = MODELS[model_name]
     threads = threads or _jax_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = _bench_torch.make(model_name)
-    x_np, y_np = _data(spec, batch, seed)
+    model = torch_ref.make(model_name)
+    x_np, y_np = random_batch(spec.input_shape, spec.num_classes, batch, seed)
     x = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2)))  # NHWC -> NCHW
     y = torch.from_numpy(y_np.astype(np.int64))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
@@ -339,46 +292,12 @@ def _jax_threads() -> int:
         return os.cpu_count() or 1
 
 
-# ----------------------------------------------------------------------------- timing
-
-
-def time_interleaved(runners: list[Runner], repeats: int, min_block_s: float = 0.5) -> dict[str, dict]:
-    """Seconds per step of each runner: median over ``repeats`` rounds, each round one block per runner.
-
-    Blocks are interleaved (A, B, C, A, B, C, ...) so that load from other
-    processes hits every implementation alike; a block is as many steps as take
-    about ``min_block_s`` (at least one). Returns ``{name: {"step_s", "min_s",
-    "max_s", "iters"}}``.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats!r} must be >= 1.")
-    iters = {}
-    for r in runners:
-        t0 = time.perf_counter()
-        jax.block_until_ready(r.step())
-        iters[r.name] = max(1, math.ceil(min_block_s / max(time.perf_counter() - t0, 1e-6)))
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
-    for _ in range(repeats):
-        for r in runners:
-            n = iters[r.name]
-            t0 = time.perf_counter()
-            out = None
-            for _ in range(n):
-                out = r.step()
-            jax.block_until_ready(out)
-            times[r.name].append((time.perf_counter() - t0) / n)
-    return {
-        name: {"step_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "iters": iters[name]}
-        for name, ts in times.items()
-    }
-
-
 def _measure(builder: Callable[..., Runner]) -> Callable[[str, int, int], dict]:
     def measure(model_name: str, batch: int, repeats: int) -> dict:
         runner = builder(model_name, batch)
-        t = time_interleaved([runner], repeats)[runner.name]
+        t = time_interleaved({runner.name: runner.step}, repeats, warmup=False)[runner.name]  # built = warmed up
         return {
-            "ex_per_s": batch / t["step_s"],
+            "ex_per_s": batch / t.seconds,
             "compile_s": runner.compile_s,
             "params": runner.params,
             "notes": runner.notes,
