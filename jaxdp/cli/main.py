@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxdp.cli.output import fail
 from jaxdp.config import ConfigError, apply_overrides, load_config
 
 USAGE_EXAMPLE = "jaxdp train --config configs/digits.py privacy.l2_clip_norm=0.5"
@@ -124,11 +125,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str) -> int:
-    print(f"jaxdp: error: {message}", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
@@ -141,19 +137,21 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognised argument {item!r}; overrides look like key=value or --config.key=value")
     if args.command == "bench":
-        return _bench(args)
+        from jaxdp.cli import bench
+
+        return bench.run(args)
     if args.command == "account":
-        from jaxdp.accounting import report
+        from jaxdp.cli import account
 
         try:
-            print(report.run(args))
+            print(account.run(args))
         except ValueError as e:
-            return _fail(str(e))
+            return fail(str(e))
         return 0
     try:  # train and audit: one config, bad files/keys/values are one line
         config = apply_overrides(load_config(args.config), overrides)
     except ConfigError as e:
-        return _fail(str(e))
+        return fail(str(e))
     if args.command == "train":
         from jaxdp.train import TrainingError, train  # heavy imports only once the config is known good
 
@@ -162,96 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             # Bad values found before the first step are one line; an error
             # during training is a bug and keeps its traceback.
-            return _fail(str(e))
+            return fail(str(e))
         except TrainingError as e:  # diverged, checkpoint not written: says what to do, exit 1
             print(f"jaxdp: error: {e}", file=sys.stderr)
             return 1
     if args.command == "audit":
-        return _audit(config, args)
+        from jaxdp.cli import audit
+
+        return audit.run(config, args)
     return 0
-
-
-def _bench(args) -> int:
-    from jaxdp.bench import DEFAULT_MODELS, BenchError, run_bench
-
-    if args.repeats is not None and args.repeats < 1:
-        return _fail(f"--repeats {args.repeats} is invalid: need at least 1 timing block.")
-    try:
-        run_bench(
-            models=args.models or DEFAULT_MODELS,
-            batch_sizes=args.batch_sizes,
-            epsilons=args.epsilons,
-            delta=args.delta,
-            accountant=args.accountant,
-            clipping_impl=args.clipping_impl,
-            devices=args.devices,
-            out_dir=args.out,
-            full=args.full,
-            epochs=args.epochs,
-            repeats=args.repeats,
-            isolate=not args.in_process,
-            progress=not args.no_progress,
-        )
-    except BenchError as e:
-        return _fail(str(e))
-    return 0
-
-
-def _audit(config, args) -> int:
-    import json
-
-    from jaxdp.audit import audit_config
-
-    try:
-        result, plan, n_train = audit_config(
-            config,
-            num_canaries=args.canaries,
-            confidence=args.confidence,
-            sabotage=args.sabotage,
-            tests=("epsilon", "fdp") if args.test == "both" else (args.test,),
-        )
-    except ConfigError as e:
-        return _fail(str(e))
-    b = result.bound
-    pct = f"{100 * b.confidence:g}%"
-    print(
-        f"jaxdp audit: {config.dataset} N={n_train} + {b.num_canaries} gradient canaries ({result.num_included} "
-        f"included, each with probability 1/2) | q={plan.sampling_rate:.4f} steps={plan.num_steps} "
-        f"sigma={plan.noise_multiplier:.4f} C={plan.l2_clip_norm} delta={b.delta:g}"
-        + (f" | SABOTAGED: {result.sabotage}" if result.sabotage else "")
-    )
-    print(f"  accountant epsilon ({result.accountant}, upper bound): {result.claimed_epsilon:.3f}")
-    print(
-        f"  empirical epsilon lower bound ({pct} confidence): {b.epsilon:.3f}"
-        f"  (one-run audit: {b.num_correct} of {b.num_guesses} guesses correct)"
-        + ("" if result.epsilon_passed else "  -> VIOLATION")
-    )
-    f = result.fdp
-    if f is not None:
-        ratio = "none seen" if f.noise_ratio is None else f"{f.noise_ratio:.3g}"
-        print(
-            f"  f-DP test against the claimed mechanism's PLD curve: p-value {f.p_value:.3g} "
-            f"({f.num_correct} of {f.num_guesses} guesses correct)" + ("" if f.passed else "  -> VIOLATION")
-        )
-        print(
-            f"    certified noise ratio sigma'/sigma: {ratio}  (< 1: leaks at least as much as the claimed mechanism "
-            "with that fraction of its noise)"
-        )
-    failed = [name for name, ok in (("epsilon", result.epsilon_passed), ("fdp", result.fdp_passed)) if not ok]
-    failed = [name for name in failed if name in result.tests]
-    if result.passed:
-        print(
-            f"  passed: no test certifies a violation (took {result.wall_time_s:.1f} s). "
-            "A pass does not prove privacy; see README 'Auditing'."
-        )
-    else:
-        print(
-            f"  FAILED ({' and '.join(failed)}): the mechanism leaks more than claimed (at {pct} confidence); "
-            f"took {result.wall_time_s:.1f} s."
-        )
-    print(json.dumps({"dataset": config.dataset, **result.to_dict()}), flush=True)
-    return 0 if result.passed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
