@@ -7,11 +7,11 @@ tests/test_distributed.py already checks against 1 device and the one-step formu
 (noise added once). Equal parameters therefore also mean the noise was added once
 across hosts: a second draw would move them by ~1e-3, the tolerance is 1e-5.
 
-The comparisons are marked slow (deselected by ``make test``, run by ``make test-all``): their
-four launches of the CLI (seven processes, what users run) take ~50 s of CPU time, 70-95 s of
-wall time on 2 CPU cores shared with other jobs. ``test_two_processes_join_and_train`` stays
-in the default suite (one launch, 1 device per process) so a break of the multi-host path
-shows up there too.
+All of them are marked slow (deselected by ``make test``, run by CI's second step ``make test-slow``):
+the comparisons' four launches of the CLI (seven processes, what users run) take ~50 s of CPU time,
+70-95 s of wall time on 2 CPU cores, and ``test_two_processes_join_and_train`` another ~17 s. The
+multi-host secret broadcast (every host gets the whole 128-bit seed) stays in the default suite, in
+``tests/test_keys.py``.
 """
 
 import json
@@ -22,6 +22,9 @@ import sys
 
 import numpy as np
 import pytest
+
+# Its module-scoped runs are shared by its tests: one xdist worker for the whole module (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("multihost")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # per launch; a hung collective fails the test instead of CI
@@ -102,6 +105,7 @@ def _two_processes(workdirs, overrides, resume=False, devices=2):
     ]
 
 
+@pytest.mark.slow  # ~17 s: two processes; the multi-host key broadcast stays in tests/test_keys.py (CI's slow step)
 def test_two_processes_join_and_train(tmp_path):
     """One epoch on 2 processes x 1 device: both see the global mesh and end with the same
     summary; process 1, given a workdir of its own, writes no logs there."""

@@ -18,3 +18,17 @@ def test_readme_snippet_runs():
     params = namespace["params"]
     # One private step moved the parameters away from their zero init.
     assert float(abs(params["w"]).sum()) > 0
+
+
+def test_readme_own_loop_runs_and_spends_the_planned_budget(capsys):
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    match = re.search(r"<!-- tested: loop -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "README lost its tested own-loop snippet"
+    namespace: dict = {}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    accountant, plan, state = namespace["accountant"], namespace["plan"], namespace["state"]
+    assert accountant.steps == plan.num_steps == int(state.step) == 50
+    assert accountant.epsilon(1e-5) <= 3.0
+    out = capsys.readouterr().out
+    assert "epsilon = 3.00 after 50 steps" in out, out

@@ -18,6 +18,7 @@ def n_params(model):
     return sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
 
 
+@pytest.mark.slow  # ~13 s: builds the WRN and the MNIST CNN (CI's slow step)
 def test_recipe_models():
     assert n_params(make_model("dp_mnist_cnn", input_shape=(28, 28, 1), num_classes=10, seed=0)) == 26_010
     wrn = make_model("wrn", input_shape=(32, 32, 3), num_classes=10, seed=0, depth=16, width=4)
@@ -30,8 +31,12 @@ def test_recipe_models():
 @pytest.mark.parametrize(
     "recipe, overrides",
     [
-        ("mnist_cnn.py:smoke", ["batch_size=16"]),
-        ("cifar10_wrn16_4.py:smoke", ["batch_size=8", "physical_batch_size=8", "model.kwargs.width=1"]),
+        pytest.param("mnist_cnn.py:smoke", ["batch_size=16"], marks=pytest.mark.slow),  # ~17 s
+        pytest.param(  # ~1 min compiling the WRN on 2 CPU cores: CI's slow step
+            "cifar10_wrn16_4.py:smoke",
+            ["batch_size=8", "physical_batch_size=8", "model.kwargs.width=1"],
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_recipe_smoke_on_tfds_mock_data(recipe, overrides, tmp_path):
