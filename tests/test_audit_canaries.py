@@ -7,7 +7,6 @@ Moved from tests/test_audit.py (issue 17) with the module; the run goes through
 jaxdp's one step runner (PrivateStep.init, run_private_step).
 """
 
-import json
 import os
 
 import numpy as np
@@ -20,7 +19,6 @@ import jaxdp.audit.canaries as canaries
 from jaxdp import accounting
 from jaxdp.audit.canaries import audit_config, audit_training_run
 from jaxdp.audit.fdp import TradeoffCurve, fdp_audit
-from jaxdp.cli import main
 from jaxdp.config import ConfigError, load_config
 from jaxdp.models import MLP
 from jaxdp.plan import PrivacyPlan
@@ -112,43 +110,6 @@ def test_plan_must_count_the_canaries(problem):
 
 
 # -- the command line -------------------------------------------------------------
-
-
-def test_cli_prints_both_epsilons(capsys):
-    args = ["audit", "--config", DIGITS, "--canaries", "300", "epochs=3", "privacy.noise_seed=0"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "accountant epsilon (rdp, upper bound): 3.000" in out
-    assert "empirical epsilon lower bound (95% confidence):" in out
-    assert "f-DP test against the claimed mechanism's PLD curve: p-value" in out
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["epsilon_accountant"] == pytest.approx(3.0, abs=1e-3)
-    assert 0 <= summary["epsilon_lower_bound"] < summary["epsilon_accountant"]
-    assert summary["canaries"] == 300 and summary["passed"] and summary["steps"] == 9
-    assert summary["epsilon_passed"] and summary["fdp_passed"] and summary["tests"] == ["epsilon", "fdp"]
-
-
-def test_cli_sabotaged_run_exits_1(capsys):
-    args = ["audit", "--config", DIGITS, "--canaries", "600", "epochs=3", "privacy.noise_seed=0"]
-    assert main([*args, "--sabotage", "noise_off"]) == 1
-    out = capsys.readouterr().out
-    assert "FAILED (epsilon and fdp)" in out
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["epsilon_lower_bound"] > 3.5 and summary["fdp_p_value"] <= 0.05
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--canaries", "1"], "--canaries=1 must be an int >= 2"),
-        (["--confidence", "1.5"], "--confidence=1.5 must lie in (0, 1)"),
-        (["augment.multiplicity=2"], "augment.multiplicity=2 is not supported"),
-    ],
-)
-def test_cli_bad_input_is_one_line_exit_2(args, message, capsys):
-    assert main(["audit", "--config", DIGITS, *args]) == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_run_is_the_shared_step_runner(monkeypatch):

@@ -170,3 +170,74 @@ def test_account_command_bad_input(args, message, capsys):
     assert main(["account", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_audit_prints_both_epsilons(capsys):
+    args = ["audit", "--config", DIGITS, "--canaries", "300", "epochs=3", "privacy.noise_seed=0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "accountant epsilon (rdp, upper bound): 3.000" in out
+    assert "empirical epsilon lower bound (95% confidence):" in out
+    assert "f-DP test against the claimed mechanism's PLD curve: p-value" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["epsilon_accountant"] == pytest.approx(3.0, abs=1e-3)
+    assert 0 <= summary["epsilon_lower_bound"] < summary["epsilon_accountant"]
+    assert summary["canaries"] == 300 and summary["passed"] and summary["steps"] == 9
+    assert summary["epsilon_passed"] and summary["fdp_passed"] and summary["tests"] == ["epsilon", "fdp"]
+
+
+def test_audit_sabotaged_run_exits_1(capsys):
+    args = ["audit", "--config", DIGITS, "--canaries", "600", "epochs=3", "privacy.noise_seed=0"]
+    assert main([*args, "--sabotage", "noise_off"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED (epsilon and fdp)" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["epsilon_lower_bound"] > 3.5 and summary["fdp_p_value"] <= 0.05
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--canaries", "1"], "--canaries=1 must be an int >= 2"),
+        (["--confidence", "1.5"], "--confidence=1.5 must lie in (0, 1)"),
+        (["augment.multiplicity=2"], "augment.multiplicity=2 is not supported"),
+    ],
+)
+def test_audit_bad_input_is_one_line_exit_2(args, message, capsys):
+    assert main(["audit", "--config", DIGITS, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "resnet"], r"--models 'resnet' is not a benchmarked model; choose from mnist_cnn"),
+        (["--epsilons", "0"], r"--epsilons=0.0 is invalid"),
+        (["--epsilons", "inf"], r"--epsilons=inf is invalid"),
+        (["--batch-sizes", "0"], r"--batch-sizes 0 is invalid"),
+        (["--delta", "2"], r"--delta=2.0 must lie in \(0, 1\)"),
+        (["--accountant", "nope"], r"--accountant"),
+        (["--clipping-impl", "fast"], r"--clipping-impl 'fast' is not known; choose one of vmap, ghost, auto"),
+        (["--clipping-impl", "vmap", "vmap"], r"--clipping-impl vmap vmap names one implementation twice"),
+        (["--devices", "0"], r"--devices 0 is invalid"),
+        (["--models", "mlp", "--batch-sizes", "30", "--devices", "1", "4"], r"global batch of 30 .* divisible by 4"),
+        (["--models", "mlp", "--batch-sizes", "5000", "--devices"], r"--batch-sizes 5000 is larger than mlp's"),
+        (["--models", "mlp", "--delta", "0.01", "--devices"], r"mlp: --delta=0.01 is larger than 1/N = 1/"),
+        (["--repeats", "0"], r"--repeats 0 is invalid"),
+        (["--epochs", "-1"], r"--epochs -1 is invalid"),
+    ],
+)
+def test_bench_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
+    import re
+
+    assert main(["bench", "--out", str(tmp_path), "--in-process", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxdp: error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+def test_missing_tfds_data_is_a_one_line_cli_error(tmp_path, capsys):
+    assert main(["train", "--config", os.path.join(ROOT, "configs", "mnist_cnn.py"), f"data_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tfds build mnist --file_format=array_record" in err

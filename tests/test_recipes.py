@@ -49,11 +49,3 @@ def test_recipe_smoke_on_tfds_mock_data(recipe, overrides, tmp_path):
     assert summary["steps"] > 0 and 0 < summary["epsilon"] <= summary["target_epsilon"]
     if config.ema_decay:
         assert 0.0 <= summary["ema_test_accuracy"] <= 1.0
-
-
-def test_missing_tfds_data_is_a_one_line_cli_error(tmp_path, capsys):
-    from jaxdp.cli import main
-
-    assert main(["train", "--config", os.path.join(CONFIGS, "mnist_cnn.py"), f"data_dir={tmp_path}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "tfds build mnist --file_format=array_record" in err
