@@ -27,8 +27,8 @@ import time
 
 import numpy as np
 
-from experiments.tables import mean_std, save_table
 from experiments.bam.bam import GradientNormProbe, method_hooks
+from experiments.tables import mean_std, save_table
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.train import train
 

@@ -17,8 +17,8 @@ import io
 import os
 import time
 
-from experiments.tables import mean_std, save_table
 from experiments.langevin.langevin import PosteriorPredictive, learning_rate_for_temperature, noise_for_temperature
+from experiments.tables import mean_std, save_table
 from jaxdp import accounting, metrics
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.data import load as load_data
