@@ -36,8 +36,6 @@ SAMPLINGS = ("poisson", "shuffle", "cyclic_poisson")
 
 _FIXES = {
     "sampling_rate": "pass q = expected batch size / dataset size, e.g. 256/60000",
-    "noise_multiplier": "pass sigma > 0 (e.g. noise_multiplier=1.0); a run without noise has no epsilon to account for",
-    "target_epsilon": "pass the privacy budget, e.g. target_epsilon=3.0",
     "epsilon": "pass epsilon >= 0, e.g. 1.0",
     "target_tpr": "pass e.g. target_tpr=0.05",
 }

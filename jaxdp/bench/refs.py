@@ -121,6 +121,17 @@ def _first_call(step: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+def _optax_runner(name: str, p_step, params, tx: optax.GradientTransformation, x, y, notes: str) -> Runner:
+    """A peer's jitted ``p_step(params, opt_state, x, y) -> (params, opt_state, out)``, stepped on one fixed batch."""
+    state = [params, tx.init(params)]
+
+    def step():
+        state[0], state[1], out = p_step(state[0], state[1], x, y)
+        return out
+
+    return Runner(name, step, len(x), param_count(params), _first_call(step), notes)
+
+
 def build_jaxdp(model_name: str, batch: int, *, seed: int = 0) -> Runner:
     """jaxdp's private step exactly as ``jaxdp train`` runs it (:func:`jaxdp.run_private_step`)."""
     params, loss_fn, x, y = _problem(model_name, batch, seed)
@@ -174,20 +185,9 @@ def build_jax_privacy(model_name: str, batch: int, *, seed: int = 0, with_aux: b
         updates, opt_state = tx.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, out
 
-    state = [params, tx.init(params)]
-
-    def step():
-        state[0], state[1], loss_sum = p_step(state[0], state[1], x, y)
-        return loss_sum
-
-    return Runner(
-        "jax_privacy",
-        step,
-        batch,
-        param_count(params),
-        _first_call(step),
-        f"jax-privacy {getattr(jp, '__version__', '?')}: clipped_grad + gaussian_privatizer"
-        + (" (returns loss, norms)" if with_aux else ""),
+    notes = f"jax-privacy {getattr(jp, '__version__', '?')}: clipped_grad + gaussian_privatizer"
+    return _optax_runner(
+        "jax_privacy", p_step, params, tx, x, y, notes + (" (returns loss, norms)" if with_aux else "")
     )
 
 
@@ -208,20 +208,8 @@ def build_optax(model_name: str, batch: int, *, seed: int = 0) -> Runner:
         updates, opt_state = tx.update(per_example, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, jnp.sum(losses)
 
-    state = [params, tx.init(params)]
-
-    def step():
-        state[0], state[1], loss_sum = p_step(state[0], state[1], x, y)
-        return loss_sum
-
-    return Runner(
-        "optax",
-        step,
-        batch,
-        param_count(params),
-        _first_call(step),
-        f"optax {optax.__version__}: vmap(grad) + contrib.differentially_private_aggregate",
-    )
+    notes = f"optax {optax.__version__}: vmap(grad) + contrib.differentially_private_aggregate"
+    return _optax_runner("optax", p_step, params, tx, x, y, notes)
 
 
 def build_opacus(model_name: str, batch: int, *, seed: int = 0, threads: int | None = None) -> Runner:

@@ -70,9 +70,8 @@ def _draw_chunks(config, dataset, step_index: int, chunks) -> list[tuple]:
 class _Loop:
     """The mutable state of one :func:`train` call between epochs."""
 
-    def __init__(self, config, run: Run, callbacks, checkpointer, progress: bool):
+    def __init__(self, config, run: Run, callbacks, checkpointer):
         self.config, self.run, self.callbacks, self.checkpointer = config, run, list(callbacks), checkpointer
-        self.progress = progress
         self.state = run.state
         self.history: list[dict] = []
         self.start_epoch = 1
@@ -302,7 +301,7 @@ def train(
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    loop = _Loop(config, run, callbacks, checkpointer, progress)
+    loop = _Loop(config, run, callbacks, checkpointer)
     loop.start()
     bar = tqdm(
         total=run.plan.num_steps,
