@@ -3,6 +3,7 @@
 jaxdp train --config configs/NAME.py[:arg] [key=value ...]
 jaxdp account --sampling-rate Q (--noise-multiplier S | --target-epsilon E | --target-tpr T) --steps N
 jaxdp audit --config configs/NAME.py[:arg] [key=value ...] [--canaries M] [--confidence 0.95] [--test both|epsilon|fdp]
+jaxdp data prepare NAME --data_dir DIR [--source FILES_DIR] [--no_verify]
 jaxdp bench [--quick | --full] [--models ...] [--batch-sizes ...] [--epsilons 1 2 4 8] [--devices 1 2 4 8] [--out DIR]
 """
 
@@ -122,6 +123,27 @@ def _parser() -> argparse.ArgumentParser:
         "--in-process", action="store_true", help="measure every configuration in this process (no subprocesses)"
     )
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    data = sub.add_parser("data", help="prepare a TFDS dataset once so that training reads it offline")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser(
+        "prepare",
+        help="build a TFDS dataset (array_record) in --data_dir, from TFDS's download or from local files",
+        description="Build the TFDS dataset that `jaxdp train dataset=NAME data_dir=DIR` reads, with TFDS's own "
+        "builder. Without --source TFDS downloads the files; with it they are read from a folder (mnist, "
+        "fashion_mnist, kmnist: the four original IDX files, gzipped or not) and checked against known checksums. "
+        "e.g. jaxdp data prepare fashion_mnist --data_dir ~/tensorflow_datasets "
+        "--source /usr/share/datasets/fashion-mnist",
+    )
+    prep.add_argument("name", help="TFDS dataset name, e.g. fashion_mnist")
+    prep.add_argument("--data_dir", "--data-dir", required=True, help="TFDS data directory to write (data_dir=)")
+    prep.add_argument("--source", default=None, help="folder with the dataset's original files (no network)")
+    prep.add_argument(
+        "--no_verify",
+        "--no-verify",
+        action="store_true",
+        help="accept local files whose checksums are not known (structural checks still run)",
+    )
     return parser
 
 
@@ -136,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(item)
         else:
             parser.error(f"unrecognised argument {item!r}; overrides look like key=value or --config.key=value")
+    if args.command == "data":
+        from jaxdp.cli import data
+
+        return data.run(args)
     if args.command == "bench":
         from jaxdp.cli import bench
 
