@@ -29,6 +29,7 @@ def test_unprepared_tfds_dataset_is_a_one_line_error_saying_how(tmp_path):
     message = str(info.value)
     assert "\n" not in message
     assert f"not prepared in {tmp_path}" in message and "tfds build mnist --file_format=array_record" in message
+    assert "jaxdp data prepare mnist --data_dir DIR" in message
 
 
 def test_unknown_dataset():
@@ -54,3 +55,30 @@ def test_npz_user_arrays(tmp_path):
         data.load(f"npz:{tmp_path / 'bad.npz'}")
     with pytest.raises(ValueError, match="not found; provide an .npz file with arrays x_train"):
         data.load(f"npz:{tmp_path / 'missing.npz'}")
+
+
+def _toy(n=200, classes=4):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, classes, n).astype(np.int32)
+    return data.Dataset("toy", rng.random((n, 3), np.float32), y, np.zeros((5, 3), np.float32), y[:5], classes)
+
+
+def test_holdout_is_a_stratified_disjoint_split_of_the_training_set_that_drops_the_test_set():
+    ds = _toy()
+    split = data.holdout(ds, 50)
+    assert split.eval_split == "validation" and len(split.y_test) == 50 and len(split.y_train) == 150
+    # Disjoint and together the whole training set (rows are unique random vectors).
+    rows = {tuple(r) for r in np.concatenate([split.x_train, split.x_test])}
+    assert rows == {tuple(r) for r in ds.x_train} and len(rows) == 200
+    # Stratified: each class's share of the validation split is its share of the data, to one example.
+    want = np.bincount(ds.y_train, minlength=4) * 50 / 200
+    assert np.all(np.abs(np.bincount(split.y_test, minlength=4) - want) < 1)
+    # Fixed by its own public seed: every trial of a search sees the same split.
+    np.testing.assert_array_equal(data.holdout(ds, 50).x_test, split.x_test)
+    assert not np.array_equal(data.holdout(ds, 50, seed=1).x_test, split.x_test)
+
+
+@pytest.mark.parametrize("size", [0, 200, 500])
+def test_holdout_of_a_bad_size_says_the_valid_range(size):
+    with pytest.raises(ValueError, match=f"validation_size={size} is invalid: need 0 < size < 200"):
+        data.holdout(_toy(), size)

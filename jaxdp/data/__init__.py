@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Dataset", "available", "load", "register_dataset"]
+__all__ = ["Dataset", "available", "holdout", "load", "register_dataset"]
 
 
 class Dataset(NamedTuple):
@@ -29,6 +29,7 @@ class Dataset(NamedTuple):
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    eval_split: str = "test"  # what x_test/y_test hold: "test", or "validation" after holdout()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -84,18 +85,40 @@ def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels, np.int32)
 
 
-def _tfds(name: str, data_dir: str | None) -> Dataset:
+def _labels(name: str, split: str, data_dir: str | None) -> np.ndarray:
+    """A split's labels alone (images left encoded: a pass over the records, no image decoding)."""
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source(
+        name, split=split, data_dir=data_dir or None, download=False, decoders={"image": tfds.decode.SkipDecoding()}
+    )
+    labels = []
+    for start in range(0, len(source), 8192):
+        labels.extend(r["label"] for r in source.__getitems__(list(range(start, min(len(source), start + 8192)))))
+    return np.asarray(labels, np.int32)
+
+
+def _tfds(name: str, data_dir: str | None, memory_mb: float | None = None) -> Dataset:
     import tensorflow_datasets as tfds
 
     where = data_dir or "the default TFDS directory (~/tensorflow_datasets)"
     how = (
-        f"TFDS dataset {name!r} is not prepared in {where}; nothing is downloaded at run time. On a connected "
-        f"machine run `tfds build {name} --file_format=array_record --data_dir DIR`, copy DIR here and set "
-        "data_dir=DIR."
+        f"TFDS dataset {name!r} is not prepared in {where}; nothing is downloaded at run time. Run "
+        f"`jaxdp data prepare {name} --data_dir DIR` (from local files: add --source FOLDER; on a machine with a "
+        f"network TFDS downloads them, or `tfds build {name} --file_format=array_record --data_dir DIR` there and "
+        "copy DIR here), then set data_dir=DIR."
     )
     try:
         train = tfds.data_source(name, split="train", data_dir=data_dir or None, download=False)
         test = tfds.data_source(name, split="test", data_dir=data_dir or None, download=False)
+        if memory_mb is not None:
+            from jaxdp.data.records import RecordArray
+
+            x_tr, x_te = RecordArray(train), RecordArray(test)
+            if (x_tr.nbytes + x_te.nbytes) / 2**20 > memory_mb:  # read by random access, batch by batch
+                y_tr, y_te = _labels(name, "train", data_dir), _labels(name, "test", data_dir)
+                num_classes = _NUM_CLASSES.get(name) or int(max(y_tr.max(), y_te.max()) + 1)
+                return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes)
         x_tr, y_tr = _read_split(train)
         x_te, y_te = _read_split(test)
     except (FileNotFoundError, NotImplementedError, AssertionError, ValueError, KeyError) as e:
@@ -149,13 +172,53 @@ def _npz(path: str) -> Dataset:
     )
 
 
-def load(name: str, data_dir: str | None = None) -> Dataset:
+def holdout(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
+    """Carve a validation split of ``size`` examples out of the training set, stratified by label.
+
+    The result trains on the rest and evaluates on the held-out part (``x_test``/``y_test``, with
+    ``eval_split="validation"``); the test set is dropped so that hyperparameters chosen on what a run
+    reports are never chosen on the test set. The split depends only on ``seed`` (public, fixed by default),
+    not on the model or noise seeds, so every trial of a search sees the same split.
+    """
+    n = len(dataset.y_train)
+    if not 0 < size < n:
+        raise ValueError(f"validation_size={size} is invalid: need 0 < size < {n} (the training set's size).")
+    rng = np.random.default_rng(seed)
+    # Stratified: each class gives its share of the validation split, in a random order within the class.
+    val = []
+    counts = np.bincount(dataset.y_train, minlength=dataset.num_classes)
+    share = np.floor(counts * size / n).astype(int)
+    share[np.argsort(-(counts * size / n - share))[: size - share.sum()]] += 1  # largest remainders
+    for c in range(len(counts)):
+        members = np.flatnonzero(dataset.y_train == c)
+        val.append(rng.permutation(members)[: share[c]])
+    val = np.sort(np.concatenate(val))
+    train = np.setdiff1d(np.arange(n), val)
+
+    def rows(x, i):  # a RecordArray stays on disk
+        return x.view(i) if hasattr(x, "view") and not isinstance(x, np.ndarray) else x[i]
+
+    return Dataset(
+        dataset.name,
+        rows(dataset.x_train, train),
+        dataset.y_train[train],
+        rows(dataset.x_train, val),
+        dataset.y_train[val],
+        dataset.num_classes,
+        "validation",
+    )
+
+
+def load(name: str, data_dir: str | None = None, memory_mb: float | None = None) -> Dataset:
     """Load a dataset by name: built-in (``digits``) or a prepared TFDS dataset.
 
     Args:
       name: ``digits``, a TFDS image-classification dataset name, or
         ``npz:PATH`` for your own arrays (see ``NPZ_FORMAT``).
       data_dir: where the TFDS dataset was prepared (ignored for built-ins).
+      memory_mb: a TFDS dataset whose images take more than this (as float32) is not loaded: its
+        ``x_train``/``x_test`` are :class:`jaxdp.data.records.RecordArray`, read from the array_record
+        files batch by batch (the same values). None: always load whole.
 
     Raises:
       ValueError: for an unknown name, or a TFDS dataset that is not prepared
@@ -164,7 +227,7 @@ def load(name: str, data_dir: str | None = None) -> Dataset:
     if name in _BUILTIN:
         return _BUILTIN[name]()
     if name in TFDS_DATASETS:
-        return _tfds(name, data_dir)
+        return _tfds(name, data_dir, memory_mb)
     if name.startswith("npz:"):
         return _npz(name[4:])
     if name in _REGISTERED:
