@@ -84,7 +84,7 @@ class CNN(nnx.Module):
 
 
 def make_model(name: str, *, input_shape: Sequence[int], num_classes: int, seed: int, **kwargs) -> nnx.Module:
-    """Build a model by config name: ``"mlp"``, ``"cnn"``, ``"dp_mnist_cnn"``, ``"wrn"``, ``"complex_cnn"``
+    """Build a model by config name: ``"mlp"``, ``"cnn"``, ``"dp_mnist_cnn"``, ``"scatter_linear"``, ``"wrn"``, ``"complex_cnn"``
     or ``"transformer"`` (inputs are int token ids of shape ``input_shape = (length,)``; pass
     ``vocab_size=`` in ``kwargs``)."""
     rngs = nnx.Rngs(seed)
@@ -115,6 +115,10 @@ def _build(name, input_shape, num_classes, rngs, kwargs):
         from jaxdp.models._recipes import DPMnistCNN
 
         return DPMnistCNN(input_shape, num_classes, rngs=rngs, **kwargs)
+    if name == "scatter_linear":
+        from jaxdp.models._recipes import ScatterLinear
+
+        return ScatterLinear(input_shape, num_classes, rngs=rngs, **kwargs)
     if name == "wrn":
         from jaxdp.models._recipes import WideResNet
 

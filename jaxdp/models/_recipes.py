@@ -105,3 +105,31 @@ class WideResNet(nnx.Module):
             x = block(x)
         x = jax.nn.relu(self.norm(x))
         return self.head(x.mean(axis=(1, 2)))
+
+
+class ScatterLinear(nnx.Module):
+    """Group normalisation without parameters, then one linear layer: Tramèr & Boneh (2021)'s
+    "ScatterNet + linear" classifier for scattering features (NHWC, e.g. 7x7x81).
+
+    The normalisation is per example (mean and variance over each group of channels and all
+    positions), so nothing mixes examples, and it has no parameters: the only clipped gradient is
+    the linear layer's.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, *, num_groups: int = 27, rngs: nnx.Rngs):
+        *_, c = input_shape
+        if c % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide the {c} feature channels.")
+        self.num_groups = num_groups
+        size = 1
+        for d in input_shape:
+            size *= int(d)
+        self.head = nnx.Linear(size, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        n, c = x.shape[0], x.shape[-1]
+        g = x.reshape(n, -1, self.num_groups, c // self.num_groups)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        var = g.var(axis=(1, 3), keepdims=True)
+        g = (g - mean) * jax.lax.rsqrt(var + 1e-5)
+        return self.head(g.reshape(n, -1))
