@@ -14,6 +14,13 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.dataset = "digits"  # built-in; or a prepared TFDS dataset (mnist, cifar10, ...) under data_dir
     config.data_dir = ""  # TFDS data_dir ("" = TFDS default); unused for built-in datasets
+    # > 0: hold out this many training examples (stratified, fixed split) and evaluate on them instead of the
+    # test set: choose hyperparameters this way, never on the test set. The tuning itself is not accounted.
+    config.validation_size = 0
+    # A TFDS dataset whose images take more than this many MiB (as float32) stays on disk: each Poisson draw
+    # is read from its array_record files by random access (the same batches). 0 = always load it whole.
+    config.data_memory_mb = 4096.0
+    config.data_prefetch = 2  # draws gathered ahead by a thread while the step runs (0 = none)
     config.seed = 0  # model initialisation only (public); the noise has its own secret seed
     config.workdir = "runs/digits"
 

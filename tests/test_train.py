@@ -136,3 +136,30 @@ def test_two_default_runs_of_one_config_train_differently(tmp_path):
     b = train(apply_overrides(load_config(f"{DIGITS}:smoke"), [f"workdir={tmp_path}/b"]), progress=False)
     # Same config and model seed, different (secret) noise: the runs differ.
     assert (a["train_accuracy"], a["test_accuracy"]) != (b["train_accuracy"], b["test_accuracy"])
+
+
+def test_validation_size_trains_on_the_rest_and_evaluates_on_the_held_out_part(tmp_path, capsys):
+    config = apply_overrides(
+        load_config(f"{DIGITS}:smoke"), [f"workdir={tmp_path}", "privacy.noise_seed=0", "validation_size=237"]
+    )
+    run = setup_run(config)
+    assert len(run.dataset.y_train) == 1437 - 237 and len(run.dataset.y_test) == 237
+    assert run.plan.dataset_size == 1437 - 237  # the privacy accounting is over what is trained on
+    summary = train(config, progress=False)
+    assert summary["evaluated_on"] == "validation"
+    assert "validation=237 held out of train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("validation_size=1437", "validation_size=1437 is invalid: need 0 < size < 1437"),
+        ("validation_size=-3", "validation_size=-3 is invalid: need an int >= 0"),
+        ("data_memory_mb=-1.0", "data_memory_mb=-1.0 is invalid"),
+        ("data_prefetch=-1", "data_prefetch=-1 is invalid"),
+    ],
+)
+def test_bad_data_keys_are_config_errors_naming_the_key(tmp_path, override, message):
+    config = apply_overrides(load_config(f"{DIGITS}:smoke"), [f"workdir={tmp_path}", override])
+    with pytest.raises(ConfigError, match=message):
+        setup_run(config)

@@ -30,6 +30,7 @@ from flax import nnx
 from jaxdp import accounting, distributed
 from jaxdp.clipping import ExampleGradFn, gradient_norm_stats
 from jaxdp.config import ConfigError
+from jaxdp.data.prefetch import prefetch
 from jaxdp.step import run_private_step
 from jaxdp.train.callbacks import ParameterEMA, TrainCallback
 from jaxdp.train.checkpoint import Checkpointer
@@ -121,10 +122,13 @@ class _Loop:
         last_step = min(first + run.steps_per_epoch, run.plan.num_steps)
         t0 = time.perf_counter()
         epoch_metrics = []
-        for step_index, chunks in run.sampler.steps(first, last_step):
-            self.state, metrics = run_private_step(
-                run.step, self.state, _draw_chunks(config, run.dataset, step_index, chunks), accountant=self.accountant
-            )
+        # The next draws are gathered (from memory or the array_record files) by a thread while a step runs.
+        draws = (
+            _draw_chunks(config, run.dataset, step_index, chunks)
+            for step_index, chunks in run.sampler.steps(first, last_step)
+        )
+        for host_chunks in prefetch(draws, config.get("data_prefetch", 0)):
+            self.state, metrics = run_private_step(run.step, self.state, host_chunks, accountant=self.accountant)
             epoch_metrics.append(metrics)
             self.step_count += 1
             for cb in self.callbacks:
@@ -182,7 +186,8 @@ def _header(config, run: Run) -> str:
     plan = run.plan
     return (
         f"jaxdp: {config.dataset} N={len(run.dataset.x_train)} model={config.model.name} "
-        f"devices={run.mesh.devices.size} | q={plan.sampling_rate:.4f} steps={plan.num_steps} "
+        + (f"validation={len(run.dataset.y_test)} held out of train " if run.dataset.eval_split != "test" else "")
+        + f"devices={run.mesh.devices.size} | q={plan.sampling_rate:.4f} steps={plan.num_steps} "
         f"sigma={plan.noise_multiplier:.4f} C={plan.l2_clip_norm} delta={config.privacy.delta:g} -> "
         f"epsilon={plan.epsilon(config.privacy.delta):.3f} at the end "
         f"| physical batch {run.sampler.physical_batch_size} | clipping {clipping_impl(config)}"
@@ -210,6 +215,9 @@ def _summary(config, loop: _Loop, extra: dict, wall_time_s: float) -> dict:
         "dataset": config.dataset,
         "model": config.model.name,
         "test_accuracy": last["test_accuracy"],
+        # "validation" when config.validation_size held out part of the training set: test_accuracy is then the
+        # accuracy on that held-out part, and the test set was not read.
+        "evaluated_on": loop.run.dataset.eval_split,
         "train_accuracy": last["train_accuracy"],
         "epsilon": last["epsilon"],
         "delta": delta,
@@ -333,7 +341,7 @@ def train(
             if progress:
                 tqdm.write(
                     f"epoch {epoch:3d} | loss {record['loss']:.4f} | train acc {record['train_accuracy']:.4f} "
-                    f"| test acc {record['test_accuracy']:.4f} | eps {record['epsilon']:.3f} "
+                    f"| {loop.run.dataset.eval_split[:3]} acc {record['test_accuracy']:.4f} | eps {record['epsilon']:.3f} "
                     f"| {record['examples_per_sec']:,.0f} ex/s",
                     file=sys.stdout,
                 )

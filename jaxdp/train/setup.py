@@ -8,12 +8,14 @@ surface as :class:`jaxdp.config.ConfigError` before anything is trained.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
@@ -144,6 +146,12 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
     need(isinstance(mb, int) and mb >= 0, "microbatch_size", mb, "need an int >= 0 (0 = no microbatching)")
     pb = config.physical_batch_size
     need(isinstance(pb, int) and pb >= 0, "physical_batch_size", pb, "need an int >= 0 (0 = automatic)")
+    mem = config.get("data_memory_mb", 0)
+    need(isinstance(mem, (int, float)) and mem >= 0, "data_memory_mb", mem, "need a number >= 0 (0 = no limit)")
+    pf = config.get("data_prefetch", 0)
+    need(isinstance(pf, int) and pf >= 0, "data_prefetch", pf, "need an int >= 0 (0 = gather in the loop)")
+    vs = config.get("validation_size", 0)
+    need(isinstance(vs, int) and vs >= 0, "validation_size", vs, "need an int >= 0 (0 = evaluate on the test set)")
     impl = clipping_impl(config)
     need(impl in CLIPPING_IMPLS, "clipping_impl", impl, f"need one of {CLIPPING_IMPLS} (performance only)")
 
@@ -225,6 +233,24 @@ class Run(NamedTuple):
     secret_seed: int
 
 
+FEATURES = ("", "scattering")
+
+
+def _features(config: ml_collections.ConfigDict, dataset):
+    """``config.features``: a fixed, data-independent transform of every image (computed once, cached)."""
+    if config.features not in FEATURES:
+        raise ConfigError(f"features={config.features!r} is invalid: need one of {FEATURES} ('' = the pixels).")
+    from jaxdp.data.scattering import scattered
+
+    cache = os.path.join(config.data_dir or os.path.expanduser("~/tensorflow_datasets"), "jaxdp_features")
+    if not isinstance(dataset.x_train, np.ndarray):
+        raise ConfigError(
+            f"features={config.features!r} needs the images in memory, but {config.dataset} is read from disk (it "
+            f"is larger than data_memory_mb={config.data_memory_mb}); raise data_memory_mb."
+        )
+    return scattered(dataset, J=config.get("scattering_J", 2), L=config.get("scattering_L", 8), cache_dir=cache)
+
+
 def setup_run(
     config: ml_collections.ConfigDict,
     secret_seed: int | None = None,
@@ -233,7 +259,15 @@ def setup_run(
 ) -> Run:
     """Everything before the first step (after :func:`jaxdp.train.train` joined a multi-host run). Bad values
     surface here as ConfigError."""
-    dataset = data_lib.load(config.dataset, config.data_dir or None)
+    validate_config(config)  # the keys' values first; then, once the data is known, against its size
+    dataset = data_lib.load(config.dataset, config.data_dir or None, memory_mb=config.get("data_memory_mb") or None)
+    if config.get("features"):
+        dataset = _features(config, dataset)
+    if config.get("validation_size"):
+        try:
+            dataset = data_lib.holdout(dataset, config.validation_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     n_train = len(dataset.x_train)
     validate_config(config, n_train)
     epoch_steps = run_steps_per_epoch(config, n_train)
