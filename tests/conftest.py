@@ -1,13 +1,20 @@
 """Shared fixtures: small NNX models as (loss_fn, params) pairs and random data."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import pytest
-from flax import nnx
+import os
+import tempfile
 
-from jaxdp.models import CNN, MLP
+# Hermetic TFDS: the tests never see datasets prepared on this machine (~/tensorflow_datasets); a test that
+# wants one prepares its own and passes data_dir. Set before anything imports tensorflow_datasets.
+os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="jaxdp_tests_tfds_")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jaxdp.models import CNN, MLP  # noqa: E402
 
 
 def nnx_loss(model):

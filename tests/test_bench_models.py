@@ -15,7 +15,21 @@ def test_data_matches_the_table(name):
     assert d.x_train.shape[1:] == d.x_test.shape[1:] == spec.input_shape
     assert d.num_classes == spec.num_classes
     assert set(np.unique(d.y_train)) <= set(range(spec.num_classes))
-    assert spec.quick_batches and spec.full_batches and spec.data_label
+    assert spec.quick_batches and spec.full_batches and d.name in spec.data_labels
+
+
+def test_mnist_cnn_trains_on_prepared_fashion_mnist_when_it_is_there_and_says_which(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    spec = MODELS["mnist_cnn"]
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "none"))
+    assert spec.data().name == "digits28" and "no prepared Fashion-MNIST" in spec.data_label()
+    assert spec.epochs(full=False) == spec.quick_epochs
+    with tfds.testing.mock_data(num_examples=16):  # a prepared fashion_mnist, as TFDS's reader sees it
+        monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "mock"))
+        assert spec.data().name == "fashion_mnist" and spec.data().input_shape == (28, 28, 1)
+        assert spec.data_label().startswith("Fashion-MNIST (real")
+        assert (spec.epochs(full=False), spec.epochs(full=True)) == spec.epochs_by_data["fashion_mnist"]
 
 
 def test_defaults_and_references_are_in_the_table():

@@ -168,7 +168,7 @@ def measure_config(job: dict) -> dict:
     first = private[0]
     row = {
         "model": job["model"],
-        "data": spec.data_label,
+        "data": spec.data_label(),
         "params": param_count(params),
         "batch": batch,
         "clipping_impl": impls[0],

@@ -1,7 +1,8 @@
 """The one table of benchmarked models: how to build each, its data, and its training budget.
 
-Data: there is no MNIST here, so ``mnist_cnn`` trains on scikit-learn's bundled
-digits (8x8) upsampled x3 and padded to 28x28; ``wrn16_4`` and ``transformer`` use
+Data: ``mnist_cnn`` trains on Fashion-MNIST when it is prepared in the TFDS data directory
+(``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``; ``jaxdp bench --data_dir``), and otherwise on
+scikit-learn's bundled digits (8x8) upsampled x3 and padded to 28x28, saying which; ``wrn16_4`` and ``transformer`` use
 synthetic, learnable data at their shapes (32x32x3 images, token sequences), labelled
 as such in every output. ``mlp`` (not in the default grid) is a tiny model for tests
 and smoke runs. The reference implementations (:mod:`jaxdp.bench.refs`) time the same
@@ -11,6 +12,8 @@ models on :func:`random_batch` inputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -37,12 +40,34 @@ class ModelSpec:
     input_shape: tuple[int, ...]  # one example
     num_classes: int
     data: Callable[[], Dataset]
-    data_label: str
+    data_labels: dict[str, str]  # Dataset.name -> how every output names that data
     optimizer: tuple[str, float]  # (name, learning rate) for the accuracy runs
     quick_batches: tuple[int, ...]
     full_batches: tuple[int, ...]
     quick_epochs: int  # 0 = no accuracy run in --quick
     full_epochs: int
+    # Other (quick, full) epochs for some data (by Dataset.name): a real dataset 40x larger than the digits.
+    epochs_by_data: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+
+    def data_label(self) -> str:
+        return self.data_labels[self.data().name]
+
+    def epochs(self, full: bool) -> int:
+        quick, long = self.epochs_by_data.get(self.data().name, (self.quick_epochs, self.full_epochs))
+        return long if full else quick
+
+
+def data_dir() -> str:
+    """Where the bench looks for prepared TFDS data: ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+@functools.cache
+def _mnist_shaped(where: str) -> Dataset:
+    try:  # real 28x28 data when it is prepared (jaxdp data prepare fashion_mnist ...)
+        return load("fashion_mnist", where)
+    except ValueError:
+        return _digits28()
 
 
 def _digits28() -> Dataset:
@@ -93,20 +118,24 @@ MODELS: dict[str, ModelSpec] = {
         lambda seed: DPMnistCNN((28, 28, 1), 10, rngs=nnx.Rngs(seed)),
         (28, 28, 1),
         10,
-        _digits28,
-        "digits 8x8 upsampled to 28x28 (real; no MNIST here)",
+        lambda: _mnist_shaped(data_dir()),
+        {
+            "fashion_mnist": "Fashion-MNIST (real: 60,000 train / 10,000 test, prepared TFDS)",
+            "digits28": "digits 8x8 upsampled to 28x28 (real; no prepared Fashion-MNIST found)",
+        },
         ("adam", 2e-3),
         quick_batches=(256,),
         full_batches=(128, 256, 512),
         quick_epochs=15,
         full_epochs=40,
+        epochs_by_data={"fashion_mnist": (1, 15)},
     ),
     "wrn16_4": ModelSpec(
         lambda seed: WideResNet((32, 32, 3), 10, depth=16, width=4, rngs=nnx.Rngs(seed)),
         (32, 32, 3),
         10,
         _synthetic_images,
-        "synthetic 32x32x3, 10 classes",
+        {"synthetic_cifar_shape": "synthetic 32x32x3, 10 classes"},
         ("adam", 1e-3),
         quick_batches=(8,),
         full_batches=(16, 64),
@@ -118,7 +147,7 @@ MODELS: dict[str, ModelSpec] = {
         (SEQ_LEN,),
         TOKEN_CLASSES,
         _synthetic_tokens,
-        f"synthetic tokens (T={SEQ_LEN}, vocab {VOCAB}, {TOKEN_CLASSES} classes)",
+        {"synthetic_tokens": f"synthetic tokens (T={SEQ_LEN}, vocab {VOCAB}, {TOKEN_CLASSES} classes)"},
         ("adam", 3e-3),
         quick_batches=(256,),
         full_batches=(64, 256, 1024),
@@ -131,7 +160,7 @@ MODELS: dict[str, ModelSpec] = {
         (8, 8, 1),
         10,
         lambda: load("digits"),
-        "digits 8x8 (real)",
+        {"digits": "digits 8x8 (real)"},
         ("adam", 1e-2),
         quick_batches=(64,),
         full_batches=(64, 256),

@@ -157,7 +157,7 @@ def run_bench(
     for m in models:
         spec = MODELS[m]
         for b in batch_sizes or (spec.full_batches if full else spec.quick_batches):
-            grid.append((m, b, epochs if epochs is not None else (spec.full_epochs if full else spec.quick_epochs)))
+            grid.append((m, b, epochs if epochs is not None else spec.epochs(full)))
     scale_batch = max(b for m, b, _ in grid if m == scale_model) if scale_model in models else grid[0][1]
     if devices and scale_batch % math.lcm(*devices):
         raise BenchError(

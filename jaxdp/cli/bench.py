@@ -7,7 +7,12 @@ from jaxdp.cli.output import fail
 
 def run(args) -> int:
     """``jaxdp bench``: run the grid of parsed arguments; bad arguments are one line, exit 2."""
+    import os
+
     from jaxdp.bench import DEFAULT_MODELS, BenchError, run_bench
+
+    if args.data_dir:  # read by jaxdp.bench.models here and in every measuring subprocess
+        os.environ["TFDS_DATA_DIR"] = os.path.abspath(os.path.expanduser(args.data_dir))
 
     if args.repeats is not None and args.repeats < 1:
         return fail(f"--repeats {args.repeats} is invalid: need at least 1 timing block.")

@@ -120,6 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=None, help="interleaved timing blocks (default 5, --full 9)")
     bench.add_argument("--out", default="benchmarks/out", help="output folder (default benchmarks/out)")
     bench.add_argument(
+        "--data_dir",
+        "--data-dir",
+        default=None,
+        help="TFDS data directory with a prepared fashion_mnist for the mnist_cnn row (default: $TFDS_DATA_DIR, "
+        "else ~/tensorflow_datasets; without it that row trains on the upsampled digits and says so)",
+    )
+    bench.add_argument(
         "--in-process", action="store_true", help="measure every configuration in this process (no subprocesses)"
     )
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
