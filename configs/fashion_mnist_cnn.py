@@ -12,7 +12,7 @@ import os
 
 from jaxdp.config import config_module
 
-_base = config_module(os.path.join(os.path.dirname(__file__), "mnist_cnn.py"))
+_base = config_module(os.path.join(os.path.dirname(__file__), "mnist_cnn.py"))  # the same model family
 
 
 def get_config(arg=None):
