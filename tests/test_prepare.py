@@ -169,3 +169,27 @@ def test_cli_prepare_with_a_bad_source_is_a_one_line_error(tmp_path, capsys):
     code = main(["data", "prepare", "fashion_mnist", "--data_dir", str(tmp_path), "--source", str(tmp_path / "no")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "is not a folder" in err
+
+
+def test_without_source_tfds_own_download_manager_fetches_the_urls_it_records(source, tmp_path, monkeypatch):
+    """The network route: the builder asks TFDS's DownloadManager for the URLs TFDS records checksums of
+    (served here from the test's files, since CI is offline)."""
+    src, arrays = source
+    asked = []
+
+    def download_and_extract(self, urls):
+        asked.extend(urls.values())
+        out = {}
+        for key, url in urls.items():
+            name = url.rsplit("/", 1)[-1][:-3]
+            with gzip.open(src / f"{name}.gz") as f:
+                (tmp_path / name).write_bytes(f.read())
+            out[key] = str(tmp_path / name)
+        return out
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
+    prepare("fashion_mnist", str(tmp_path / "tfds"))
+    recorded = prepare_lib.recorded_checksums("fashion_mnist")
+    assert sorted(asked) == sorted(recorded) and len(asked) == 4
+    assert all(len(info.checksum) == 64 for info in recorded.values())
+    assert len(data.load("fashion_mnist", str(tmp_path / "tfds")).y_test) == N_TEST

@@ -174,6 +174,12 @@ def _builder_class(name: str, source: str | None, work: str, verify: bool):
     return Prepared
 
 
+def recorded_checksums(name: str) -> dict:
+    """TFDS's recorded ``{url: UrlInfo(size, checksum, filename)}`` of ``name``'s download (what its download
+    manager verifies)."""
+    return dict(_builder_class(name, None, "", True).url_infos or {})
+
+
 def prepare(name: str, data_dir: str, source: str | None = None, verify: bool = True) -> str:
     """Build TFDS dataset ``name`` (array_record) in ``data_dir``; returns the folder written.
 
