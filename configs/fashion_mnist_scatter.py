@@ -6,7 +6,7 @@ Data:      TFDS fashion_mnist prepared with `jaxdp data prepare` (README, "Data 
            scattering coefficients (J = 2, L = 8: 7x7x81 per image) are computed once and cached in
            data_dir/jaxdp_features (jaxdp.data.scattering).
 Model:     parameter-free group normalisation (27 groups) + linear layer, 39,700 parameters.
-Privacy:   Poisson q = 8192/60000, sigma calibrated to epsilon = 3 at delta = 1e-5 (RDP).
+Privacy:   Poisson q = 4096/60000, 40 epochs, sigma calibrated to epsilon = 3 at delta = 1e-5 (RDP).
 Tuning:    benchmarks/fashion_mnist.py tune --recipe scatter (validation split of the training set).
 Result:    see benchmarks/fashion_mnist/README.md (measured on 2 CPU cores).
 """
@@ -27,9 +27,10 @@ def get_config(arg=None):
     config.workdir = "runs/fashion_mnist_scatter" + ("_smoke" if arg == "smoke" else "")
     config.model.name = "scatter_linear"
     config.model.kwargs = ml_collections.ConfigDict({"num_groups": 27})
-    # Tramèr & Boneh's setting for this model and data (B = 8192, lr 16, SGD momentum 0.9, C = 0.1),
-    # then chosen on the validation split.
-    config.batch_size = 8192
+    # Tramèr & Boneh's setting for this model and data (B = 8192, lr 16, SGD momentum 0.9, C = 0.1, 40
+    # epochs), then chosen on the validation split at epsilon = 3 (B in {4096, 8192} x lr in {8, 16}: all four
+    # within 88.7-89.3% of 5,000 held out; the best, EMA of B = 4096, lr 16, is this recipe).
+    config.batch_size = 4096
     config.epochs = 2 if arg == "smoke" else 40
     config.optimizer.name = "sgd"
     config.optimizer.learning_rate = 16.0
