@@ -341,7 +341,7 @@ def train(
             if progress:
                 tqdm.write(
                     f"epoch {epoch:3d} | loss {record['loss']:.4f} | train acc {record['train_accuracy']:.4f} "
-                    f"| {loop.run.dataset.eval_split[:3]} acc {record['test_accuracy']:.4f} | eps {record['epsilon']:.3f} "
+                    f"| {'val' if loop.run.dataset.eval_split == 'validation' else 'test'} acc {record['test_accuracy']:.4f} | eps {record['epsilon']:.3f} "
                     f"| {record['examples_per_sec']:,.0f} ex/s",
                     file=sys.stdout,
                 )
