@@ -20,7 +20,9 @@ def get_config(arg=None):
     # A TFDS dataset whose images take more than this many MiB (as float32) stays on disk: each Poisson draw
     # is read from its array_record files by random access (the same batches). 0 = always load it whole.
     config.data_memory_mb = 4096.0
-    config.data_prefetch = 2  # draws gathered ahead by a thread while the step runs (0 = none)
+    # Draws gathered ahead by a thread while the step runs (0 = none). Off by default: on 2 CPU cores the thread
+    # slowed the small digits runs (tests/test_train.py + test_checkpoint.py: 109 s with 2, 91 s with 0).
+    config.data_prefetch = 0
     config.seed = 0  # model initialisation only (public); the noise has its own secret seed
     config.workdir = "runs/digits"
 
