@@ -71,17 +71,22 @@ def available() -> list[str]:
     return sorted(_BUILTIN) + list(TFDS_DATASETS) + sorted(_REGISTERED)
 
 
-def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
+def _records(source):
+    """Every record of a TFDS data source, read in batches of 4096 (batched random access where it has it)."""
     n = len(source)
-    images, labels = [], []
     for start in range(0, n, 4096):
         idx = list(range(start, min(n, start + 4096)))
         try:
-            records = source.__getitems__(idx)  # batched random access (array_record)
+            yield from source.__getitems__(idx)  # batched random access (array_record)
         except (AttributeError, TypeError):
-            records = [source[i] for i in idx]
-        images.extend(r["image"] for r in records)
-        labels.extend(r["label"] for r in records)
+            yield from (source[i] for i in idx)
+
+
+def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for r in _records(source):
+        images.append(r["image"])
+        labels.append(r["label"])
     return np.stack(images), np.asarray(labels, np.int32)
 
 
@@ -92,10 +97,7 @@ def _labels(name: str, split: str, data_dir: str | None) -> np.ndarray:
     source = tfds.data_source(
         name, split=split, data_dir=data_dir or None, download=False, decoders={"image": tfds.decode.SkipDecoding()}
     )
-    labels = []
-    for start in range(0, len(source), 8192):
-        labels.extend(r["label"] for r in source.__getitems__(list(range(start, min(len(source), start + 8192)))))
-    return np.asarray(labels, np.int32)
+    return np.asarray([r["label"] for r in _records(source)], np.int32)
 
 
 def _tfds(name: str, data_dir: str | None, memory_mb: float | None = None) -> Dataset:
@@ -111,19 +113,22 @@ def _tfds(name: str, data_dir: str | None, memory_mb: float | None = None) -> Da
     try:
         train = tfds.data_source(name, split="train", data_dir=data_dir or None, download=False)
         test = tfds.data_source(name, split="test", data_dir=data_dir or None, download=False)
+        on_disk = False
         if memory_mb is not None:
             from jaxdp.data.records import RecordArray
 
             x_tr, x_te = RecordArray(train), RecordArray(test)
-            if (x_tr.nbytes + x_te.nbytes) / 2**20 > memory_mb:  # read by random access, batch by batch
-                y_tr, y_te = _labels(name, "train", data_dir), _labels(name, "test", data_dir)
-                num_classes = _NUM_CLASSES.get(name) or int(max(y_tr.max(), y_te.max()) + 1)
-                return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes)
-        x_tr, y_tr = _read_split(train)
-        x_te, y_te = _read_split(test)
+            on_disk = (x_tr.nbytes + x_te.nbytes) / 2**20 > memory_mb  # read by random access, batch by batch
+        if on_disk:
+            y_tr, y_te = _labels(name, "train", data_dir), _labels(name, "test", data_dir)
+        else:
+            x_tr, y_tr = _read_split(train)
+            x_te, y_te = _read_split(test)
     except (FileNotFoundError, NotImplementedError, AssertionError, ValueError, KeyError) as e:
         raise ValueError(f"{how} ({type(e).__name__})") from None
     num_classes = _NUM_CLASSES.get(name) or int(max(y_tr.max(), y_te.max()) + 1)
+    if on_disk:
+        return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes)
     scale = 255.0 if x_tr.dtype == np.uint8 else 1.0
     return Dataset(
         name,
@@ -195,8 +200,10 @@ def holdout(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
     val = np.sort(np.concatenate(val))
     train = np.setdiff1d(np.arange(n), val)
 
+    from jaxdp.data.records import RecordArray
+
     def rows(x, i):  # a RecordArray stays on disk
-        return x.view(i) if hasattr(x, "view") and not isinstance(x, np.ndarray) else x[i]
+        return x.view(i) if isinstance(x, RecordArray) else x[i]
 
     return Dataset(
         dataset.name,
