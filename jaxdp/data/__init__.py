@@ -8,16 +8,25 @@ classes) with a fixed stratified 80/20 train/test split.
 ``cifar100``, or any image-classification TFDS name) reads a TFDS dataset that
 was *prepared beforehand* in the array_record format; nothing is downloaded. A
 dataset that is not there is a one-line error saying how to prepare it.
+
+``load("npz:PATH")`` reads your own arrays (see ``NPZ_FORMAT``).
+
+Every dataset is checked once as it is loaded (:func:`jaxdp.data.validate.validate`: shapes,
+dtypes, labels in 0..K-1, no NaN/inf, no empty split); bad data is a one-line
+:class:`DataError` (a :class:`jaxdp.config.ConfigError`: ``jaxdp train`` prints it and exits 2).
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Dataset", "available", "holdout", "load", "register_dataset"]
+from jaxdp.data.validate import DataError, validate
+
+__all__ = ["NPZ_FORMAT", "DataError", "Dataset", "available", "holdout", "load", "register_dataset", "validate"]
 
 
 class Dataset(NamedTuple):
@@ -126,9 +135,11 @@ def _tfds(name: str, data_dir: str | None, memory_mb: float | None = None) -> Da
             x_te, y_te = _read_split(test)
     except (FileNotFoundError, NotImplementedError, AssertionError, ValueError, KeyError) as e:
         raise ValueError(f"{how} ({type(e).__name__})") from None
-    num_classes = _NUM_CLASSES.get(name) or int(max(y_tr.max(), y_te.max()) + 1)
-    if on_disk:
-        return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes)
+    # Known datasets have a fixed K; any other TFDS name takes K from its labels (validate, 0 = from the data).
+    num_classes = _NUM_CLASSES.get(name, 0)
+    if on_disk:  # shapes from the first record, labels from the labels pass; the images are not scanned
+        return validate(Dataset(name, x_tr, y_tr, x_te, y_te, num_classes))
+    x_tr, y_tr, x_te, y_te, num_classes = validate(Dataset(name, x_tr, y_tr, x_te, y_te, num_classes))[1:6]
     scale = 255.0 if x_tr.dtype == np.uint8 else 1.0
     return Dataset(
         name,
@@ -145,36 +156,48 @@ NPZ_FORMAT = (
     "x_test, y_test; float or complex arrays (e.g. k-space) are used as they are, uint8 images are scaled "
     "to [0, 1]"
 )
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_SAVEZ = 'np.savez("data.npz", x_train=..., y_train=..., x_test=..., y_test=...)'
+
+
+def _npz_arrays(path: str) -> dict[str, np.ndarray]:
+    """The four arrays of a user's .npz file, or a one-line DataError naming what the file is instead."""
+    if not os.path.isfile(path):
+        raise DataError(f"dataset file {path!r} not found; provide {NPZ_FORMAT}.")
+    expected = f"an .npz archive with {', '.join(NPZ_KEYS)}: save with {_SAVEZ}"
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty (0 bytes); expected {expected}.")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not numpy's, pickled, truncated
+        raise DataError(f"{path} is not a numpy file ({type(e).__name__}: {e}); expected {expected}.") from None
+    if isinstance(loaded, np.ndarray):  # np.save's .npy: one array, not four
+        raise DataError(f"{path} is a .npy array {loaded.shape} {loaded.dtype}, not {expected}.")
+    with loaded as f:
+        missing = [k for k in NPZ_KEYS if k not in f.files]
+        if missing:
+            found = ", ".join(f.files) or "no arrays"
+            raise DataError(f"{path} lacks {missing} (it has {found}); expected {NPZ_FORMAT}.")
+        try:
+            return {k: f[k] for k in NPZ_KEYS}
+        except ValueError as e:  # object arrays (allow_pickle=False), a corrupt member
+            raise DataError(
+                f"{path}: cannot read its arrays ({e}); expected numeric arrays: save them as numbers, e.g. "
+                "x.astype(np.float32)."
+            ) from None
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"{path}: cannot read its arrays ({type(e).__name__}: {e}); expected {expected}.") from None
 
 
 def _npz(path: str) -> Dataset:
-    if not os.path.isfile(path):
-        raise ValueError(f"dataset file {path!r} not found; provide {NPZ_FORMAT}.")
-    with np.load(path, allow_pickle=False) as f:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
-        if missing:
-            raise ValueError(f"{path!r} lacks {sorted(missing)}; expected {NPZ_FORMAT}.")
-        arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(
-                f"{path!r}: x_{split} {x.shape} / y_{split} {y.shape} {y.dtype} do not match {NPZ_FORMAT}."
-            )
+    name = os.path.splitext(os.path.basename(path))[0]
+    a = _npz_arrays(path)
+    ds = validate(Dataset(name, a["x_train"], a["y_train"], a["x_test"], a["y_test"], 0), where=path)
 
     def images(x):
         return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
 
-    num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max()) + 1)
-    name = os.path.splitext(os.path.basename(path))[0]
-    return Dataset(
-        name,
-        images(arrays["x_train"]),
-        arrays["y_train"].astype(np.int32),
-        images(arrays["x_test"]),
-        arrays["y_test"].astype(np.int32),
-        num_classes,
-    )
+    return ds._replace(x_train=images(ds.x_train), x_test=images(ds.x_test))
 
 
 def holdout(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
@@ -228,17 +251,22 @@ def load(name: str, data_dir: str | None = None, memory_mb: float | None = None)
         files batch by batch (the same values). None: always load whole.
 
     Raises:
+      DataError: data that cannot be trained on (see :func:`jaxdp.data.validate.validate`), a missing,
+        empty or unreadable npz file, or one without the four arrays; one line saying what was found,
+        what is expected and the fix. It is a ConfigError, hence a ValueError.
       ValueError: for an unknown name, or a TFDS dataset that is not prepared
         (the message says how to prepare it).
     """
     if name in _BUILTIN:
-        return _BUILTIN[name]()
+        return validate(_BUILTIN[name]())
     if name in TFDS_DATASETS:
         return _tfds(name, data_dir, memory_mb)
     if name.startswith("npz:"):
         return _npz(name[4:])
     if name in _REGISTERED:
-        return _REGISTERED[name](data_dir)
+        return validate(_REGISTERED[name](data_dir))
+    if name.endswith((".npz", ".npy")) or os.path.isfile(name):
+        raise ValueError(f"dataset={name!r} is not a dataset name; for your own arrays use dataset=npz:{name}.")
     raise ValueError(
         f"dataset={name!r} is not available; built-in: {', '.join(sorted(_BUILTIN))}; "
         f"TFDS (prepared data_dir): {', '.join(TFDS_DATASETS)}; your own arrays: npz:PATH"

@@ -91,6 +91,23 @@ def build_model(config: ml_collections.ConfigDict, dataset: Any) -> tuple[nnx.Gr
     return nnx.split(model, nnx.Param, ...)
 
 
+def _check_model_takes_data(config: ml_collections.ConfigDict, dataset: Any, params: Any) -> None:
+    """Refuse complex features for a model whose parameters are all real (it would fail inside the first step).
+
+    The data itself was checked when it was loaded (:func:`jaxdp.data.validate`); this is the one check that
+    needs the model too.
+    """
+    if not np.issubdtype(np.dtype(dataset.x_train.dtype), np.complexfloating):
+        return
+    if any(np.iscomplexobj(leaf) for leaf in jax.tree_util.tree_leaves(params)):
+        return
+    raise ConfigError(
+        f"dataset={config.dataset!r} has {np.dtype(dataset.x_train.dtype)} (complex) features but model.name="
+        f"{config.model.name!r} has real parameters; use model.name='complex_cnn', or give the real and imaginary "
+        "parts as two real channels (see experiments/complex_valued)."
+    )
+
+
 def clipping_impl(config: ml_collections.ConfigDict) -> str:
     """``config.clipping_impl``; configs that predate it get the vmap path."""
     return config.get("clipping_impl", "vmap")
@@ -260,6 +277,7 @@ def setup_run(
     """Everything before the first step (after :func:`jaxdp.train.train` joined a multi-host run). Bad values
     surface here as ConfigError."""
     validate_config(config)  # the keys' values first; then, once the data is known, against its size
+    # load() checks the data once (shapes, dtypes, labels in 0..K-1, NaN/inf, empty splits): a DataError, one line.
     dataset = data_lib.load(config.dataset, config.data_dir or None, memory_mb=config.get("data_memory_mb") or None)
     if config.get("features"):
         dataset = _features(config, dataset)
@@ -273,6 +291,7 @@ def setup_run(
     epoch_steps = run_steps_per_epoch(config, n_train)
     plan = make_plan(config, n_train, epoch_steps)
     graphdef, params, rest = build_model(config, dataset)
+    _check_model_takes_data(config, dataset, params)
     loss_fn = classification_loss(graphdef, rest)
     k = config.augment.multiplicity
     if k:
