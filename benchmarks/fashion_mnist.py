@@ -21,6 +21,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -73,6 +74,9 @@ def _train(config: str, overrides: list[str], data_dir: str, workdir: str) -> di
         "checkpoint.every_epochs=0",
         *overrides,
     ]
+    # The trial's workdir is this script's scratch space (the result is the jsonl row): start each trial
+    # in an empty one, as `jaxdp train` refuses to overwrite a workdir that holds a run.
+    shutil.rmtree(workdir, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
