@@ -32,3 +32,20 @@ def test_readme_own_loop_runs_and_spends_the_planned_budget(capsys):
     assert accountant.epsilon(1e-5) <= 3.0
     out = capsys.readouterr().out
     assert "epsilon = 3.00 after 50 steps" in out, out
+
+
+def test_readme_nnx_tutorial_block_trains_privately(capsys):
+    """The Flax NNX MNIST tutorial made private: one accounted step per Poisson draw, the plan's ε, and a
+    model that learned something (test accuracy well above the 10% of chance)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    match = re.search(r"<!-- tested: nnx -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "README lost its tested Flax NNX tutorial block"
+    namespace: dict = {}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    accountant, plan, metrics = namespace["accountant"], namespace["plan"], namespace["metrics"]
+    assert accountant.steps == plan.num_steps == 100
+    assert accountant.epsilon(1e-5) <= 4.0
+    assert float(metrics.compute()["accuracy"]) > 0.25
+    out = capsys.readouterr().out
+    assert "at epsilon = 4.00" in out, out
