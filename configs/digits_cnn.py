@@ -10,12 +10,14 @@ import os
 
 import ml_collections
 
-from jaxdp.config import config_module
+from jaxdp.config import check_variant, config_module
 
 _base = config_module(os.path.join(os.path.dirname(__file__), "digits.py"))
+VARIANTS = _base.VARIANTS  # the base's: smoke
 
 
 def get_config(arg=None):
+    check_variant(__file__, arg, VARIANTS)
     config = _base.get_config(arg)
     config.model.name = "cnn"
     config.model.kwargs = ml_collections.ConfigDict({"features": (16, 32)})

@@ -10,12 +10,14 @@ Result:    see benchmarks/fashion_mnist/README.md (measured on 2 CPU cores).
 
 import os
 
-from jaxdp.config import config_module
+from jaxdp.config import check_variant, config_module
 
 _base = config_module(os.path.join(os.path.dirname(__file__), "mnist_cnn.py"))  # the same model family
+VARIANTS = ("smoke",)
 
 
 def get_config(arg=None):
+    check_variant(__file__, arg, VARIANTS)
     config = _base.get_config("smoke" if arg == "smoke" else None)
     config.dataset = "fashion_mnist"
     config.workdir = "runs/fashion_mnist_cnn" + ("_smoke" if arg == "smoke" else "")
@@ -31,6 +33,4 @@ def get_config(arg=None):
     config.clipping_impl = "vmap"  # ghost is ~5x slower on this CNN on CPU (measured: 405 vs 2209 ex/s)
     config.data_prefetch = 2  # gather the next draws while the step runs (benchmarks/data_path.md)
     config.ema_decay = 0.99  # also report an EMA of the parameters (post-processing)
-    if arg not in (None, "smoke"):
-        raise ValueError(f"configs/fashion_mnist_cnn.py: unknown variant {arg!r}; use 'smoke' or nothing.")
     return config

@@ -15,12 +15,14 @@ import os
 
 import ml_collections
 
-from jaxdp.config import config_module
+from jaxdp.config import check_variant, config_module
 
 _base = config_module(os.path.join(os.path.dirname(__file__), "digits.py"))
+VARIANTS = ("smoke",)
 
 
 def get_config(arg=None):
+    check_variant(__file__, arg, VARIANTS)
     config = _base.get_config("smoke" if arg == "smoke" else None)
     config.dataset = "fashion_mnist"
     config.features = "scattering"
@@ -38,6 +40,4 @@ def get_config(arg=None):
     config.privacy.l2_clip_norm = 0.1
     config.data_prefetch = 2  # gather the next draws while the step runs (benchmarks/data_path.md)
     config.ema_decay = 0.99  # also report an EMA of the parameters (post-processing)
-    if arg not in (None, "smoke"):
-        raise ValueError(f"configs/fashion_mnist_scatter.py: unknown variant {arg!r}; use 'smoke' or nothing.")
     return config

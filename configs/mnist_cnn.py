@@ -15,12 +15,14 @@ import os
 
 import ml_collections
 
-from jaxdp.config import config_module
+from jaxdp.config import check_variant, config_module
 
 _base = config_module(os.path.join(os.path.dirname(__file__), "digits.py"))
+VARIANTS = ("smoke",)
 
 
 def get_config(arg=None):
+    check_variant(__file__, arg, VARIANTS)
     config = _base.get_config("smoke" if arg == "smoke" else None)
     config.dataset = "mnist"
     config.workdir = "runs/mnist_cnn" + ("_smoke" if arg == "smoke" else "")
@@ -33,6 +35,4 @@ def get_config(arg=None):
     config.optimizer.momentum = 0.9
     config.privacy.l2_clip_norm = 0.1
     config.clipping_impl = "vmap"  # ghost is ~5x slower on this CNN on CPU (measured on Fashion-MNIST)
-    if arg not in (None, "smoke"):
-        raise ValueError(f"configs/mnist_cnn.py: unknown variant {arg!r}; use 'smoke' or nothing.")
     return config

@@ -1,7 +1,9 @@
 """Python config files (``get_config(arg)``) and command-line overrides.
 
 A config file defines ``get_config(arg=None) -> ml_collections.ConfigDict``;
-``path.py:arg`` passes ``arg`` (e.g. ``configs/digits.py:smoke``). Overrides are
+``path.py:arg`` passes ``arg`` (e.g. ``configs/digits.py:smoke``), which the file
+checks with :func:`check_variant` (an unknown one is a one-line error listing the
+known variants). Overrides are
 ``key.sub=value`` (or ``--config.key.sub=value``); an unknown key or a value of
 the wrong type is an error that names it.
 """
@@ -10,12 +12,13 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import os
 from collections.abc import Sequence
 
 import ml_collections
 
-__all__ = ["ConfigError", "apply_overrides", "config_module", "load_config"]
+__all__ = ["ConfigError", "apply_overrides", "check_variant", "config_module", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -35,13 +38,40 @@ def config_module(path: str):
     return module
 
 
+def check_variant(path: str, arg: str | None, known: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` unless ``arg`` is None or one of ``known`` (a config's variants).
+
+    Every ``get_config(arg)`` calls it first, e.g. ``check_variant(__file__, arg, ("smoke",))``, so that
+    ``--config configs/digits.py:big`` is one line naming the variant, the known ones and the fix.
+    """
+    if arg is None or arg in known:
+        return
+    shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+    options = ", ".join(f"{shown}:{k}" for k in known)
+    raise ConfigError(
+        f"{shown}:{arg}: unknown variant {arg!r}; the known variants are {', '.join(map(repr, known)) or 'none'}: "
+        f"use {options + ' or ' if options else ''}{shown} (no variant)."
+    )
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Load ``path.py`` or ``path.py:arg`` and return its locked ``get_config(arg)``."""
+    """Load ``path.py`` or ``path.py:arg`` and return its locked ``get_config(arg)``.
+
+    A variant the file rejects (a ``ValueError`` from ``get_config``, e.g. by :func:`check_variant`) is a
+    :class:`ConfigError`, so the command line prints it on one line.
+    """
     path, _, arg = spec.partition(":")
     module = config_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config(arg=None) function.")
-    config = module.get_config(arg or None) if arg else module.get_config()
+    if arg and not inspect.signature(module.get_config).parameters:
+        raise ConfigError(f"{spec}: {path} has no variants (its get_config() takes no argument); use {path}.")
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except ConfigError:
+        raise
+    except ValueError as e:  # the file's own check of its variant
+        raise ConfigError(f"{spec}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(
             f"get_config() in {path!r} returned {type(config).__name__}, not an ml_collections.ConfigDict."

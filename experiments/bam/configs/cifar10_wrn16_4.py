@@ -13,7 +13,7 @@ Hardware / runtime / result: NOT RUN — no CIFAR-10 and no accelerator on the p
 
 import os
 
-from jaxdp.config import config_module
+from jaxdp.config import check_variant, config_module
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _root = os.path.dirname(os.path.dirname(os.path.dirname(_here)))
@@ -22,6 +22,7 @@ _bam = config_module(os.path.join(_here, "digits.py"))
 
 
 def get_config(arg=None):
+    check_variant(__file__, arg, ("smoke",))
     config = _base.get_config(arg)
     config.workdir = "runs/bam_cifar10_wrn16_4" + ("_smoke" if arg == "smoke" else "")
     with config.unlocked():

@@ -9,7 +9,7 @@ Privacy:   Poisson q = 512/1437, 120 steps, sigma calibrated to the target epsil
 
 import os
 
-from jaxdp.config import config_module
+from jaxdp.config import check_variant, config_module
 
 _root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 _base = config_module(os.path.join(_root, "configs", "digits.py"))
@@ -18,6 +18,7 @@ import ml_collections  # noqa: E402
 
 
 def get_config(arg=None):
+    check_variant(__file__, arg, ("smoke",))
     config = _base.get_config("smoke" if arg == "smoke" else None)
     config.workdir = "runs/langevin_digits" + ("_smoke" if arg == "smoke" else "")
     config.optimizer.name = "sgd"  # SGLD is plain SGD: no momentum, no Adam

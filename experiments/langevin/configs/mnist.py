@@ -9,7 +9,7 @@ Privacy:   Poisson q = 256/60000, 15 epochs (3,510 steps), sigma calibrated to t
 
 import os
 
-from jaxdp.config import config_module
+from jaxdp.config import check_variant, config_module
 
 _digits = config_module(os.path.join(os.path.dirname(__file__), "digits.py"))
 
@@ -17,6 +17,7 @@ import ml_collections  # noqa: E402
 
 
 def get_config(arg=None):
+    check_variant(__file__, arg, ("smoke",))
     config = _digits.get_config(arg)
     config.dataset = "mnist"
     config.data_dir = ""  # e.g. data_dir=/data/tensorflow_datasets

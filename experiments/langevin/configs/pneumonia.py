@@ -11,7 +11,7 @@ Privacy:   Poisson sampling, batch 256, 20 epochs, sigma calibrated to the targe
 
 import os
 
-from jaxdp.config import config_module
+from jaxdp.config import check_variant, config_module
 
 _digits = config_module(os.path.join(os.path.dirname(__file__), "digits.py"))
 
@@ -19,6 +19,7 @@ import ml_collections  # noqa: E402
 
 
 def get_config(arg=None):
+    check_variant(__file__, arg, ("smoke",))
     config = _digits.get_config(arg)
     config.dataset = "npz:data/pediatric_pneumonia_64.npz"
     config.workdir = "runs/langevin_pneumonia" + ("_smoke" if arg == "smoke" else "")
