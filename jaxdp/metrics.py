@@ -19,6 +19,7 @@ __all__ = [
     "nll",
     "reliability_bins",
     "reliability_diagram",
+    "reliability_figure",
     "uncertainty_metrics",
 ]
 
@@ -107,10 +108,16 @@ def uncertainty_metrics(probs, labels, num_bins: int = 15) -> dict:
     }
 
 
-def reliability_diagram(probs, labels, path: str, *, num_bins: int = 15, title: str = "") -> str:
-    """Write a reliability diagram (accuracy vs confidence per bin, with the ECE) as a PNG.
+def reliability_figure(probs, labels, *, num_bins: int = 15, title: str = ""):
+    """The reliability diagram as a matplotlib ``Figure``: accuracy vs confidence per bin, with the ECE.
 
-    Needs matplotlib (installed with jaxdp). Returns ``path``.
+    Every non-empty bin is labelled with its number of examples and shaded by it (pale = few), so that a
+    bin of one or two examples, whose accuracy is 0 or 1 by chance, does not look like a calibration
+    failure; the title gives the ECE and the total n. Needs matplotlib (installed with jaxdp).
+
+    Example:
+      >>> fig = reliability_figure(probs, labels, num_bins=10)  # doctest: +SKIP
+      >>> [t.get_text() for t in fig.axes[0].texts]  # the count of each non-empty bin  # doctest: +SKIP
     """
     import matplotlib
 
@@ -121,10 +128,21 @@ def reliability_diagram(probs, labels, path: str, *, num_bins: int = 15, title: 
     ece = expected_calibration_error(probs, labels, num_bins)
     width = 1.0 / num_bins
     centers = bins.edges[:-1] + width / 2
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.bar(centers, bins.accuracy, width=width * 0.95, color="#4c72b0", edgecolor="black", label="accuracy")
-    gap = bins.confidence - bins.accuracy
     shown = bins.count > 0
+    # Shade by the bin's share of the largest bin: alpha from 0.2 (a lone example) to 1 (the fullest bin).
+    shade = 0.2 + 0.8 * bins.count / bins.count.max()
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    for i in np.flatnonzero(shown):
+        ax.bar(
+            centers[i],
+            bins.accuracy[i],
+            width=width * 0.95,
+            color="#4c72b0",
+            alpha=float(shade[i]),
+            edgecolor="black",
+            label="accuracy (shade: examples in bin)" if i == np.flatnonzero(shown)[0] else None,
+        )
+    gap = bins.confidence - bins.accuracy
     ax.bar(
         centers[shown],
         gap[shown],
@@ -135,14 +153,34 @@ def reliability_diagram(probs, labels, path: str, *, num_bins: int = 15, title: 
         edgecolor="#dd8452",
         label="gap to confidence",
     )
+    for i in np.flatnonzero(shown):  # the count of every non-empty bin, just above its bars
+        top = max(bins.accuracy[i], bins.confidence[i])
+        ax.text(
+            centers[i],
+            min(top + 0.015, 0.98),
+            f"{bins.count[i]:,}",
+            ha="center",
+            va="bottom" if top < 0.9 else "top",
+            fontsize=6 if num_bins > 10 else 8,
+            rotation=90 if num_bins > 10 else 0,
+        )
     ax.plot([0, 1], [0, 1], "k--", linewidth=1)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
+    ax.set_xlabel("confidence (numbers: examples per bin)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}  ECE={ece:.3f}".strip())
+    ax.set_title(f"{title}  ECE={ece:.3f}  n={int(bins.count.sum()):,}".strip())
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(probs, labels, path: str, *, num_bins: int = 15, title: str = "") -> str:
+    """Write :func:`reliability_figure` (accuracy vs confidence per bin, each bin labelled with its
+    number of examples, with the ECE) as a PNG. Returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = reliability_figure(probs, labels, num_bins=num_bins, title=title)
     fig.savefig(path)
     plt.close(fig)
     return path

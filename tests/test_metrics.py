@@ -63,3 +63,27 @@ def test_reliability_diagram_png(tmp_path):
 def test_bad_input(probs, labels, match):
     with pytest.raises(ValueError, match=match):
         metrics.expected_calibration_error(probs, labels)
+
+
+def test_reliability_diagram_labels_and_shades_each_bin_by_its_count(tmp_path):
+    """A bin of one example (accuracy 0 or 1 by chance) looked as alarming as a full one: every non-empty bar
+    now carries its count, is shaded by it, and the title gives the total n."""
+    import matplotlib.pyplot as plt
+
+    # 99 confident correct examples in bin (0.9, 1.0], one unsure wrong example in bin (0.5, 0.6].
+    probs = np.array([[0.95, 0.05]] * 99 + [[0.55, 0.45]])
+    labels = np.array([0] * 99 + [1])
+    fig = metrics.reliability_figure(probs, labels, num_bins=10, title="t")
+    (ax,) = fig.axes
+    bins = metrics.reliability_bins(probs, labels, num_bins=10)
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"{n:,}" for n in bins.count if n > 0) == ["1", "99"]
+    assert "n=100" in ax.get_title() and "ECE=" in ax.get_title()
+    by_x = {round(t.get_position()[0], 3): t.get_text() for t in ax.texts}
+    assert by_x == {0.55: "1", 0.95: "99"}
+    # The accuracy bar of the lone example is paler than the full bin's (its accuracy is 0, so its bar is flat).
+    alphas = {round(p.get_x() + p.get_width() / 2, 3): p.get_alpha() for p in ax.patches if p.get_facecolor()[2] > 0.6}
+    assert alphas[0.55] < alphas[0.95] == 1.0
+    plt.close(fig)
+    path = metrics.reliability_diagram(probs, labels, str(tmp_path / "rel.png"), num_bins=10)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
