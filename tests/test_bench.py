@@ -141,3 +141,107 @@ def test_nothing_else_in_the_library_imports_the_bench_package():
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith("jaxdp.bench")]
     assert not offenders, offenders
+
+
+def _fake_row(job: dict) -> dict:
+    """A measured row as measure_config returns it, with made-up numbers (for tests of the bookkeeping only)."""
+    impl = job["clipping_impls"][0]
+    private = {"clipping_impl": impl, "path": "vmap", "compile_s": 1.0, "xla_mb": 1.0, "peak_mb_after": 2.0}
+    private.update(ex_per_s=500.0, over_nonprivate=0.5, ghost_refused_because=None)
+    return {
+        "model": job["model"],
+        "data": "digits",
+        "params": 2410,
+        "batch": job["batch"],
+        "clipping_impl": impl,
+        "dataset_size": 1437,
+        "compile_s_nonprivate": 1.0,
+        "compile_s_private": 1.0,
+        "nonprivate_ex_per_s": 1000.0,
+        "private_ex_per_s": 500.0,
+        "private_over_nonprivate": 0.5,
+        "xla_mb_nonprivate": 1.0,
+        "xla_mb_private": 1.0,
+        "peak_kind": "host peak RSS",
+        "peak_mb_start": 1.0,
+        "peak_mb_after_nonprivate": 2.0,
+        "peak_mb_after_private": 2.0,
+        "private": [private],
+        "timing": "fake",
+        "references": {},
+        "epochs": job["epochs"],
+        "accuracy": [],
+    }
+
+
+def test_each_row_is_written_as_it_finishes_and_said_as_it_goes(tmp_path, monkeypatch, capsys):
+    """An interrupted bench used to lose every row (the files were written at the end only) and printed
+    nothing but a bar. Now each configuration's start and end is a line on stderr, the row is in the CSV
+    and JSON as soon as it is measured, and a bar is drawn only on a terminal (capsys's stderr is not one)."""
+    from jaxdp.bench import suite
+
+    def measure(job):
+        if job["batch"] == 32:
+            raise KeyboardInterrupt  # Ctrl-C during the second configuration
+        return _fake_row(job)
+
+    monkeypatch.setattr(suite, "measure_config", measure)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(
+            models=["mlp"], batch_sizes=[16, 32], epsilons=[8.0], out_dir=str(out), devices=[], epochs=0,
+            repeats=1, isolate=False, progress=True, clipping_impl="vmap",
+        )  # fmt: skip
+    with open(out / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["batch"], r["private_ex_per_s"]) for r in rows] == [("mlp", "16", "500.0")]
+    with open(out / "bench.json") as f:
+        data = json.load(f)
+    assert data["complete"] is False and [r["batch"] for r in data["rows"]] == [16]
+    err = capsys.readouterr().err
+    assert "\r" not in err, err
+    lines = err.splitlines()
+    assert any(line.startswith("jaxdp bench: [1/2] mlp, batch 16: compiling, then timing") for line in lines), err
+    assert any(line.startswith("jaxdp bench: [1/2] mlp, batch 16: done in ") and "500 (vmap)" in line for line in lines)
+    assert lines[-1].startswith("jaxdp bench: [2/2] mlp, batch 32: compiling"), err
+
+
+def test_a_new_run_replaces_the_previous_runs_files(tmp_path, monkeypatch):
+    """Stale outputs of an earlier run are removed first, so a folder never mixes two runs."""
+    from jaxdp.bench import suite
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("bench.csv", "bench.png", "bench_devices.csv"):
+        (out / name).write_text("old run")
+    monkeypatch.setattr(suite, "measure_config", _fake_row)
+    bench.run_bench(
+        models=["mlp"], batch_sizes=[16], epsilons=[8.0], out_dir=str(out), devices=[], epochs=0, repeats=1,
+        isolate=False, progress=False, clipping_impl="vmap",
+    )  # fmt: skip
+    assert not (out / "bench_devices.csv").exists()
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "bench.json") as f:
+        assert json.load(f)["complete"] is True
+
+
+@pytest.mark.slow  # ~10 s: a real one-configuration bench through the command line (CI's slow step)
+def test_redirected_bench_prints_lines_not_a_bar(tmp_path):
+    """`jaxdp bench > log 2>&1` used to fill the log with carriage-return bar frames; now it has one line per
+    configuration as it starts and ends, and no bar."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = ["bench", "--models", "mlp", "--batch-sizes", "16", "--epsilons", "8", "--devices", "--epochs", "0"]
+    argv += ["--repeats", "1", "--clipping-impl", "vmap", "--in-process", "--out", str(tmp_path / "out")]
+    with open(tmp_path / "stdout.txt", "w") as out, open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.run([sys.executable, "-m", "jaxdp.cli", *argv], cwd=root, stdout=out, stderr=err, timeout=600)
+    stdout, stderr = (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 0, stderr
+    for text in (stdout, stderr):
+        assert "\r" not in text and "█" not in text and "config/s" not in text and "it/s" not in text, text
+    lines = stderr.splitlines()
+    assert any(line.startswith("jaxdp bench: [1/1] mlp, batch 16: compiling, then timing") for line in lines), stderr
+    assert any(line.startswith("jaxdp bench: [1/1] mlp, batch 16: done in ") for line in lines), stderr
+    assert "| mlp | 2,410 | 16 | vmap |" in stdout

@@ -313,11 +313,18 @@ def run_isolated(kind: str, job: dict, env_extra: dict | None = None) -> dict:
             return json.load(f)
 
 
-def scale_out(model, batch, devices, steps, repeats, block_s, clipping_impl, seed, on_done=None) -> list[dict]:
-    """One :func:`scale_worker` subprocess per device count; examples/s and param difference to 1 device."""
+def scale_out(
+    model, batch, devices, steps, repeats, block_s, clipping_impl, seed, on_done=None, on_start=None
+) -> list[dict]:
+    """One :func:`scale_worker` subprocess per device count; examples/s and param difference to 1 device.
+
+    ``on_start(n)`` is called before the count ``n`` runs and ``on_done(row)`` with its row once it has.
+    """
     rows, params = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in devices:
+            if on_start is not None:
+                on_start(n)
             job = {
                 "model": model,
                 "batch": batch,
@@ -334,7 +341,7 @@ def scale_out(model, batch, devices, steps, repeats, block_s, clipping_impl, see
             with np.load(job["params_path"]) as f:
                 params[n] = [f[k] for k in sorted(f.files, key=lambda s: int(s.split("_")[1]))]
             if on_done is not None:
-                on_done()
+                on_done(rows[-1])
     base = params.get(1)
     for r in rows:
         r.update(model=model, batch=batch, steps=steps)

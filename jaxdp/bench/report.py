@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 
-__all__ = ["flat_rows", "render_markdown", "write_outputs"]
+__all__ = ["OUTPUT_FILES", "clear_outputs", "flat_rows", "render_markdown", "write_outputs"]
+
+# The files ``jaxdp bench`` writes into its output folder.
+OUTPUT_FILES = {
+    "csv": "bench.csv",
+    "json": "bench.json",
+    "md": "bench.md",
+    "png": "bench.png",
+    "devices_csv": "bench_devices.csv",
+}
 
 # The per-(model, batch) columns of a CSV record, in order; the private ones are then overwritten per implementation.
 _ROW_KEYS = (
@@ -133,27 +143,36 @@ def render_markdown(header: str, rows: list[dict], scale: list[dict], elapsed: f
     return "\n".join(lines)
 
 
-def write_outputs(out_dir: str, header: str, rows: list[dict], scale: list[dict], elapsed: float) -> dict:
+def clear_outputs(out_dir: str) -> None:
+    """Remove a previous run's outputs from ``out_dir``, so that what is there is always this run's."""
+    for name in OUTPUT_FILES.values():
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+def write_outputs(
+    out_dir: str, header: str, rows: list[dict], scale: list[dict], elapsed: float, *, complete: bool = True
+) -> dict:
+    """Write the CSV, JSON and markdown of the rows so far (``complete=False``: called after each row, so an
+    interrupted bench keeps what it measured; the JSON says ``"complete": false``), and the PNG at the end."""
     os.makedirs(out_dir, exist_ok=True)
-    files = {
-        "csv": os.path.join(out_dir, "bench.csv"),
-        "json": os.path.join(out_dir, "bench.json"),
-        "md": os.path.join(out_dir, "bench.md"),
-        "png": os.path.join(out_dir, "bench.png"),
-    }
+    files = {k: os.path.join(out_dir, OUTPUT_FILES[k]) for k in ("csv", "json", "md")}
+    if complete:
+        files["png"] = os.path.join(out_dir, OUTPUT_FILES["png"])
     flat = flat_rows(rows)
     fields = list(dict.fromkeys(k for rec in flat for k in rec))
-    with open(files["csv"], "w", newline="") as f:
+    with _replace(files["csv"], newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(flat)
     if scale:
-        files["devices_csv"] = os.path.join(out_dir, "bench_devices.csv")
-        with open(files["devices_csv"], "w", newline="") as f:
+        files["devices_csv"] = os.path.join(out_dir, OUTPUT_FILES["devices_csv"])
+        with _replace(files["devices_csv"], newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(scale[0]))
             w.writeheader()
             w.writerows(scale)
-    with open(files["json"], "w") as f:
+    with _replace(files["json"]) as f:
         json.dump(
             _finite_or_none(
                 {
@@ -163,16 +182,27 @@ def write_outputs(out_dir: str, header: str, rows: list[dict], scale: list[dict]
                     "rows": rows,
                     "scale": scale,
                     "elapsed_s": elapsed,
+                    "complete": complete,
                 }
             ),
             f,
             indent=2,
             allow_nan=False,
         )
-    with open(files["md"], "w") as f:
+    with _replace(files["md"]) as f:
         f.write(render_markdown(header, rows, scale, elapsed) + "\n")
-    _plot(files["png"], rows)
+    if complete:
+        _plot(files["png"], rows)
     return files
+
+
+@contextlib.contextmanager
+def _replace(path: str, newline: str | None = None):
+    """Write ``path`` whole or not at all (a temporary file, then renamed): an interrupt never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline=newline) as f:
+        yield f
+    os.replace(tmp, path)
 
 
 def _finite_or_none(obj):

@@ -7,6 +7,11 @@ sampling rate q = B / N per (model, batch): σ is calibrated with jaxdp's accoun
 :func:`jaxdp.bench.measure.measure_config` (in a fresh subprocess unless
 ``isolate=False``), then the device scale-out table, then the outputs
 (:mod:`jaxdp.bench.report`).
+
+As it goes it prints one line on stderr per configuration as it starts (model, batch,
+what is timed and trained) and as it ends (its time and throughput), and writes each
+finished row to the CSV, JSON and markdown at once, so an interrupted bench keeps its
+rows; the progress bar is drawn only when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from jaxdp import CLIPPING_IMPLS, rules
 from jaxdp.accounting import calibrate_noise_multiplier, require_upper_bound
 from jaxdp.bench.measure import measure_config, run_isolated, scale_out
 from jaxdp.bench.models import DEFAULT_MODELS, MODELS
-from jaxdp.bench.report import render_markdown, write_outputs
+from jaxdp.bench.report import clear_outputs, render_markdown, write_outputs
 from jaxdp.plan import PrivacyPlan, steps_per_epoch
 
 __all__ = ["DEFAULT_EPSILONS", "BenchError", "calibrate", "run_bench"]
@@ -75,6 +80,28 @@ def _check_options(models, batch_sizes, epsilons, delta, accountant, clipping_im
             raise BenchError(f"--devices {n!r} is invalid: need positive device counts, e.g. --devices 1 2 4 8.")
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0):
         raise BenchError(f"--epochs {epochs!r} is invalid: need an int >= 0 (0 = no accuracy runs).")
+
+
+def _say(line: str) -> None:
+    """One progress line on stderr, above the bar when one is drawn."""
+    tqdm.write(f"jaxdp bench: {line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _what(job: dict, isolate: bool) -> str:
+    """What one configuration measures, in words."""
+    eps = ", ".join(f"{c['epsilon_target']:g}" for c in job["sigmas"])
+    timed = (
+        f"compiling, then timing the non-private step beside the private step "
+        f"({' and '.join(job['clipping_impls'])} clipping) in {job['repeats']} interleaved blocks of "
+        f"~{job['block_s']:g} s"
+    )
+    trained = (
+        f"then training {job['epochs']} epoch(s) for test accuracy without noise and at epsilon {eps}"
+        if job["epochs"]
+        else "no accuracy runs (epochs 0)"
+    )
+    return f"{timed}; {trained}" + ("; in a fresh process" if isolate else "")
 
 
 def calibrate(
@@ -158,6 +185,14 @@ def run_bench(
         spec = MODELS[m]
         for b in batch_sizes or (spec.full_batches if full else spec.quick_batches):
             grid.append((m, b, epochs if epochs is not None else spec.epochs(full)))
+    for m, b, _ in grid:  # every configuration's data rules, before anything is measured or written
+        n_train = len(MODELS[m].data().x_train)
+        if b > n_train:
+            raise BenchError(f"--batch-sizes {b} is larger than {m}'s training set ({n_train}); use <= {n_train}.")
+        try:
+            rules.check_delta(delta, dataset_size=n_train, name="--delta")
+        except ValueError as err:
+            raise BenchError(f"{m}: {err}") from None
     scale_batch = max(b for m, b, _ in grid if m == scale_model) if scale_model in models else grid[0][1]
     if devices and scale_batch % math.lcm(*devices):
         raise BenchError(
@@ -172,23 +207,24 @@ def run_bench(
     )
     t_start = time.perf_counter()
     rows = []
+    total = len(grid) + len(devices)
+    clear_outputs(out_dir)
+    scale_plan = f"the scale-out of {scale_model} on {', '.join(map(str, devices))} forced CPU device(s)"
+    _say(
+        f"{len(grid)} configuration(s) (model x batch), then {scale_plan if devices else 'no scale-out (--devices)'}: "
+        f"{total} stage(s); each configuration's row is written to {os.path.join(out_dir, 'bench.csv')} as it finishes"
+    )
     with tqdm(
-        total=len(grid) + len(devices),
+        total=total,
         desc="jaxdp bench",
         unit="config",
-        disable=not progress,
+        disable=not (progress and sys.stderr.isatty()),  # a bar in a redirected file is only noise
         file=sys.stderr,
         dynamic_ncols=True,
     ) as bar:
-        for m, b, e in grid:
+        for i, (m, b, e) in enumerate(grid, 1):
             bar.set_postfix(model=m, batch=b)
             n_train = len(MODELS[m].data().x_train)
-            if b > n_train:
-                raise BenchError(f"--batch-sizes {b} is larger than {m}'s training set ({n_train}); use <= {n_train}.")
-            try:
-                rules.check_delta(delta, dataset_size=n_train, name="--delta")
-            except ValueError as err:
-                raise BenchError(f"{m}: {err}") from None
             cal = calibrate(epsilons, delta, n_train, b, e, accountant)
             job = {
                 "model": m,
@@ -202,21 +238,50 @@ def run_bench(
                 "accountant": accountant,
                 "seed": seed,
             }
+            _say(f"[{i}/{total}] {m}, batch {b}: {_what(job, isolate)} ...")
             t0 = time.perf_counter()
             row = run_isolated("config", job) if isolate else measure_config(job)
             row.update(
                 wall_s=time.perf_counter() - t0, calibration=cal, sampling_rate=b / n_train, isolated_process=isolate
             )
             rows.append(row)
+            files = write_outputs(out_dir, header, rows, [], time.perf_counter() - t_start, complete=False)
+            speeds = ", ".join(f"{p['ex_per_s']:,.0f} ({p['clipping_impl']})" for p in row["private"])
+            _say(
+                f"[{i}/{total}] {m}, batch {b}: done in {row['wall_s']:.0f} s: private {speeds}, non-private "
+                f"{row['nonprivate_ex_per_s']:,.0f} examples/s; row written to {files['csv']}"
+            )
             bar.update(1)
         bar.set_postfix(model=scale_model, stage="devices")
+        step = iter(range(len(grid) + 1, total + 1))
+        starts: dict[int, float] = {}
+
+        def on_start(n: int) -> None:
+            starts[n] = time.perf_counter()
+            _say(
+                f"[{len(grid) + len(starts)}/{total}] scale-out: private step of {scale_model}, global batch "
+                f"{scale_batch}, on {n} forced CPU device(s): {scale_steps} steps, then {repeats} timing blocks; "
+                "in a fresh process ..."
+            )
+
+        def on_done(r: dict) -> None:
+            n = r["devices"]
+            _say(
+                f"[{next(step)}/{total}] scale-out on {n} device(s): done in {time.perf_counter() - starts[n]:.0f} s: "
+                f"{r['ex_per_s']:,.0f} examples/s"
+            )
+            bar.update(1)
+
         scale = (
-            scale_out(scale_model, scale_batch, devices, scale_steps, repeats, block_s, impls[0], seed, bar.update)
+            scale_out(
+                scale_model, scale_batch, devices, scale_steps, repeats, block_s, impls[0], seed, on_done, on_start
+            )
             if devices
             else []
         )
     elapsed = time.perf_counter() - t_start
     files = write_outputs(out_dir, header, rows, scale, elapsed)
+    _say(f"finished {total} stage(s) in {elapsed:.0f} s")
     print(render_markdown(header, rows, scale, elapsed))
     print("\nwrote " + ", ".join(files.values()))
     return {"header": header, "rows": rows, "scale": scale, "files": files, "elapsed_s": elapsed}
