@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Main job: DP-SGD on the built-in digits data (prints accuracy, epsilon, examples/s).
+## Main job: DP-SGD on the built-in digits data (prints accuracy, epsilon, examples/s). It is a demo: a second
+## `make train` replaces runs/digits (--overwrite); jaxdp train itself refuses to write over a run.
 train: $(STAMP)
-	$(VENV)/bin/jaxdp train --config configs/digits.py
+	$(VENV)/bin/jaxdp train --config configs/digits.py --overwrite
 
 ## Test suite (CPU only, two workers). The privacy contract tests are all in it (bounds, loop references, noise
 ## statistics, accountant values, masking, sharded == unsharded on the MLP, key entropy). The tests compile far

@@ -68,7 +68,7 @@ def run_one(spec, bands, epsilon, seed, workdir, overrides=(), quiet=True) -> di
     )
     out = io.StringIO()
     with contextlib.redirect_stdout(out) if quiet else contextlib.nullcontext():
-        summary = train(config, progress=not quiet)
+        summary = train(config, progress=not quiet, overwrite=True)  # the cell's workdir is this table's
     return {
         "bands": bands,
         "epsilon_target": epsilon,

@@ -75,8 +75,9 @@ def test_training_with_multiplicity_spends_the_same_epsilon(tmp_path):
     import os
 
     digits = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "digits.py")
-    base = [f"workdir={tmp_path}", "privacy.noise_seed=0"]
-    plain = train(apply_overrides(load_config(f"{digits}:smoke"), base), progress=False)
-    aug = train(apply_overrides(load_config(f"{digits}:smoke"), [*base, "augment.multiplicity=2"]), progress=False)
+    base = ["privacy.noise_seed=0"]  # two runs, two workdirs (a workdir holding a run is not written over)
+    plain = train(apply_overrides(load_config(f"{digits}:smoke"), [*base, f"workdir={tmp_path}/plain"]), progress=False)
+    aug_overrides = [*base, f"workdir={tmp_path}/aug", "augment.multiplicity=2"]
+    aug = train(apply_overrides(load_config(f"{digits}:smoke"), aug_overrides), progress=False)
     assert aug["epsilon"] == plain["epsilon"] and aug["steps"] == plain["steps"]
     assert aug["test_accuracy"] != plain["test_accuracy"]  # the augmentation really ran

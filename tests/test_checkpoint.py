@@ -147,3 +147,30 @@ def test_callback_state_ema_is_checkpointed_and_continues(tmp_path):
     assert "callbacks" in state and state["callbacks"]  # the EMA is in the checkpoint
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref_state), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_for_the_commit(tmp_path):
+    """A SIGINT inside a save used to cut orbax's commit off (pages of absl tracebacks from its threads, no
+    checkpoint); now the save completes and the KeyboardInterrupt comes right after it."""
+    from jaxdp.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    save = ckpt.manager.save
+
+    def interrupted_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the write starts
+        time.sleep(0.1)  # Python's handler would raise here, before anything is written
+        return save(*args, **kwargs)
+
+    ckpt.manager.save = interrupted_save
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in `jaxdp train`
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save(1, {"w": np.ones(3, np.float32)}, {"epoch": 1})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert ckpt.latest() == 1 and ckpt.meta(1) == {"epoch": 1}
+    restored, _ = ckpt.restore(1, {"w": np.zeros(3, np.float32)})
+    np.testing.assert_array_equal(restored["w"], np.ones(3, np.float32))
+    assert signal.getsignal(signal.SIGINT) is previous
+    ckpt.close()

@@ -103,9 +103,10 @@ def test_secret_noise_seed_by_default_and_a_warning_when_fixed(tmp_path, capsys)
 @pytest.mark.slow  # ~20 s; tests/test_step.py checks spilled draws exactly on one step (default suite)
 def test_spilled_draws_in_the_loop_match_one_big_chunk(tmp_path):
     """physical_batch_size far below the draw: every step spills into several chunks, same result."""
-    common = [f"workdir={tmp_path}", "privacy.noise_seed=3"]
-    big = train(apply_overrides(load_config(f"{DIGITS}:smoke"), common), progress=False)
-    small = train(apply_overrides(load_config(f"{DIGITS}:smoke"), [*common, "physical_batch_size=128"]), progress=False)
+    common = ["privacy.noise_seed=3"]  # two runs, two workdirs (a workdir holding a run is not written over)
+    big = train(apply_overrides(load_config(f"{DIGITS}:smoke"), [*common, f"workdir={tmp_path}/big"]), progress=False)
+    small_overrides = [*common, f"workdir={tmp_path}/small", "physical_batch_size=128"]
+    small = train(apply_overrides(load_config(f"{DIGITS}:smoke"), small_overrides), progress=False)
     assert small["epsilon"] == big["epsilon"] and small["steps"] == big["steps"]
     assert small["test_accuracy"] == pytest.approx(big["test_accuracy"], abs=1e-9)
     assert small["train_accuracy"] == pytest.approx(big["train_accuracy"], abs=1e-9)

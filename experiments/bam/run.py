@@ -63,7 +63,9 @@ def run_one(spec: str, method: str, epsilon: float, seed: int, workdir: str, ove
     out = io.StringIO()
     with contextlib.redirect_stdout(out) if quiet else contextlib.nullcontext():
         with contextlib.redirect_stderr(out) if quiet else contextlib.nullcontext():
-            summary = train(config, progress=not quiet, callbacks=[probe], **method_hooks(config.bam))
+            summary = train(
+                config, progress=not quiet, callbacks=[probe], overwrite=True, **method_hooks(config.bam)
+            )  # the cell's workdir is this table's: a rerun trains it again
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         history = [json.loads(line) for line in f]
     return {

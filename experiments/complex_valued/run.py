@@ -60,7 +60,7 @@ def main(argv=None):
                     ],
                 )
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                    s = train(config, progress=False)
+                    s = train(config, progress=False, overwrite=True)  # the cell's workdir is this table's
                 rows.append(
                     {
                         "model": model,

@@ -67,7 +67,8 @@ def langevin_config(spec: str, epsilon: float, seed: int, workdir: str, override
 
 def _quiet_train(config, callbacks):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return train(config, progress=False, callbacks=callbacks)
+        # The cell's workdir is this table's: a rerun of the table trains it again.
+        return train(config, progress=False, callbacks=callbacks, overwrite=True)
 
 
 def main(argv=None):

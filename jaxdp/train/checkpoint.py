@@ -2,8 +2,10 @@
 
 Saved every ``checkpoint.every_epochs`` epochs and at the end, under
 ``workdir/checkpoints/<epoch>``: parameters, optimizer state (the noise key
-included), the step, the accountant state, the metrics so far and the run's
-secret seed (the Poisson draws are a function of it). Orbax writes each
+included), the step, the accountant state, the metrics so far, the run's
+secret seed (the Poisson draws are a function of it) and its config (a
+``--resume`` with another config is refused, naming the keys; see
+:data:`jaxdp.train.loop.RESUMABLE_KEYS`). Orbax writes each
 checkpoint to a temporary directory and renames it when complete, so a write
 interrupted by a crash is never picked up as a valid checkpoint.
 
@@ -13,7 +15,10 @@ whoever has them can recompute the noise. Keep them with the private data.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -38,6 +43,27 @@ def _data_to_keys(tree, template):
     )
 
 
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold a Ctrl-C (SIGINT) back until the block is done, then raise it: a checkpoint write is never cut off
+    half way by it (orbax's commit threads would die with pages of tracebacks). Only where Python's own
+    handler is installed, in the main thread; a save takes a fraction of a second."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 class Checkpointer:
     """Save and restore a run's state with an orbax ``CheckpointManager`` (last ``keep`` kept)."""
 
@@ -53,13 +79,14 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, epoch: int, state: Any, meta: dict) -> None:
-        """Write the checkpoint for ``epoch`` and wait until it is committed."""
+        """Write the checkpoint for ``epoch`` and wait until it is committed (a Ctrl-C meanwhile waits for it)."""
         host = jax.device_get(_keys_to_data(state))
         host = jax.tree_util.tree_map(np.asarray, host)
-        self.manager.save(
-            epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta))
-        )
-        self.manager.wait_until_finished()
+        with _interrupt_after():
+            self.manager.save(
+                epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta))
+            )
+            self.manager.wait_until_finished()
 
     def meta(self, epoch: int) -> dict:
         return self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

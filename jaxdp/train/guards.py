@@ -32,7 +32,7 @@ class TrainingError(RuntimeError):
 def last_good(checkpointer) -> str:
     latest = checkpointer.latest()
     if latest is None:
-        return "there is no checkpoint yet (a rerun starts from the beginning)"
+        return "there is no checkpoint yet (rerun with --overwrite to start from the beginning)"
     return f"the last good checkpoint is epoch {latest} ({checkpointer.directory}/{latest}): continue with --resume"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,16 +44,178 @@ from jaxdp.train.guards import (
 )
 from jaxdp.train.setup import Run, clipping_impl, initialize_distributed, setup_run
 
-__all__ = ["train"]
+__all__ = ["RESUMABLE_KEYS", "RUN_FILES", "train"]
 
 
-def _tensorboard_writer(logdir: str):
-    """A TensorBoard writer when ``tensorboardX`` is installed (the ``dev``/``tensorboard`` extras), else None."""
+def _tensorboard_writer(logdir: str, purge_step: int | None = None):
+    """A TensorBoard writer when ``tensorboardX`` is installed (the ``dev``/``tensorboard`` extras), else None.
+
+    ``purge_step`` (a resumed run: the first step it trains): TensorBoard hides the events of the
+    interrupted run at that step and after, which the resumed run logs again.
+    """
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(logdir)
+    return SummaryWriter(logdir, purge_step=purge_step)
+
+
+# What a run writes under its workdir; --overwrite deletes exactly these (other files stay).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard")
+
+# Config keys a --resume may change: they do not change the privacy mechanism, the data, the model or the
+# optimizer state. ``epochs`` only where sigma stays the same (a fixed privacy.noise_multiplier), and never below
+# the checkpoint's epoch. Every other difference from the checkpoint's config is refused.
+RESUMABLE_KEYS = (
+    "epochs",
+    "optimizer.learning_rate",
+    "checkpoint.*",
+    "workdir",
+    "data_dir",
+    "data_memory_mb",
+    "data_prefetch",
+    "physical_batch_size",
+    "microbatch_size",
+    "clipping_impl",
+    "distributed.*",
+)
+
+
+def _committed_checkpoints(directory: str) -> list[int]:
+    """Epochs of the checkpoints orbax committed under ``directory`` (an unfinished write has a suffix)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _held_run(workdir: str) -> list[str]:
+    """What of a finished or interrupted run ``workdir`` holds: checkpoints, metrics rows, a summary.
+
+    Leftovers that record nothing (an empty metrics.jsonl, tensorboard events of a run stopped in its first
+    epoch, an unfinished checkpoint write) are not a run.
+    """
+    held = []
+    ckpts = _committed_checkpoints(os.path.join(workdir, "checkpoints"))
+    if ckpts:
+        held.append(f"checkpoints of epochs {', '.join(map(str, ckpts))}")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics):
+        with open(metrics) as f:
+            rows = sum(1 for line in f if line.strip())
+        held.append(f"metrics.jsonl with {rows} epoch{'s' if rows != 1 else ''}")
+    if os.path.exists(os.path.join(workdir, "summary.json")):
+        held.append("summary.json")
+    return held
+
+
+def _clear_run(workdir: str) -> list[str]:
+    """``--overwrite``: delete the previous run's files (:data:`RUN_FILES`) and nothing else; returns their names."""
+    deleted = []
+    for name in RUN_FILES:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        deleted.append(name)
+    return deleted
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first (what a run would create)."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_if_empty(created: list[str]) -> None:
+    """Remove the directories this run created (deepest first), each only if it is still empty."""
+    for path in created:
+        try:
+            os.rmdir(path)  # fails on a directory with anything in it: never deletes a file
+        except OSError:
+            pass
+
+
+def _flat_config(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+    """The config as JSON values (tuples become lists), as saved in every checkpoint."""
+    return json.loads(config.to_json_best_effort())
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUMABLE_KEYS)
+
+
+def _check_resume_config(saved: dict | None, config: ml_collections.ConfigDict, meta: dict, where: str) -> None:
+    """A resumed run keeps the checkpoint's config, but for :data:`RESUMABLE_KEYS`: else one line naming the keys."""
+    if saved is None:  # a checkpoint written before configs were saved: the accountant check still applies
+        return
+    old, new = _flat_config(saved), _flat_config(_config_json(config))
+    absent = "<absent>"
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k, absent) != new.get(k, absent)]
+    refused = [k for k in changed if not _resumable(k)]
+    fix = (
+        "resume with the values the run was started with, or start afresh with --overwrite (deletes the run) "
+        "or a new workdir=DIR"
+    )
+    if refused:
+        diffs = ", ".join(f"{k} {old.get(k, absent)!r} -> {new.get(k, absent)!r}" for k in refused)
+        raise ConfigError(
+            f"--resume: the config differs from the one {where} was trained with: {diffs}. A resumed run may "
+            f"change only {', '.join(RESUMABLE_KEYS)}; {fix}."
+        )
+    if "epochs" in changed:
+        before, after = old["epochs"], new["epochs"]
+        if after < meta["epoch"]:
+            raise ConfigError(
+                f"--resume: epochs {before!r} -> {after!r} is below the epoch of {where}; resume with "
+                f"epochs >= {meta['epoch']}, or start afresh with --overwrite."
+            )
+        privacy = config.privacy
+        if privacy.noise_multiplier is None and privacy.target_epsilon is not None:
+            raise ConfigError(
+                f"--resume: epochs {before!r} -> {after!r} would change sigma: it is calibrated to "
+                f"privacy.target_epsilon={privacy.target_epsilon} over the planned steps, and {where} was "
+                f"trained with the old sigma. Resume with epochs={before!r}; only a run with a fixed "
+                "privacy.noise_multiplier (and privacy.target_epsilon=None) can be extended."
+            )
+
+
+def _check_resume_sigma(saved_accountant: dict | None, plan, where: str) -> None:
+    """The plan's sigma must be the one the checkpoint's steps were accounted with (else ε would be wrong)."""
+    if saved_accountant is None or plan.noise_multiplier <= 0:
+        return
+    saved = saved_accountant.get("noise_multiplier")
+    if saved != plan.noise_multiplier:
+        raise ConfigError(
+            f"--resume: this config gives sigma={plan.noise_multiplier!r} but {where} was trained with "
+            f"sigma={saved!r}; resume with the config the run was started with, or start afresh with "
+            "--overwrite or a new workdir=DIR."
+        )
+
+
+def _throughput(history: list[dict]) -> float:
+    """Examples/s of recorded epochs, the first (compilation) left out where there are others."""
+    rates = [r["examples_per_sec"] for r in history]
+    return float(np.mean(rates[1:] if len(rates) > 1 else rates))
 
 
 def _draw_chunks(config, dataset, step_index: int, chunks) -> list[tuple]:
@@ -112,7 +275,13 @@ class _Loop:
         print(f"jaxdp: resumed from epoch {meta['epoch']} ({self.checkpointer.directory}/{resume_from})", flush=True)
         self.step_count = min((self.start_epoch - 1) * run.steps_per_epoch, run.plan.num_steps)
         if self.accountant is not None:
-            self.accountant.load_state_dict(meta["accountant"])
+            try:
+                self.accountant.load_state_dict(meta["accountant"])
+            except ValueError as e:  # another mechanism than this config's: a config error, before any step
+                raise ConfigError(
+                    f"--resume: checkpoint {resume_from} ({self.checkpointer.directory}) does not fit this config: "
+                    f"{e} Resume with the config the run was started with, or start afresh with --overwrite."
+                ) from e
         check_resumed_steps(int(jax.device_get(self.state.step)), self.accountant, self.step_count, resume_from)
 
     def run_epoch(self, epoch: int, bar) -> dict:
@@ -140,7 +309,8 @@ class _Loop:
         totals = {k: float(sum(m[k] for m in epoch_metrics)) for k in epoch_metrics[0]}
         # Before anything is logged or saved: NaN parameters never reach a checkpoint.
         check_finite(epoch, first, last_step, self.state.params, totals, config, self.checkpointer)
-        if epoch > 1 or self.num_epochs == 1:
+        # The first epoch of this call includes the compilation: left out of the throughput where there are others.
+        if epoch > self.start_epoch or self.start_epoch == self.num_epochs:
             self.steady_examples += totals["examples"]
             self.steady_time += elapsed
         return self._record(epoch, last_step, totals, norms, elapsed)
@@ -178,6 +348,8 @@ class _Loop:
                     "history": self.history,
                     "accountant": self.accountant.state_dict() if self.accountant is not None else None,
                     "secret_seed": self.run.secret_seed,
+                    # What --resume compares its config with (RESUMABLE_KEYS may differ).
+                    "config": _config_json(self.config),
                 },
             )
 
@@ -234,7 +406,8 @@ def _summary(config, loop: _Loop, extra: dict, wall_time_s: float) -> dict:
         # Computed on the private training data without noise: not covered by epsilon, do not publish.
         "not_covered_by_epsilon": ["loss", "train_accuracy", "fraction_clipped", "nonfinite_dropped"]
         + [k for k in last if k.startswith(("grad_norm_", "clip_bias_bound"))],
-        "examples_per_sec": loop.steady_examples / loop.steady_time if loop.steady_time else last["examples_per_sec"],
+        # Of the epochs this call trained; a resume that trained nothing keeps the recorded epochs' throughput.
+        "examples_per_sec": loop.steady_examples / loop.steady_time if loop.steady_time else _throughput(history),
         "nonfinite_dropped": sum(r["nonfinite_dropped"] for r in history),
         "devices": loop.run.mesh.devices.size,
         "wall_time_s": wall_time_s,
@@ -243,24 +416,70 @@ def _summary(config, loop: _Loop, extra: dict, wall_time_s: float) -> dict:
     }
 
 
+def _nothing_to_train(config, loop: _Loop, checkpointer: Checkpointer, resume_from: int, primary: bool) -> dict:
+    """A resume of a run that is already at its last step: say so; keep its summary (and its throughput)."""
+    path = os.path.join(config.workdir, "summary.json")
+    kept = os.path.exists(path)
+    print(
+        f"jaxdp: nothing to train: checkpoint {resume_from} is at the last step ({loop.step_count} of "
+        f"{loop.run.plan.num_steps}); "
+        + ("summary.json is unchanged." if kept else "writing the summary.json the interrupted run did not."),
+        flush=True,
+    )
+    if kept:
+        with open(path) as f:
+            summary = json.load(f)
+    else:
+        extra = {}
+        for cb in loop.callbacks:
+            extra.update(cb.on_end(loop.state.params, config.workdir))
+        summary = _summary(config, loop, extra, 0.0)
+        if primary:
+            with open(path, "w") as f:
+                json.dump(summary, f, indent=2)
+    checkpointer.close()
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def train(
     config: ml_collections.ConfigDict,
     *,
     progress: bool = True,
     callbacks: Sequence[TrainCallback] = (),
     resume: bool = False,
+    overwrite: bool = False,
     example_grad: ExampleGradFn | None = None,
     perturb: Callable[[Any, Any], Any] | None = None,
 ) -> dict:
     """Run private training from a config; returns (and prints) the summary.
 
-    Writes ``metrics.jsonl`` (one line per epoch), ``summary.json`` and orbax
-    checkpoints (:mod:`jaxdp.train.checkpoint`) under ``config.workdir``. With
-    ``resume=True`` it continues from the latest checkpoint there and ends with
-    exactly the parameters and ε of an uninterrupted run. ``callbacks``
-    (:class:`jaxdp.train.TrainCallback`) observe the run. ``example_grad`` and
-    ``perturb`` change how each step's gradients are formed without changing the
+    Writes ``metrics.jsonl`` (one line per epoch, also printed), ``summary.json``,
+    orbax checkpoints (:mod:`jaxdp.train.checkpoint`) and, with ``tensorboardX``,
+    TensorBoard events under ``config.workdir``. ``progress`` draws a progress bar
+    on stderr when stderr is a terminal (the epoch lines are printed either way).
+    ``callbacks`` (:class:`jaxdp.train.TrainCallback`) observe the run. ``example_grad``
+    and ``perturb`` change how each step's gradients are formed without changing the
     privacy plan (see :func:`jaxdp.make_private_step`; ``experiments/bam`` uses them).
+
+    A workdir that holds a run (checkpoints, metrics rows or a summary) is never
+    written over: that is a :class:`ConfigError` unless ``resume`` or ``overwrite``
+    (``jaxdp train --resume`` / ``--overwrite``) says what to do with it.
+
+    * ``resume=True`` continues from the latest checkpoint there and ends with
+      exactly the parameters and ε of an uninterrupted run. The config may differ
+      from the checkpoint's only in :data:`RESUMABLE_KEYS` (``epochs`` only to extend
+      a run whose sigma stays the same); other differences are refused, naming them.
+      The epochs after the checkpoint that the interrupted run had logged are logged
+      once: ``metrics.jsonl`` is rewritten from the checkpoint's history and
+      TensorBoard purges them. A run already at its last step trains nothing and
+      keeps its ``summary.json``.
+    * ``overwrite=True`` deletes the previous run's :data:`RUN_FILES` (checkpoints,
+      metrics.jsonl, summary.json, tensorboard events; nothing else), once the config
+      has been checked and before the first step.
+
+    A run that fails before its first step (a bad value, bad data) removes the
+    directories it created, each only if it is still empty.
 
     Each epoch's record also has clipping diagnostics of the per-example
     gradients that were clipped (:func:`jaxdp.gradient_norm_stats`): their mean
@@ -269,7 +488,9 @@ def train(
     loss, they are computed without noise and are not covered by ε.
 
     Raises:
-      ConfigError: a bad value, before the first step.
+      ConfigError: a bad value, a workdir holding a run (without ``resume`` or
+        ``overwrite``), or a resume whose config does not fit the checkpoint;
+        before the first step.
       TrainingError: the run diverged (NaN/inf parameters or loss; nothing of that
         epoch is saved), a checkpoint could not be written (e.g. a full disk), or
         a checkpoint to resume from counts fewer steps than its parameters took.
@@ -277,90 +498,140 @@ def train(
     """
     # Before anything touches a JAX backend (orbax's manager asks for the process index).
     initialize_distributed(config)
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume and --overwrite exclude each other: --resume continues the run in workdir, --overwrite "
+            "deletes it and starts afresh; pass one of them."
+        )
+    workdir = config.workdir
+    held = _held_run(workdir)
+    if held and not (resume or overwrite):
+        raise ConfigError(
+            f"workdir {workdir!r} holds a run ({'; '.join(held)}); continue it with --resume, replace it with "
+            "--overwrite (deletes its checkpoints, metrics.jsonl, summary.json and tensorboard events), or pass a "
+            "fresh workdir=DIR."
+        )
     if config.ema_decay:
         callbacks = [*callbacks, ParameterEMA(config.ema_decay)]
-
-    checkpointer = Checkpointer(os.path.join(config.workdir, "checkpoints"), keep=config.checkpoint.keep)
-    resume_from = checkpointer.latest() if resume else None
-    if resume and jax.process_count() > 1:
-        check_same_checkpoint_everywhere(resume_from, checkpointer.directory)
-    if resume and resume_from is None:
-        print(f"jaxdp: no checkpoint under {checkpointer.directory}; starting from the beginning.", flush=True)
-    saved_meta = checkpointer.meta(resume_from) if resume_from is not None else None
-    try:
-        run = setup_run(
-            config,
-            secret_seed=saved_meta["secret_seed"] if saved_meta else None,
-            example_grad=example_grad,
-            perturb=perturb,
-        )
-    except ConfigError:
-        raise
-    except ValueError as e:  # a bad value caught by the plan, model, sampler or dataset
-        raise ConfigError(str(e)) from e
-
-    workdir = config.workdir
-    os.makedirs(workdir, exist_ok=True)
     # Multi-host: every process runs the same loop, process 0 alone writes the logs (orbax
     # coordinates the checkpoints itself); the others would race it on a shared workdir.
     primary = jax.process_index() == 0
-    metrics_path = os.path.join(workdir, "metrics.jsonl") if primary else os.devnull
-    print(_header(config, run), flush=True)
-    from tqdm.auto import tqdm
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    created = _missing_dirs(checkpoint_dir)  # removed again, where still empty, when the run fails
+    checkpointer, resume_from, saved_meta, where = None, None, None, ""
+    try:
+        if resume:
+            checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep)
+            resume_from = checkpointer.latest()
+            if jax.process_count() > 1:
+                check_same_checkpoint_everywhere(resume_from, checkpointer.directory)
+            if resume_from is None:
+                print(f"jaxdp: no checkpoint under {checkpointer.directory}; starting from the beginning.", flush=True)
+            else:
+                saved_meta = checkpointer.meta(resume_from)
+                where = f"checkpoint {resume_from} ({checkpointer.directory}/{resume_from})"
+                _check_resume_config(saved_meta.get("config"), config, saved_meta, where)
+        try:
+            run = setup_run(
+                config,
+                secret_seed=saved_meta["secret_seed"] if saved_meta else None,
+                example_grad=example_grad,
+                perturb=perturb,
+            )
+        except ConfigError:
+            raise
+        except ValueError as e:  # a bad value caught by the plan, model, sampler or dataset
+            raise ConfigError(str(e)) from e
+        if saved_meta is not None:
+            _check_resume_sigma(saved_meta.get("accountant"), run.plan, where)
+    except BaseException:
+        if checkpointer is not None:
+            checkpointer.close()
+        _remove_if_empty(created)
+        raise
 
-    t_start = time.perf_counter()
-    loop = _Loop(config, run, callbacks, checkpointer)
-    loop.start()
-    bar = tqdm(
-        total=run.plan.num_steps,
-        desc="private training",
-        unit="step",
-        disable=not (progress and sys.stderr.isatty()),  # a bar only where one can be drawn
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-    if resume_from is not None:
-        loop.resume(resume_from)
-        bar.update(loop.step_count)
-    tb = _tensorboard_writer(os.path.join(workdir, "tensorboard")) if primary else None
-    with open(metrics_path, "w") as log, bar:
-        for record in loop.history:  # a resumed run rewrites the epochs it already has
-            log.write(json.dumps(record) + "\n")
-        for epoch in range(loop.start_epoch, loop.num_epochs + 1):
-            record = loop.run_epoch(epoch, bar)
-            loop.history.append(record)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if tb is not None:
-                for key, value in record.items():
-                    if key not in ("epoch", "step", "delta") and math.isfinite(value):
-                        tb.add_scalar(key, value, record["step"])
-                tb.flush()
-            loop.checkpoint(epoch)
-            bar.set_postfix(epoch=epoch, eps=f"{record['epsilon']:.3f}", test_acc=f"{record['test_accuracy']:.3f}")
-            if progress:
-                tqdm.write(
+    try:
+        if overwrite:
+            if primary:
+                deleted = _clear_run(workdir)
+                if deleted:
+                    print(
+                        f"jaxdp: --overwrite: deleted {', '.join(deleted)} of the previous run in "
+                        f"{os.path.abspath(workdir)}",
+                        flush=True,
+                    )
+            if jax.process_count() > 1:  # the others start once process 0 has cleared the shared workdir
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("jaxdp train --overwrite")
+        if checkpointer is None:
+            checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep)
+        os.makedirs(workdir, exist_ok=True)
+        metrics_path = os.path.join(workdir, "metrics.jsonl") if primary else os.devnull
+        print(_header(config, run), flush=True)
+        from tqdm.auto import tqdm
+
+        t_start = time.perf_counter()
+        loop = _Loop(config, run, callbacks, checkpointer)
+        loop.start()
+        if resume_from is not None:
+            loop.resume(resume_from)
+            if loop.start_epoch > loop.num_epochs:
+                return _nothing_to_train(config, loop, checkpointer, resume_from, primary)
+        bar = tqdm(
+            total=run.plan.num_steps,
+            initial=loop.step_count,
+            desc="private training",
+            unit="step",
+            disable=not (progress and sys.stderr.isatty()),  # a bar only where one can be drawn
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        # A resumed run trains again the steps after its checkpoint, which the interrupted run may have logged.
+        purge_step = loop.step_count + 1 if resume else None
+        tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"), purge_step) if primary else None
+        with open(metrics_path, "w") as log, bar:
+            for record in loop.history:  # a resumed run rewrites the epochs up to its checkpoint, and drops the rest
+                log.write(json.dumps(record) + "\n")
+            for epoch in range(loop.start_epoch, loop.num_epochs + 1):
+                record = loop.run_epoch(epoch, bar)
+                loop.history.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if tb is not None:
+                    for key, value in record.items():
+                        if key not in ("epoch", "step", "delta") and math.isfinite(value):
+                            tb.add_scalar(key, value, record["step"])
+                    tb.flush()
+                loop.checkpoint(epoch)
+                bar.set_postfix(epoch=epoch, eps=f"{record['epsilon']:.3f}", test_acc=f"{record['test_accuracy']:.3f}")
+                split = "val" if loop.run.dataset.eval_split == "validation" else "test"
+                tqdm.write(  # printed with or without the bar: --no-progress hides the bar only
                     f"epoch {epoch:3d} | loss {record['loss']:.4f} | train acc {record['train_accuracy']:.4f} "
-                    f"| {'val' if loop.run.dataset.eval_split == 'validation' else 'test'} acc {record['test_accuracy']:.4f} | eps {record['epsilon']:.3f} "
+                    f"| {split} acc {record['test_accuracy']:.4f} | eps {record['epsilon']:.3f} "
                     f"| {record['examples_per_sec']:,.0f} ex/s",
                     file=sys.stdout,
                 )
-    planned_steps = config.epochs * run.steps_per_epoch
-    if run.plan.num_steps < planned_steps:
-        print(
-            f"jaxdp: stopped after {run.plan.num_steps} of {planned_steps} planned steps: one more step would spend "
-            f"more than privacy.target_epsilon={config.privacy.target_epsilon}.",
-            flush=True,
-        )
-    extra = {}
-    for cb in loop.callbacks:
-        extra.update(cb.on_end(loop.state.params, workdir))
-    summary = _summary(config, loop, extra, time.perf_counter() - t_start)
-    checkpointer.close()
-    if tb is not None:
-        tb.close()
-    if primary:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    print(json.dumps(summary), flush=True)
-    return summary
+                sys.stdout.flush()  # each line as it comes, also into a pipe (| tee) or a file
+        planned_steps = config.epochs * run.steps_per_epoch
+        if run.plan.num_steps < planned_steps:
+            print(
+                f"jaxdp: stopped after {run.plan.num_steps} of {planned_steps} planned steps: one more step would spend "
+                f"more than privacy.target_epsilon={config.privacy.target_epsilon}.",
+                flush=True,
+            )
+        extra = {}
+        for cb in loop.callbacks:
+            extra.update(cb.on_end(loop.state.params, workdir))
+        summary = _summary(config, loop, extra, time.perf_counter() - t_start)
+        checkpointer.close()
+        if tb is not None:
+            tb.close()
+        if primary:
+            with open(os.path.join(workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        print(json.dumps(summary), flush=True)
+        return summary
+    except BaseException:  # e.g. Ctrl-C or a closed stdout before anything was written: no empty dirs left
+        _remove_if_empty(created)
+        raise
