@@ -17,6 +17,27 @@ from flax import nnx  # noqa: E402
 from jaxdp.models import CNN, MLP  # noqa: E402
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Make ``--dist loadgroup`` group again: the modules marked ``xdist_group`` share module-scoped runs.
+
+    pytest-xdist 3.8 tags a grouped test by setting ``item._nodeid`` to ``nodeid@group``; pytest 9.2 reads
+    node ids from ``item._id`` instead, so the tag was lost and every module's tests were spread over both
+    workers, each repeating the module's runs (the 8-device comparisons, the SIGKILL runs). Set the same
+    tag where pytest 9.2 reads it; a no-op without ``--dist loadgroup`` or once xdist sets it itself.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        names = {
+            str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")
+        }
+        if names and "@" not in item.nodeid and hasattr(item, "_id"):
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(names))}")
+
+
 def nnx_loss(model):
     """Split an NNX model into (loss_fn(params, x, y), params)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -56,7 +56,14 @@ def _reference(model, x, y, mask, clip, per_layer=False):
 @pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn"])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"microbatch_size": 3}, {"per_layer": True}, {"clipping_impl": "ghost"}],
+    # The options are jaxdp.clipped_grad's, each checked against a loop in tests/test_clipping.py; here the
+    # wrapper is checked with each, the pass-through ones in CI's slow step.
+    [
+        {},
+        pytest.param({"microbatch_size": 3}, marks=pytest.mark.slow),
+        pytest.param({"per_layer": True}, marks=pytest.mark.slow),
+        {"clipping_impl": "ghost"},
+    ],
     ids=["vmap", "microbatched", "per_layer", "ghost"],
 )
 def test_value_and_clipped_grad_equals_a_loop_over_examples(make, options):

@@ -33,7 +33,7 @@ def test_recipe_models():
     [
         pytest.param("mnist_cnn.py:smoke", ["batch_size=16"], marks=pytest.mark.slow),  # ~17 s
         pytest.param("fashion_mnist_cnn.py:smoke", ["batch_size=16"], marks=pytest.mark.slow),
-        pytest.param("fashion_mnist_scatter.py:smoke", ["batch_size=16"]),  # a linear model: seconds
+        pytest.param("fashion_mnist_scatter.py:smoke", ["batch_size=16"], marks=pytest.mark.slow),  # ~15 s
         pytest.param(  # ~1 min compiling the WRN on 2 CPU cores: CI's slow step
             "cifar10_wrn16_4.py:smoke",
             ["batch_size=8", "physical_batch_size=8", "model.kwargs.width=1"],
