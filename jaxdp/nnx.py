@@ -28,6 +28,7 @@ layer with ``rngs=nnx.Rngs(dropout=key)``, or switch it off (``model.eval()``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -259,6 +260,9 @@ class PrivateStep:
         self.wrt = wrt
         self._graphdef = graphdef
         self._rest = rest
+        # The one nnx.Optimizer this step serves (a weak reference): step.tx's init always returns the
+        # step's noise key, so a second optimizer on it would draw the same noise again.
+        self._optimizer: weakref.ref | None = None
 
     def check_model(self, model: nnx.Module) -> None:
         """Raise unless ``model`` has the structure and non-parameter state the step was built with."""
@@ -392,6 +396,15 @@ def private_step(
         raise ValueError(
             "private_step: the optimizer was not built with step.tx, so its update would add no noise; "
             "build it as nnx.Optimizer(model, step.tx, wrt=nnx.Param)."
+        )
+    served = step._optimizer() if step._optimizer is not None else None
+    if served is None:
+        step._optimizer = weakref.ref(optimizer)
+    elif served is not optimizer:
+        raise ValueError(
+            "private_step: a second nnx.Optimizer on this step's tx starts from the same noise key, so its "
+            "updates would repeat the first optimizer's noise (which an observer can cancel); keep one optimizer "
+            "per step, or build a new step with make_private_step(..., noise_key=jaxdp.new_secret())."
         )
     step.check_model(model)
     chunks = [step.chunk(c) for c in chunks]

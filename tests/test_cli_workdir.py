@@ -308,3 +308,52 @@ def test_help_says_what_steps_and_delta_are_what_overwrite_deletes_and_what_resu
 
     for key in RESUMABLE_KEYS:  # the rule of --resume, as the code applies it
         assert key in train_help.split("--resume continue from the latest checkpoint")[1], key
+
+
+def test_overwrite_never_deletes_folders_jaxdp_did_not_write(tmp_path):
+    """A user's own checkpoints/ folder: kept when the workdir holds no run, refused (named) when it holds one."""
+    from jaxdp.config import ConfigError, apply_overrides, load_config
+    from jaxdp.train import train
+    from jaxdp.train.loop import _clear_run
+
+    mine = tmp_path / "project"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "checkpoints" / "model.pt").write_text("not jaxdp's")
+    assert _clear_run(str(mine)) == [] and (mine / "checkpoints" / "model.pt").exists()  # no run here: nothing
+
+    (mine / "summary.json").write_text("{}")  # now it holds a run, and the folder also has a file of the user's
+    config = apply_overrides(load_config(DIGITS), [f"workdir={mine}"])
+    with pytest.raises(ConfigError, match=r"--overwrite would delete files jaxdp did not write: .*model\.pt"):
+        train(config, progress=False, overwrite=True)
+    assert (mine / "checkpoints" / "model.pt").exists() and (mine / "summary.json").exists()
+
+
+def test_resume_may_not_extend_a_bandmf_run():
+    """BandMF's coefficients are optimised for the planned steps: more epochs would change them mid-run."""
+    from jaxdp.config import ConfigError, apply_overrides, load_config
+    from jaxdp.train.loop import _check_resume_config, _config_json
+
+    fixed = ["privacy.target_epsilon=None", "privacy.noise_multiplier=2.0"]
+    saved = _config_json(apply_overrides(load_config(DIGITS), [*fixed, "privacy.bands=2", "epochs=4"]))
+    longer = apply_overrides(load_config(DIGITS), [*fixed, "privacy.bands=2", "epochs=8"])
+    with pytest.raises(ConfigError, match=r"BandMF noise coefficients.*privacy\.bands=2"):
+        _check_resume_config(saved, longer, {"epoch": 2}, "checkpoint 2")
+    # DP-SGD with a fixed sigma may be extended
+    saved = _config_json(apply_overrides(load_config(DIGITS), [*fixed, "epochs=4"]))
+    _check_resume_config(saved, apply_overrides(load_config(DIGITS), [*fixed, "epochs=8"]), {"epoch": 2}, "ckpt")
+
+
+def test_ctrl_c_of_an_overwrite_before_its_first_checkpoint_does_not_suggest_resuming_the_old_run(tmp_path):
+    import time
+
+    import ml_collections
+
+    from jaxdp.cli.main import _interrupted
+
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)  # the previous run's checkpoint
+    config = ml_collections.ConfigDict({"workdir": str(tmp_path)})
+    argv = ["train", "--config", DIGITS, "--overwrite"]
+    line = _interrupted(config, argv, started=time.time() + 60)  # the run started after that checkpoint
+    assert "start again with" in line and line.endswith("--overwrite") and "--resume" not in line, line
+    line = _interrupted(config, argv, started=time.time() - 60)  # this run wrote it
+    assert "last checkpoint is epoch 3" in line and line.endswith("--resume") and "--overwrite" not in line, line

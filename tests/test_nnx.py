@@ -294,3 +294,18 @@ def test_private_step_refuses_what_would_break_the_guarantee():
         dpnnx.private_step(model, optimizer, step, chunk)
     with pytest.raises(TypeError, match="run_private_step"):
         dpnnx.private_step(model, optimizer, step.functional, chunk)
+
+
+def test_a_second_optimizer_on_one_step_is_refused():
+    """step.tx's init returns the step's noise key each time: a second nnx.Optimizer on it would replay the noise."""
+    x, y = _problem()
+    model = _Dropout(nnx.Rngs(0))
+    model.eval()
+    step = dpnnx.make_private_step(_plan(), plain_loss, model, optax.sgd(0.1), noise_key=jaxdp.key_from_secret(6))
+    chunk = [(x[:10], y[:10], np.ones(10, np.float32))]
+    first = nnx.Optimizer(model, step.tx, wrt=nnx.Param)
+    dpnnx.private_step(model, first, step, chunk)
+    dpnnx.private_step(model, first, step, chunk)  # the same optimizer again: its key has moved on
+    second = nnx.Optimizer(model, step.tx, wrt=nnx.Param)
+    with pytest.raises(ValueError, match="repeat the first optimizer's noise"):
+        dpnnx.private_step(model, second, step, chunk)

@@ -13,6 +13,7 @@ import argparse
 import os
 import shlex
 import sys
+import time
 
 from jaxdp.cli.output import fail
 from jaxdp.config import ConfigError, apply_overrides, load_config
@@ -201,10 +202,15 @@ def _resume_command(argv: list[str]) -> str:
     return shlex.join(["jaxdp", *args, *([] if "--resume" in args else ["--resume"])])
 
 
-def _interrupted(config, argv: list[str]) -> str:
+def _interrupted(config, argv: list[str], started: float) -> str:
     """One line after Ctrl-C during ``jaxdp train``: where the last checkpoint is and how to continue."""
     directory = os.path.abspath(os.path.join(config.workdir, "checkpoints"))
     latest = _latest_checkpoint(directory)
+    if "--overwrite" in argv and (latest is None or os.path.getmtime(os.path.join(directory, str(latest))) < started):
+        # Stopped before this run wrote a checkpoint: --resume would continue the run being replaced.
+        return (
+            f"jaxdp: interrupted before this run's first checkpoint; start again with: {shlex.join(['jaxdp', *argv])}"
+        )
     command = _resume_command(argv)
     if latest is None:
         return f"jaxdp: interrupted before the first checkpoint (none under {directory}); start again with: {command}"
@@ -260,6 +266,7 @@ def _main(argv: list[str]) -> int:
     except ConfigError as e:
         return fail(str(e))
     if args.command == "train":
+        started = time.time()  # a checkpoint older than this is the previous run's (see _interrupted)
         try:
             from jaxdp.train import TrainingError, train  # heavy imports only once the config is known good
 
@@ -273,7 +280,7 @@ def _main(argv: list[str]) -> int:
                 print(f"jaxdp: error: {e}", file=sys.stderr)
                 return 1
         except KeyboardInterrupt:  # Ctrl-C: where the last checkpoint is and the command that continues
-            print(_interrupted(config, argv), file=sys.stderr)
+            print(_interrupted(config, argv, started), file=sys.stderr)
             return 130
     if args.command == "audit":
         from jaxdp.cli import audit

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -108,8 +109,32 @@ def _held_run(workdir: str) -> list[str]:
     return held
 
 
+# What jaxdp itself writes inside checkpoints/ (orbax: ``<epoch>`` and its unfinished ``<epoch>.orbax-...``)
+# and tensorboard/ (tensorboardX's event files): --overwrite deletes those folders only when they hold nothing else.
+_OWN_ENTRIES = {
+    "checkpoints": re.compile(r"^\d+(\..*)?$"),
+    "tensorboard": re.compile(r"^events\.out\.tfevents\."),
+}
+
+
+def _foreign_entries(workdir: str) -> list[str]:
+    """Entries of checkpoints/ and tensorboard/ that jaxdp did not write (--overwrite refuses to delete them)."""
+    foreign = []
+    for name, own in _OWN_ENTRIES.items():
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            foreign += [os.path.join(path, e) for e in sorted(os.listdir(path)) if not own.match(e)]
+    return foreign
+
+
 def _clear_run(workdir: str) -> list[str]:
-    """``--overwrite``: delete the previous run's files (:data:`RUN_FILES`) and nothing else; returns their names."""
+    """``--overwrite``: delete the previous run's files (:data:`RUN_FILES`) and nothing else; returns their names.
+
+    Only a workdir that holds a run (:func:`_held_run`) is cleared, and the caller has checked
+    :func:`_foreign_entries`: a folder of the user's that happens to be called ``checkpoints`` is never deleted.
+    """
+    if not _held_run(workdir):
+        return []
     deleted = []
     for name in RUN_FILES:
         path = os.path.join(workdir, name)
@@ -190,6 +215,14 @@ def _check_resume_config(saved: dict | None, config: ml_collections.ConfigDict, 
                 f"epochs >= {meta['epoch']}, or start afresh with --overwrite."
             )
         privacy = config.privacy
+        if privacy.get("bands", 1) > 1:
+            # BandMF's noise coefficients are optimised for the planned number of steps: a longer plan gives other
+            # coefficients, and the steps across the switch would have sensitivity above C (columns of norm > 1).
+            raise ConfigError(
+                f"--resume: epochs {before!r} -> {after!r} would change the BandMF noise coefficients "
+                f"(privacy.bands={privacy.bands}), which are optimised for the planned steps, and {where} was "
+                f"trained with the old ones; resume with epochs={before!r}."
+            )
         if privacy.noise_multiplier is None and privacy.target_epsilon is not None:
             raise ConfigError(
                 f"--resume: epochs {before!r} -> {after!r} would change sigma: it is calibrated to "
@@ -510,6 +543,13 @@ def train(
             f"workdir {workdir!r} holds a run ({'; '.join(held)}); continue it with --resume, replace it with "
             "--overwrite (deletes its checkpoints, metrics.jsonl, summary.json and tensorboard events), or pass a "
             "fresh workdir=DIR."
+        )
+    foreign = _foreign_entries(workdir) if held and overwrite else []
+    if foreign:
+        raise ConfigError(
+            f"--overwrite would delete files jaxdp did not write: {', '.join(foreign[:3])}"
+            f"{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}; move them out of workdir {workdir!r}, "
+            "or pass a fresh workdir=DIR."
         )
     if config.ema_decay:
         callbacks = [*callbacks, ParameterEMA(config.ema_decay)]
