@@ -282,3 +282,26 @@ def test_complex_features_need_a_complex_model_before_the_first_step(tmp_path, m
         "use model.name='complex_cnn', or give the real and imaginary parts as two real channels "
         "(see experiments/complex_valued)."
     )
+
+
+def test_bool_labels_are_two_classes_and_split_dtypes_must_agree_and_any_array_is_scanned():
+    x = np.zeros((6, 3), np.float32)
+    y = np.array([True, False, True, False, True, False])
+    from jaxdp.data import DataError, Dataset, validate
+
+    ds = validate(Dataset("toy", x, y, x, y, 0))
+    assert ds.num_classes == 2 and ds.y_train.dtype == np.int32 and ds.y_train.tolist() == [1, 0, 1, 0, 1, 0]
+    with pytest.raises(DataError, match=r"x_train has dtype float32 but x_test has complex64; expected both real"):
+        validate(Dataset("toy", x, y, x.astype(np.complex64), y, 0))
+
+    class NotNumpy:  # an array-like that is not an np.ndarray (e.g. what a registered loader returns)
+        def __init__(self, a):
+            self.a, self.shape, self.dtype = a, a.shape, a.dtype
+
+        def __array__(self, dtype=None, copy=None):
+            return self.a
+
+    bad = x.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(DataError, match=r"x_train has 1 NaN value \(first in row 2\)"):
+        validate(Dataset("toy", NotNumpy(bad), y, x, y, 0))

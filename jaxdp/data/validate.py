@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from jaxdp.config import ConfigError
+from jaxdp.data.records import RecordArray
 
 __all__ = ["DataError", "validate"]
 
@@ -90,6 +91,8 @@ def _check_label_shape(where: str, key: str, y: Any, rows: int) -> np.ndarray:
 def _as_int_labels(where: str, key: str, y: np.ndarray) -> np.ndarray:
     if np.issubdtype(y.dtype, np.integer):
         return y
+    if y.dtype == np.bool_:  # two classes, False = 0 and True = 1
+        return y.astype(np.int32)
     if np.issubdtype(y.dtype, np.floating):
         bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
         if len(bad) == 0:
@@ -176,6 +179,12 @@ def validate(dataset: Any, where: str | None = None) -> Any:
             f"{where}: x_train has examples of shape {tuple(x_tr.shape[1:])} but x_{test} has {tuple(x_te.shape[1:])}; "
             "expected the same shape per example in both splits."
         )
+    complex_tr, complex_te = (np.issubdtype(np.dtype(x.dtype), np.complexfloating) for x in (x_tr, x_te))
+    if complex_tr != complex_te:
+        raise DataError(
+            f"{where}: x_train has dtype {np.dtype(x_tr.dtype)} but x_{test} has {np.dtype(x_te.dtype)}; expected "
+            "both real or both complex: convert one of them."
+        )
     for split in labels:
         labels[split] = _as_int_labels(where, f"y_{split}", labels[split])
     k = int(dataset.num_classes)
@@ -208,8 +217,8 @@ def validate(dataset: Any, where: str | None = None) -> Any:
             raise DataError(f"{where}: every label is 0; expected at least two classes (integer labels 0..K-1).")
         k = hi + 1
     for split, x, _ in splits:
-        if isinstance(x, np.ndarray):  # a RecordArray on disk is not scanned (see the module docstring)
-            _check_finite(where, f"x_{split}", x)
+        if not isinstance(x, RecordArray):  # a RecordArray on disk is not scanned (see the module docstring)
+            _check_finite(where, f"x_{split}", np.asarray(x))
     return dataset._replace(
         y_train=labels["train"].astype(np.int32, copy=False),
         y_test=labels[test].astype(np.int32, copy=False),
