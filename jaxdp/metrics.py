@@ -16,10 +16,13 @@ __all__ = [
     "accuracy",
     "brier_score",
     "expected_calibration_error",
+    "fit_temperature",
     "nll",
+    "overconfidence",
     "reliability_bins",
     "reliability_diagram",
     "reliability_figure",
+    "softmax",
     "uncertainty_metrics",
 ]
 
@@ -98,14 +101,59 @@ def expected_calibration_error(probs, labels, num_bins: int = 15) -> float:
     return float(np.sum(bins.count / n * np.abs(bins.accuracy - bins.confidence)))
 
 
+def overconfidence(probs, labels) -> float:
+    """Mean top-label confidence minus accuracy: > 0 over-confident, < 0 under-confident."""
+    p, y = _check(probs, labels)
+    return float(p.max(axis=1).mean() - np.mean(p.argmax(axis=1) == y))
+
+
 def uncertainty_metrics(probs, labels, num_bins: int = 15) -> dict:
-    """``{"accuracy", "nll", "brier", "ece"}`` in one call."""
+    """``{"accuracy", "nll", "brier", "ece", "overconfidence"}`` in one call."""
     return {
         "accuracy": accuracy(probs, labels),
         "nll": nll(probs, labels),
         "brier": brier_score(probs, labels),
         "ece": expected_calibration_error(probs, labels, num_bins),
+        "overconfidence": overconfidence(probs, labels),
     }
+
+
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    """``softmax(logits / temperature)`` in float64, row-wise, stable for large logits."""
+    z = np.asarray(logits, np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logits, labels, *, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of ``softmax(logits / T)``.
+
+    Fit it on held-out data (a validation split of the training set), never on the test set. The NLL is
+    convex in 1/T, so a bounded 1-D search over log T finds the optimum; a T at a bound means the
+    bound is too tight (the error says so).
+    """
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels)
+    if z.ndim != 2 or y.shape != (z.shape[0],) or z.shape[0] == 0:
+        raise ValueError(f"logits has shape {z.shape} and labels {y.shape}; expected (n, classes) and (n,), n > 0.")
+    if not np.all(np.isfinite(z)):
+        raise ValueError("logits has NaN or inf entries; temperature scaling needs finite logits.")
+    lo, hi = bounds
+    if not 0 < lo < hi:
+        raise ValueError(f"bounds={bounds!r} must satisfy 0 < low < high.")
+    from scipy.optimize import minimize_scalar
+
+    def loss(log_t):
+        zt = z / np.exp(log_t)
+        zt = zt - zt.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(zt).sum(axis=1)) - zt[np.arange(len(y)), y]))
+
+    res = minimize_scalar(loss, bounds=(np.log(lo), np.log(hi)), method="bounded", options={"xatol": 1e-6})
+    t = float(np.exp(res.x))
+    if min(abs(res.x - np.log(lo)), abs(res.x - np.log(hi))) < 1e-3:
+        raise ValueError(f"the fitted temperature {t:.4g} sits at a bound of {bounds!r}; widen bounds.")
+    return t
 
 
 def reliability_figure(probs, labels, *, num_bins: int = 15, title: str = ""):
@@ -138,7 +186,7 @@ def reliability_figure(probs, labels, *, num_bins: int = 15, title: str = ""):
             bins.accuracy[i],
             width=width * 0.95,
             color="#4c72b0",
-            alpha=float(shade[i]),
+            alpha=min(1.0, float(shade[i])),  # 0.2 + 0.8 * 1 can round to 1.0000000000000002
             edgecolor="black",
             label="accuracy (shade: examples in bin)" if i == np.flatnonzero(shown)[0] else None,
         )

@@ -40,7 +40,30 @@ def test_nll_brier_accuracy_closed_form():
     assert metrics.nll(probs, labels) == pytest.approx(-(math.log(0.5) + math.log(0.1)) / 2)
     brier = ((0.5**2 + 0.25**2 + 0.25**2) + (0.1**2 + 0.8**2 + 0.9**2)) / 2
     assert metrics.brier_score(probs, labels) == pytest.approx(brier)
-    assert set(metrics.uncertainty_metrics(probs, labels)) == {"accuracy", "nll", "brier", "ece"}
+    assert set(metrics.uncertainty_metrics(probs, labels)) == {"accuracy", "nll", "brier", "ece", "overconfidence"}
+    # Mean confidence (0.5 + 0.8) / 2 minus accuracy 0.5.
+    assert metrics.overconfidence(probs, labels) == pytest.approx(0.15)
+
+
+def test_temperature_scaling_recovers_the_temperature_that_generated_the_labels():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(scale=4.0, size=(20_000, 5))
+    for true_t in (0.5, 2.5):
+        # Labels drawn from softmax(logits / T): the NLL-optimal temperature is T (up to sampling error).
+        p = metrics.softmax(logits, true_t)
+        labels = (rng.uniform(size=(len(p), 1)) > np.cumsum(p, axis=1)).sum(axis=1)
+        fitted = metrics.fit_temperature(logits, labels)
+        assert fitted == pytest.approx(true_t, rel=0.05)
+        # And fitting lowers the NLL and the ECE against the raw (T = 1) logits.
+        raw, scaled = metrics.softmax(logits), metrics.softmax(logits, fitted)
+        assert metrics.nll(scaled, labels) < metrics.nll(raw, labels)
+        assert metrics.expected_calibration_error(scaled, labels) < metrics.expected_calibration_error(raw, labels)
+    with pytest.raises(ValueError, match="sits at a bound"):
+        metrics.fit_temperature(logits, labels, bounds=(0.05, 1.0))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metrics.fit_temperature(np.array([[np.nan, 0.0]]), np.array([0]))
+    # softmax is stable for huge logits.
+    np.testing.assert_allclose(metrics.softmax(np.array([[1000.0, 0.0]])), [[1.0, 0.0]])
 
 
 def test_reliability_diagram_png(tmp_path):
