@@ -69,6 +69,10 @@ def get_config(arg=None):
     config.optimizer.learning_rate = 0.02
     config.optimizer.momentum = 0.0  # sgd only
     config.optimizer.weight_decay = 0.0  # = a Gaussian prior (post-processing: privacy unchanged)
+    # A step schedule: the learning rate is multiplied by lr_scales[i] after step lr_boundaries[i] (cumulative),
+    # e.g. optimizer.lr_boundaries=(600,) optimizer.lr_scales=(0.25,). Public: privacy unchanged. () = constant.
+    config.optimizer.lr_boundaries = ()
+    config.optimizer.lr_scales = ()
 
     config.ema_decay = 0.0  # > 0: also report the test accuracy of an EMA of the parameters (post-processing)
 

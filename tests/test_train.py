@@ -164,3 +164,24 @@ def test_bad_data_keys_are_config_errors_naming_the_key(tmp_path, override, mess
     config = apply_overrides(load_config(f"{DIGITS}:smoke"), [f"workdir={tmp_path}", override])
     with pytest.raises(ConfigError, match=message):
         setup_run(config)
+
+
+def test_learning_rate_schedule_scales_the_step_after_its_boundary_and_names_bad_values():
+    from jaxdp.train import make_optimizer
+
+    tx = make_optimizer("sgd", 2.0, lr_boundaries=(3,), lr_scales=(0.25,))
+    params, state = jnp.zeros(()), None
+    state = tx.init(params)
+    steps = []
+    for _ in range(5):
+        updates, state = tx.update(jnp.ones(()), state, params)
+        steps.append(float(-updates))
+    # Three updates at 2.0, then a quarter of it: "after step 3" as documented.
+    assert steps == [2.0, 2.0, 2.0, 0.5, 0.5]
+    for kwargs, match in [
+        (dict(lr_boundaries=(3,), lr_scales=()), "same length"),
+        (dict(lr_boundaries=(5, 3), lr_scales=(0.5, 0.5)), "increasing step ints"),
+        (dict(lr_boundaries=(3,), lr_scales=(0.0,)), "numbers > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            make_optimizer("sgd", 1.0, **kwargs)

@@ -55,27 +55,59 @@ def classification_loss(graphdef: nnx.GraphDef, rest: Any) -> Callable[..., jax.
 
 
 def make_optimizer(
-    name: str, learning_rate: float, momentum: float = 0.0, weight_decay: float = 0.0
+    name: str,
+    learning_rate: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    lr_boundaries: tuple = (),
+    lr_scales: tuple = (),
 ) -> optax.GradientTransformation:
     """The (public, non-private) optimizer chained after the privatizer.
 
     ``weight_decay`` adds ``weight_decay * params`` to the noisy gradient (a
     Gaussian prior; post-processing of public parameters, so privacy is unchanged).
+    ``lr_boundaries`` / ``lr_scales``: a piecewise-constant step size, multiplied by
+    ``lr_scales[i]`` after step ``lr_boundaries[i]`` (cumulative, as
+    ``optax.piecewise_constant_schedule``); e.g. ``(600,)`` and ``(0.25,)`` trains
+    600 steps at ``learning_rate`` and the rest at a quarter of it. The schedule is
+    public: privacy is unchanged.
     """
     if weight_decay < 0:
         raise ConfigError(f"optimizer.weight_decay={weight_decay!r} must be >= 0.")
+    lr_boundaries, lr_scales = tuple(lr_boundaries or ()), tuple(lr_scales or ())
+    if len(lr_boundaries) != len(lr_scales):
+        raise ConfigError(
+            f"optimizer.lr_boundaries={lr_boundaries!r} and optimizer.lr_scales={lr_scales!r} must have the same "
+            "length: one scale per boundary step."
+        )
+    if any(not isinstance(b, int) or b < 1 for b in lr_boundaries) or list(lr_boundaries) != sorted(set(lr_boundaries)):
+        raise ConfigError(f"optimizer.lr_boundaries={lr_boundaries!r} is invalid: need increasing step ints >= 1.")
+    if any(not isinstance(s, (int, float)) or not s > 0 for s in lr_scales):
+        raise ConfigError(f"optimizer.lr_scales={lr_scales!r} is invalid: need numbers > 0.")
+    lr = (
+        optax.piecewise_constant_schedule(learning_rate, dict(zip(lr_boundaries, map(float, lr_scales), strict=True)))
+        if lr_boundaries
+        else learning_rate
+    )
     decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
     if name == "sgd":
-        return optax.chain(*decay, optax.sgd(learning_rate, momentum=momentum or None))
+        return optax.chain(*decay, optax.sgd(lr, momentum=momentum or None))
     if name == "adam":
-        return optax.chain(*decay, optax.adam(learning_rate))
+        return optax.chain(*decay, optax.adam(lr))
     raise ConfigError(f"optimizer.name={name!r} is not known; choose 'sgd' or 'adam'.")
 
 
 def config_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """:func:`make_optimizer` from a config's ``optimizer`` section."""
     o = config.optimizer
-    return make_optimizer(o.name, o.learning_rate, o.momentum, o.get("weight_decay", 0.0))
+    return make_optimizer(
+        o.name,
+        o.learning_rate,
+        o.momentum,
+        o.get("weight_decay", 0.0),
+        tuple(o.get("lr_boundaries", ())),
+        tuple(o.get("lr_scales", ())),
+    )
 
 
 def build_model(config: ml_collections.ConfigDict, dataset: Any) -> tuple[nnx.GraphDef, Any, Any]:
@@ -149,6 +181,7 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
     _config_rule(rules.check_bands, p.get("bands", 1), "privacy.bands")
     lr = config.optimizer.learning_rate
     need(isinstance(lr, (int, float)) and lr > 0, "optimizer.learning_rate", lr, "need a number > 0")
+    config_optimizer(config)  # the schedule's keys (optimizer.lr_boundaries / lr_scales) name themselves
     if p.noise_seed is not None:  # the secret rule (jaxdp.keys.check_secret), said for a config
         try:
             keys.check_secret(p.noise_seed, "privacy.noise_seed")
