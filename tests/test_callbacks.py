@@ -43,11 +43,17 @@ def test_callbacks_see_every_step_and_add_to_the_summary(tmp_path):
             self.steps.append(step)
 
         def on_end(self, params, workdir):
-            return {"recorded_steps": len(self.steps)}
+            return {"recorded_steps": len(self.steps), "not_covered_by_epsilon": ["recorded_steps"]}
+
+    class Diagnostic(TrainCallback):
+        def on_end(self, params, workdir):
+            return {"probe": 1.0, "not_covered_by_epsilon": ["probe"]}
 
     rec = Recorder()
     config = apply_overrides(load_config(f"{DIGITS}:smoke"), [f"workdir={tmp_path}", "ema_decay=0.9"])
-    summary = train(config, progress=False, callbacks=[rec])
+    summary = train(config, progress=False, callbacks=[rec, Diagnostic()])
     assert rec.started and rec.steps == list(range(1, summary["steps"] + 1))
-    assert summary["recorded_steps"] == summary["steps"]
+    assert summary["recorded_steps"] == summary["steps"] and summary["probe"] == 1.0
+    # Each callback's diagnostics join the loop's own list (neither replaces the other).
+    assert {"loss", "fraction_clipped", "recorded_steps", "probe"} <= set(summary["not_covered_by_epsilon"])
     assert 0 <= summary["ema_test_accuracy"] <= 1 and summary["ema_decay"] == 0.9

@@ -30,7 +30,12 @@ class TrainCallback:
         """After noisy step ``step`` (1-based) with the updated parameters."""
 
     def on_end(self, params: Any, workdir: str) -> dict:
-        """After the last step; returns extra entries for the summary."""
+        """After the last step; returns extra entries for the summary.
+
+        A callback that computed something from the private training data without noise (a
+        diagnostic) lists those keys under ``"not_covered_by_epsilon"``: they join the summary's
+        list of the same name instead of replacing it.
+        """
         return {}
 
     def state_template(self, params: Any) -> Any:

@@ -412,10 +412,21 @@ def _attack_risk(accountant, delta: float) -> dict:
     }
 
 
+def _callback_results(callbacks, params, workdir: str) -> dict:
+    """Every callback's ``on_end`` entries; their ``not_covered_by_epsilon`` lists are joined, not replaced."""
+    extra, not_covered = {}, []
+    for cb in callbacks:
+        out = dict(cb.on_end(params, workdir))
+        not_covered += list(out.pop("not_covered_by_epsilon", ()))
+        extra.update(out)
+    return {**extra, "not_covered_by_epsilon": not_covered}
+
+
 def _summary(config, loop: _Loop, extra: dict, wall_time_s: float) -> dict:
     plan, history = loop.run.plan, loop.history
     last = history[-1]
     delta = config.privacy.delta
+    not_covered = extra.get("not_covered_by_epsilon", ())
     return {
         "dataset": config.dataset,
         "model": config.model.name,
@@ -438,14 +449,15 @@ def _summary(config, loop: _Loop, extra: dict, wall_time_s: float) -> dict:
         "attack_risk": _attack_risk(loop.accountant, delta),
         # Computed on the private training data without noise: not covered by epsilon, do not publish.
         "not_covered_by_epsilon": ["loss", "train_accuracy", "fraction_clipped", "nonfinite_dropped"]
-        + [k for k in last if k.startswith(("grad_norm_", "clip_bias_bound"))],
+        + [k for k in last if k.startswith(("grad_norm_", "clip_bias_bound"))]
+        + list(not_covered),  # and what the callbacks computed from the training data
         # Of the epochs this call trained; a resume that trained nothing keeps the recorded epochs' throughput.
         "examples_per_sec": loop.steady_examples / loop.steady_time if loop.steady_time else _throughput(history),
         "nonfinite_dropped": sum(r["nonfinite_dropped"] for r in history),
         "devices": loop.run.mesh.devices.size,
         "wall_time_s": wall_time_s,
         "workdir": config.workdir,
-        **extra,
+        **{k: v for k, v in extra.items() if k != "not_covered_by_epsilon"},
     }
 
 
@@ -463,10 +475,7 @@ def _nothing_to_train(config, loop: _Loop, checkpointer: Checkpointer, resume_fr
         with open(path) as f:
             summary = json.load(f)
     else:
-        extra = {}
-        for cb in loop.callbacks:
-            extra.update(cb.on_end(loop.state.params, config.workdir))
-        summary = _summary(config, loop, extra, 0.0)
+        summary = _summary(config, loop, _callback_results(loop.callbacks, loop.state.params, config.workdir), 0.0)
         if primary:
             with open(path, "w") as f:
                 json.dump(summary, f, indent=2)
@@ -660,9 +669,7 @@ def train(
                 f"more than privacy.target_epsilon={config.privacy.target_epsilon}.",
                 flush=True,
             )
-        extra = {}
-        for cb in loop.callbacks:
-            extra.update(cb.on_end(loop.state.params, workdir))
+        extra = _callback_results(loop.callbacks, loop.state.params, workdir)
         summary = _summary(config, loop, extra, time.perf_counter() - t_start)
         checkpointer.close()
         if tb is not None:
