@@ -1,31 +1,30 @@
-"""DP-SGLD on a medical binary task (the paper used the Pediatric Pneumonia chest X-ray set).
+"""DP-SGLD vs DP-SGD on a medical binary task (the paper used the Pediatric Pneumonia chest X-rays). NOT run here.
 
-Command:   python -m experiments.langevin.run --config experiments/langevin/configs/pneumonia.py \
-               --baseline-config experiments/langevin/configs/pneumonia.py
+Command:   python -m experiments.langevin.run --config experiments/langevin/configs/pneumonia.py
 Data:      not shipped and not in TFDS: export it yourself as data/pediatric_pneumonia_64.npz with
-           x_train (n, 64, 64, 1) uint8, y_train (n,) in {0: normal, 1: pneumonia}, x_test, y_test
-           (the format jaxdp.data documents for `npz:` datasets), or override dataset=npz:/your/file.npz.
-           Not run by us (no data here): no measured result yet.
-Privacy:   Poisson sampling, batch 256, 20 epochs, sigma calibrated to the target epsilon, delta = 1e-5.
+           x_train (n, 64, 64, 1) uint8, y_train (n,) in {0: normal, 1: pneumonia}, x_test, y_test (the format
+           jaxdp.data documents for `npz:` datasets), or override langevin.base_dataset=npz:/your/file.npz.
+           A stratified 10% of the training images is held out for tuning and temperature scaling.
+Protocol:  the Fashion-MNIST one (configs/fashion_mnist.py); choose eta_0 and the burn-in on the held-out split
+           with `--tune` before reading the test numbers. No measured result: there is no data on this machine.
 """
 
 import os
 
+import ml_collections
+
 from jaxdp.config import check_variant, config_module
 
-_digits = config_module(os.path.join(os.path.dirname(__file__), "digits.py"))
-
-import ml_collections  # noqa: E402
+_fmnist = config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist.py"))
+VARIANTS = ("smoke",)
 
 
 def get_config(arg=None):
-    check_variant(__file__, arg, ("smoke",))
-    config = _digits.get_config(arg)
-    config.dataset = "npz:data/pediatric_pneumonia_64.npz"
+    check_variant(__file__, arg, VARIANTS)
+    config = _fmnist.get_config(arg)
     config.workdir = "runs/langevin_pneumonia" + ("_smoke" if arg == "smoke" else "")
-    config.model.name = "cnn"
     config.model.kwargs = ml_collections.ConfigDict({"features": (16, 32, 32)})
-    config.batch_size = 256
-    config.epochs = 2 if arg == "smoke" else 20
-    config.langevin.temperature = 1.0
+    config.langevin.base_dataset = "npz:data/pediatric_pneumonia_64.npz"
+    config.langevin.holdout = 500
+    config.langevin.train_size = 0
     return config
