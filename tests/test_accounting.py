@@ -291,6 +291,7 @@ def test_attack_risk_report_is_consistent():
     assert rdp_risk.tpr_at_fpr[0.01] >= risk.tpr_at_fpr[0.01] * 0.999
 
 
+@pytest.mark.slow  # ~19 s; the calibration itself is tested in the default suite
 def test_attack_risk_calibration_needs_less_noise_than_epsilon_calibration():
     """Target: TPR <= 5% at FPR = 1%. The ε with that worst-case risk is ln((0.05 − δ)/0.01)."""
     q, steps, delta = 0.01, 300, 1e-5

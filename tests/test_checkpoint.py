@@ -35,6 +35,7 @@ def reference(tmp_path_factory):
     return workdir, summary
 
 
+@pytest.mark.slow  # ~40 s; test_guards.py kills at named points and resumes in the default suite
 def test_sigkill_mid_training_then_resume_is_bit_identical(reference, tmp_path):
     ref_dir, ref_summary = reference
     workdir = str(tmp_path / "killed")

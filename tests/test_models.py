@@ -55,6 +55,7 @@ def test_make_model_shapes_and_errors():
         make_model("cnn", input_shape=(2, 2, 1), num_classes=10, seed=0, features=(4, 4))
 
 
+@pytest.mark.slow  # ~11 s: a performance layer; ghost and loop equality cover its gradients
 def test_dpconv_matches_nnx_conv_values_and_gradients():
     """DPConv is nnx.Conv with a different weight-gradient formula: same numbers, batched or per example."""
     import jax

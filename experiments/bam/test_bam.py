@@ -74,6 +74,7 @@ def bam_grads(loss_fn, params, x, y, radius, lam):
     return _JITTED[key](params, x, y)[0]
 
 
+@pytest.mark.slow  # ~12 s (make test stays under 10 minutes)
 def test_finite_difference_approaches_the_exact_penalised_gradient():
     """As r -> 0, g^BAM -> grad(l + lam ||grad l||) (double backprop), the error shrinking ~linearly in r.
 

@@ -87,6 +87,7 @@ def test_dp_sgld_recovers_a_known_gaussian_posterior():
     np.testing.assert_allclose(samples.var(0), [post_var, post_var], rtol=0.1)
 
 
+@pytest.mark.slow  # ~20 s of compiles: a diagnostic, not a privacy check
 def test_hessian_power_iteration_finds_the_top_eigenvalue():
     # A quadratic with a known spectrum, as a pytree of two leaves.
     rng = np.random.default_rng(0)
