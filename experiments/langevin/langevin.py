@@ -35,13 +35,14 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from jaxdp import metrics
+from jaxdp import clipped_grad, metrics
 from jaxdp.train import TrainCallback
 
 __all__ = [
     "PosteriorPredictive",
     "hessian_top_eigenvalue",
     "learning_rate_for_temperature",
+    "burn_in_tail_drop",
     "loss_plateau_epoch",
     "noise_for_temperature",
     "temperature",
@@ -114,6 +115,7 @@ def hessian_top_eigenvalue(
     flat = flat.astype(jnp.float32)
     hvp = _hvp(loss_fn, unravel, jax.tree_util.tree_structure(params), flat.shape)
 
+    # A public starting direction (no secret involved): any seed gives the same eigenvalue.
     v = jax.random.normal(jax.random.key(seed), flat.shape, flat.dtype)
     v = v / jnp.linalg.norm(v)
     lam = 0.0
@@ -159,9 +161,34 @@ def loss_plateau_epoch(losses, *, window: int = 5, fraction: float = 0.95) -> in
     x = np.asarray(losses, np.float64)
     if x.ndim != 1 or len(x) < 2:
         raise ValueError(f"need the losses of >= 2 epochs, got {x.shape}.")
-    smooth = np.array([x[max(0, i - window + 1) : i + 1].mean() for i in range(len(x))])
+    smooth = _trailing_mean(x, window)
     target = smooth[0] - fraction * (smooth[0] - smooth.min())
     return int(np.argmax(smooth <= target)) + 1
+
+
+def burn_in_tail_drop(losses, burn_in_epochs: int, window: int = 5, tail: float = 0.2) -> float:
+    """The share of the burn-in's loss decrease made in its last ``tail`` (smoothed over ``window`` epochs).
+
+    Near 0: the training loss had plateaued before the sampling began; well above 0.05: it was
+    still falling, and the burn-in was too short.
+    """
+    smooth = _trailing_mean(np.asarray(losses[:burn_in_epochs], np.float64), window)
+    start = int(round((1 - tail) * len(smooth))) - 1
+    total = smooth[0] - smooth[-1]
+    return float((smooth[start] - smooth[-1]) / total) if total > 0 else 0.0
+
+
+def _trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each epoch's value and the ``window - 1`` before it (fewer at the start)."""
+    return np.array([x[max(0, i - window + 1) : i + 1].mean() for i in range(len(x))])
+
+
+def _running_mean(mean: np.ndarray | None, new: np.ndarray, count: int) -> np.ndarray:
+    """The mean of ``count`` samples from that of the first ``count - 1`` (``None`` before the first)."""
+    if mean is None:
+        return new
+    mean += (new - mean) / count
+    return mean
 
 
 class PosteriorPredictive(TrainCallback):
@@ -235,25 +262,17 @@ class PosteriorPredictive(TrainCallback):
             xc, yc, wd = self.curvature
             self._curvature_data = (jnp.asarray(xc), jnp.asarray(yc))
 
+            def cross_entropy(params, x, y):
+                return optax.softmax_cross_entropy_with_integer_labels(predict_logits(params, x), y).mean()
+
             def loss(params, x, y):
-                ce = optax.softmax_cross_entropy_with_integer_labels(predict_logits(params, x), y).mean()
                 sq = sum(jnp.sum(jnp.square(p)) for p in jax.tree_util.tree_leaves(params))
-                return ce + 0.5 * wd * sq
+                return cross_entropy(params, x, y) + 0.5 * wd * sq
 
             self._curvature_loss = loss
-
-            def example_norms(params, x, y):
-                def one(xi, yi):
-                    g = jax.grad(
-                        lambda p: optax.softmax_cross_entropy_with_integer_labels(
-                            predict_logits(p, xi[None]), yi[None]
-                        ).sum()
-                    )(params)
-                    return jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in jax.tree_util.tree_leaves(g)))
-
-                return jax.vmap(one)(x, y)
-
-            self._example_norms = jax.jit(example_norms)
+            if self.l2_clip_norm:  # the per-example norms of jaxdp's own clipping (norms before the clip)
+                norms = clipped_grad(cross_entropy, l2_clip_norm=self.l2_clip_norm, return_norms=True)
+                self._example_norms = jax.jit(lambda p, x, y: norms(p, x, y)[1].norms)
 
     def _probs(self, params, x) -> np.ndarray:
         return metrics.softmax(np.asarray(self._logits(params, x)))
@@ -269,19 +288,12 @@ class PosteriorPredictive(TrainCallback):
             self._measure_curvature("burn_in", params)
         if step <= self.burn_in or (step - self.burn_in - 1) % self.thin:
             return
-        probs = self._probs(params, self._x)
         self.count += 1
-        if self.mean_probs is None:
-            self.mean_probs = probs
-        else:
-            self.mean_probs += (probs - self.mean_probs) / self.count
+        self.mean_probs = _running_mean(self.mean_probs, self._probs(params, self._x), self.count)
         self.ece_curve[self.count - 1] = metrics.expected_calibration_error(self.mean_probs, self.labels, self.num_bins)
         if self.holdout is not None:
             hp = self._probs(params, self.holdout[0])
-            if self.holdout_mean_probs is None:
-                self.holdout_mean_probs = hp
-            else:
-                self.holdout_mean_probs += (hp - self.holdout_mean_probs) / self.count
+            self.holdout_mean_probs = _running_mean(self.holdout_mean_probs, hp, self.count)
 
     def state_template(self, params: Any) -> Any:
         classes = self._num_classes

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from experiments.langevin.langevin import PosteriorPredictive, loss_plateau_epoch, temperature
+from experiments.langevin.langevin import PosteriorPredictive, burn_in_tail_drop, loss_plateau_epoch, temperature
 from experiments.tables import mean_std
 from jaxdp import accounting, metrics
 from jaxdp.config import apply_overrides, load_config
@@ -190,19 +190,6 @@ def ece_floor(probs, num_bins: int = 15, draws: int = 20, seed: int = 0) -> floa
         y = np.minimum((rng.uniform(size=(len(p), 1)) > cum).sum(axis=1), p.shape[1] - 1)
         eces.append(metrics.expected_calibration_error(p, y, num_bins))
     return float(np.mean(eces))
-
-
-def burn_in_tail_drop(losses, burn_in_epochs: int, window: int = 5, tail: float = 0.2) -> float:
-    """The share of the burn-in's loss decrease made in its last ``tail`` (smoothed over ``window`` epochs).
-
-    Near 0: the training loss had plateaued before the sampling began; well above 0.05: it was
-    still falling, and the burn-in was too short.
-    """
-    x = np.asarray(losses[:burn_in_epochs], np.float64)
-    smooth = np.array([x[max(0, i - window + 1) : i + 1].mean() for i in range(len(x))])
-    start = int(round((1 - tail) * len(x))) - 1
-    total = smooth[0] - smooth[-1]
-    return float((smooth[start] - smooth[-1]) / total) if total > 0 else 0.0
 
 
 def _quiet_train(config, callbacks):
