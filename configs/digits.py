@@ -65,7 +65,7 @@ def get_config(arg=None):
     config.privacy.noise_seed = None
 
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.name = "adam"
+    config.optimizer.name = "adam"  # sgd | adam | nadam
     config.optimizer.learning_rate = 0.02
     config.optimizer.momentum = 0.0  # sgd only
     config.optimizer.weight_decay = 0.0  # = a Gaussian prior (post-processing: privacy unchanged)

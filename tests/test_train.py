@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import tree_equal
 
@@ -185,3 +186,17 @@ def test_learning_rate_schedule_scales_the_step_after_its_boundary_and_names_bad
     ]:
         with pytest.raises(ConfigError, match=match):
             make_optimizer("sgd", 1.0, **kwargs)
+
+
+def test_nadam_is_optax_nadam_and_unknown_names_list_the_choices():
+    from jaxdp.train import make_optimizer
+
+    ours, ref = make_optimizer("nadam", 0.1), optax.nadam(0.1)
+    params = jnp.array([1.0, -2.0])
+    s1, s2 = ours.init(params), ref.init(params)
+    for g in (jnp.array([0.5, 1.0]), jnp.array([-0.25, 2.0]), jnp.array([1.0, 0.0])):
+        u1, s1 = ours.update(g, s1, params)
+        u2, s2 = ref.update(g, s2, params)
+        np.testing.assert_array_equal(u1, u2)
+    with pytest.raises(ConfigError, match="'sgd', 'adam' or 'nadam'"):
+        make_optimizer("adamw", 0.1)

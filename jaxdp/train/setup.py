@@ -94,7 +94,9 @@ def make_optimizer(
         return optax.chain(*decay, optax.sgd(lr, momentum=momentum or None))
     if name == "adam":
         return optax.chain(*decay, optax.adam(lr))
-    raise ConfigError(f"optimizer.name={name!r} is not known; choose 'sgd' or 'adam'.")
+    if name == "nadam":  # Adam with Nesterov momentum (the BAM authors' optimiser)
+        return optax.chain(*decay, optax.nadam(lr))
+    raise ConfigError(f"optimizer.name={name!r} is not known; choose 'sgd', 'adam' or 'nadam'.")
 
 
 def config_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
