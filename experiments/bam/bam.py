@@ -23,7 +23,9 @@ step's already-privatised gradient: post-processing, free in privacy
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any
 
 import jax
@@ -34,7 +36,7 @@ import optax
 import jaxdp
 from jaxdp.train import TrainCallback
 
-__all__ = ["GradientNormProbe", "bam_example_grad", "method_hooks", "sat_perturb"]
+__all__ = ["BiasProbe", "bam_example_grad", "clipping_bias", "method_hooks", "sat_perturb"]
 
 
 def _check_radius(radius: float) -> float:
@@ -117,47 +119,148 @@ def method_hooks(bam_config) -> dict:
     raise ValueError(f"bam.method={method!r} is not known; choose 'dpsgd', 'dpsat' or 'bam'.")
 
 
-class GradientNormProbe(TrainCallback):
-    """After training: plain per-example gradient norms of the final model on training examples.
+BIAS_KEYS = ("bias", "cosine", "bias_bound", "clipped_fraction", "norm_median", "grad_norm")
+ORACLE_KEYS = ("oracle_bias", "oracle_cosine")
 
-    The same yardstick for every method (BAM's training-time norms are of g^BAM, not
-    of grad l_i): mean ||grad l_i|| and the clipping bias bound mean max(0, ||grad l_i|| - C)
-    over the first ``max_examples`` training examples. Computed on private data
-    without noise: a research diagnostic, not covered by epsilon.
+
+def clipping_bias(grads: np.ndarray, l2_clip_norm: float, estimator: np.ndarray | None = None) -> dict:
+    """The clipping bias of one set of per-example gradients, exactly (float64).
+
+    ``grads`` is ``(n, d)``: the plain per-example loss gradients g_i. With c_i = g_i·min(1, C/‖g_i‖) the
+    clipped ones (an expected Poisson draw sums to q·Σ c_i, so the noisy step estimates mean c_i):
+
+    * ``bias``: ‖mean c_i − mean g_i‖, the actual bias of the clipped mean as an estimate of the gradient;
+    * ``cosine``: cos(mean c_i, mean g_i), their alignment (1 = clipping only rescales);
+    * ``bias_bound``: mean max(0, ‖g_i‖ − C), the bound on ``bias`` by the triangle inequality;
+    * ``clipped_fraction``, ``norm_median``: the share of ‖g_i‖ > C and the median ‖g_i‖;
+    * ``grad_norm``: ‖mean g_i‖, the size of what is estimated.
+
+    ``estimator`` (``(n, d)``, optional): the per-example vectors a method actually clips instead of g_i
+    (BAM's g_i^BAM); then ``oracle_bias`` = ‖mean clip(h_i) − mean g_i‖ and ``oracle_cosine`` are added:
+    how far the method's clipped mean is from the true gradient.
+    """
+    g = np.asarray(grads, np.float64)
+    if g.ndim != 2 or len(g) == 0:
+        raise ValueError(f"grads has shape {g.shape}; expected (examples, parameters) with at least one example.")
+    clip = float(l2_clip_norm)
+
+    def clipped_mean(v):
+        norms = np.linalg.norm(v, axis=1)
+        scale = np.minimum(1.0, clip / np.maximum(norms, 1e-300))
+        return (v * scale[:, None]).mean(axis=0), norms
+
+    def cos(a, b):
+        den = np.linalg.norm(a) * np.linalg.norm(b)
+        return float(a @ b / den) if den > 0 else float("nan")
+
+    mean = g.mean(axis=0)
+    cmean, norms = clipped_mean(g)
+    out = {
+        "bias": float(np.linalg.norm(cmean - mean)),
+        "cosine": cos(cmean, mean),
+        "bias_bound": float(np.mean(np.maximum(norms - clip, 0.0))),
+        "clipped_fraction": float(np.mean(norms > clip)),
+        "norm_median": float(np.median(norms)),
+        "grad_norm": float(np.linalg.norm(mean)),
+    }
+    if estimator is not None:
+        h = np.asarray(estimator, np.float64)
+        if h.shape != g.shape:
+            raise ValueError(f"estimator has shape {h.shape}; it must match grads {g.shape}.")
+        hmean, _ = clipped_mean(h)
+        out["oracle_bias"] = float(np.linalg.norm(hmean - mean))
+        out["oracle_cosine"] = cos(hmean, mean)
+    return out
+
+
+def _flat(tree: Any, n: int) -> np.ndarray:
+    return np.concatenate([np.asarray(leaf, np.float64).reshape(n, -1) for leaf in jax.tree_util.tree_leaves(tree)], 1)
+
+
+class BiasProbe(TrainCallback):
+    """The actual clipping bias along training, on a fixed probe subset of the training data.
+
+    Every ``every`` steps (and after step 1 and the last step) it takes the plain per-example gradients
+    of the current parameters on the probe examples and records :func:`clipping_bias` of them. With
+    ``example_grad`` (BAM's estimator) it also records ``oracle_bias`` / ``oracle_cosine``: the bias of
+    what that method clips. The same yardstick serves every method: the plain-gradient bias is what
+    DP-SGD's estimator would have at the method's parameters, which is what BAM claims to lower.
+
+    The probe is ``size`` training examples drawn once with a public seed. These statistics read
+    private data without noise: research diagnostics, listed under ``not_covered_by_epsilon``. The
+    record is kept in every checkpoint, so a resumed run continues it.
     """
 
-    def __init__(self, max_examples: int = 2048, chunk: int = 256):
-        self.max_examples, self.chunk = max_examples, chunk
+    def __init__(self, size: int = 512, every: int = 10, example_grad: jaxdp.ExampleGradFn | None = None, chunk=256):
+        if not (isinstance(size, int) and size > 0 and isinstance(every, int) and every > 0):
+            raise ValueError(f"BiasProbe(size={size!r}, every={every!r}): both must be ints > 0.")
+        self.size, self.every, self.example_grad, self.chunk = size, every, example_grad, chunk
+        self.keys = BIAS_KEYS + (ORACLE_KEYS if example_grad is not None else ())
 
     def on_start(self, *, predict_logits, dataset, plan) -> None:
-        self.logits, self.dataset, self.clip, self.per_layer = (
-            predict_logits,
-            dataset,
-            plan.l2_clip_norm,
-            plan.per_layer,
-        )
+        if plan.per_layer:
+            raise ValueError("BiasProbe measures whole-gradient clipping; this plan clips per layer.")
+        self.clip, self.num_steps = float(plan.l2_clip_norm), int(plan.num_steps)
+        n = len(dataset.y_train)
+        idx = np.sort(np.random.default_rng(12345).choice(n, min(self.size, n), replace=False))  # public seed
+        self.x, self.y = np.asarray(dataset.x_train[idx]), np.asarray(dataset.y_train[idx])
 
-    def on_end(self, params, workdir: str) -> dict:
         def loss(p, x, y):
-            return optax.softmax_cross_entropy_with_integer_labels(self.logits(p, x), y).mean()
+            return optax.softmax_cross_entropy_with_integer_labels(predict_logits(p, x), y).mean()
 
-        fn = jax.jit(jaxdp.clipped_grad(loss, l2_clip_norm=self.clip, return_norms=True))
-        x = self.dataset.x_train[: self.max_examples]
-        y = self.dataset.y_train[: self.max_examples]
-        norms = []
-        for start in range(0, len(x), self.chunk):
-            xb, yb = x[start : start + self.chunk], y[start : start + self.chunk]
-            n = len(xb)
-            mask = np.zeros(self.chunk, np.float32)
-            mask[:n] = 1.0
-            if n < self.chunk:  # one shape for every chunk: pad with masked copies
+        self._grads = jax.jit(jaxdp.clipped_grad(loss, l2_clip_norm=self.clip).per_example_grads)
+        self._oracle = None
+        if self.example_grad is not None:
+            fn = jaxdp.clipped_grad(loss, l2_clip_norm=self.clip, example_grad=self.example_grad)
+            self._oracle = jax.jit(fn.per_example_grads)
+        self.steps = sorted({1, self.num_steps, *range(self.every, self.num_steps + 1, self.every)})
+        self.record = np.full((len(self.steps), len(self.keys)), np.nan)
+
+    def _per_example(self, fn, params) -> np.ndarray:
+        out = []
+        for start in range(0, len(self.y), self.chunk):
+            xb, yb = self.x[start : start + self.chunk], self.y[start : start + self.chunk]
+            n = len(yb)
+            if n < self.chunk:  # one compiled shape: pad with copies, then drop them
                 xb = np.concatenate([xb, np.repeat(xb[:1], self.chunk - n, axis=0)])
                 yb = np.concatenate([yb, np.repeat(yb[:1], self.chunk - n, axis=0)])
-            _, aux = fn(params, xb, yb, example_mask=mask)
-            norms.append(np.asarray(aux.norms)[:n])
-        norms = np.concatenate(norms)
-        stats = jaxdp.gradient_norm_stats(norms, np.ones_like(norms), l2_clip_norm=self.clip)
-        out = {"final_grad_norm_mean": float(stats["grad_norm_mean"])}
-        if not self.per_layer:  # max(0, ||g|| - C) bounds the bias of whole-gradient clipping only
-            out["final_clip_bias_bound"] = float(stats["clip_bias_bound"])
+            out.append(_flat(fn(params, xb, yb)[0], self.chunk)[:n])
+        return np.concatenate(out)
+
+    def measure(self, params) -> dict:
+        """:func:`clipping_bias` of the probe examples at ``params``."""
+        grads = self._per_example(self._grads, params)
+        oracle = self._per_example(self._oracle, params) if self._oracle is not None else None
+        return clipping_bias(grads, self.clip, oracle)
+
+    def on_step(self, step: int, params) -> None:
+        if step in self.steps:
+            stats = self.measure(params)
+            self.record[self.steps.index(step)] = [stats[k] for k in self.keys]
+
+    def history(self) -> list[dict]:
+        """One dict per probed step (``step`` and the keys), in order; steps not reached are left out."""
+        return [
+            {"step": s, **dict(zip(self.keys, map(float, row), strict=True))}
+            for s, row in zip(self.steps, self.record, strict=True)
+            if not np.isnan(row[0])
+        ]
+
+    def state_template(self, params):
+        return {"record": np.zeros_like(self.record)}
+
+    def state_dict(self):
+        return {"record": self.record}
+
+    def load_state_dict(self, state) -> None:
+        self.record = np.array(state["record"], np.float64)
+
+    def on_end(self, params, workdir: str) -> dict:
+        history = self.history()
+        with open(os.path.join(workdir, "bias.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+        final = history[-1] if history else {}
+        out = {f"final_{k}": final.get(k, float("nan")) for k in self.keys}
+        out["bias_history"] = history
+        out["not_covered_by_epsilon"] = [*out.keys()]
         return out

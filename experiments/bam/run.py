@@ -1,25 +1,29 @@
-"""DP-SGD vs DP-SAT vs BAM at the same ε: accuracy, clipping bias, gradient norms, throughput.
+"""DP-SGD vs DP-SAT vs BAM at equal ε: accuracy and the *actual* clipping bias along training, mean ± std.
 
-    python -m experiments.bam.run                      # the README table (digits, 3 methods x 3 eps x 3 seeds)
-    python -m experiments.bam.run --methods bam --epsilons 3 --seeds 0          # one run
-    python -m experiments.bam.run --config experiments/bam/configs/digits.py:smoke --epsilons 3 --seeds 0
+    python -m experiments.bam.run --table digits                         # 5 seeds x eps {1, 3, 8} x 3 methods
+    python -m experiments.bam.run --table fashion_mnist data_dir=/work/data/tfds    # 3 seeds x eps 3
+    python -m experiments.bam.run --tune digits                          # the search, on a validation split
+    python -m experiments.bam.run --quick                                # digits, eps 3, 1 seed (<= 10 min)
+    python -m experiments.bam.run --report digits                        # tables, verdict, figure from the file
 
-Every run uses the same plan (σ calibrated to the target ε over the same steps); only
-how each step forms the per-example gradients differs. Columns:
-  * test accuracy (mean ± std over seeds);
-  * bias bound: mean max(0, ||g_i|| - C) of what was clipped, pooled over each epoch and
-    averaged over the run (for BAM, g_i is the BAM gradient);
-  * final ||∇l_i|| and final bias bound: plain per-example loss gradients of the final
-    model on training examples (the same yardstick for every method);
-  * examples/s of the training loop (epoch 1, with compilation, excluded).
-The gradient statistics are computed on the training data without noise: research
-diagnostics, not covered by ε.
+Every run of one (ε, seed) has the same plan: σ calibrated to the target ε over the same steps,
+the same Poisson batches and noise draws (noise seed 1000 + seed); only how each step forms its
+per-example gradients differs. A probe (:class:`experiments.bam.bam.BiasProbe`) takes the plain
+per-example gradients of a fixed subset of 512 training examples every ``bam.probe_every`` steps
+and records the actual bias ‖mean clip(∇ℓ_i) − mean ∇ℓ_i‖, the alignment cos(mean clip(∇ℓ_i),
+mean ∇ℓ_i), the bound mean max(0, ‖∇ℓ_i‖ − C) and the share clipped; for BAM also the bias of what
+BAM clips (g_i^BAM). These read training data without noise: research diagnostics, not covered by ε.
+
+Each finished run is appended at once to experiments/bam/results/<table>.jsonl (the search to
+<table>_tune.jsonl); a rerun skips runs already there (``--redo`` trains them again), so a table
+cut off midway is finished by running the same command again. Overrides are key=value.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import os
@@ -27,30 +31,49 @@ import time
 
 import numpy as np
 
-from experiments.bam.bam import GradientNormProbe, method_hooks
-from experiments.tables import mean_std, save_table
+from experiments.bam.bam import BiasProbe, method_hooks
+from experiments.tables import mean_std
 from jaxdp.config import apply_overrides, load_config
+from jaxdp.data import Dataset, holdout, register_dataset
+from jaxdp.data import load as load_data
 from jaxdp.train import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+RESULTS = os.path.join(HERE, "results")
+FIGURES = os.path.join(HERE, "figures")
+TABLES = ("digits", "fashion_mnist")
 METHODS = {"dpsgd": "DP-SGD", "dpsat": "DP-SAT", "bam": "BAM"}
-COLUMNS = [
-    ("test_accuracy", "test accuracy", 3),
-    ("clip_bias_bound", "bias bound (training)", 3),
-    ("grad_norm_mean", "mean ‖g_i‖ (training)", 2),
-    ("final_clip_bias_bound", "final bias bound", 3),
-    ("final_grad_norm_mean", "final mean ‖∇ℓ_i‖", 2),
-    ("examples_per_sec", "examples/s", 0),
-]
+MIN_SEEDS = {"digits": 5, "fashion_mnist": 3}
+# The keys of a run's row that identify it: a rerun skips a row with the same values.
+IDENTITY = ("method", "epsilon_target", "seed", "learning_rate", "radius", "lam", "sat_radius", "evaluated_on")
 
 
-def run_one(spec: str, method: str, epsilon: float, seed: int, workdir: str, overrides=(), quiet=True) -> dict:
-    """Train one (method, ε, seed) and return its row."""
+def config_path(table: str, variant: str | None = None) -> str:
+    return os.path.join(HERE, "configs", f"{table}.py") + (f":{variant}" if variant else "")
+
+
+def subset_dataset(base: str, train_size: int, data_dir: str | None) -> str:
+    """A registered dataset training on a stratified subset (public seed 1) of ``base``'s training set."""
+    name = f"bam-subset:{base}:{train_size}"
+    full = load_data(base, data_dir or None)
+    sub = holdout(full, train_size, seed=1)  # its evaluation split is the subset
+    ds = Dataset(name, np.asarray(sub.x_test), sub.y_test, full.x_test, full.y_test, full.num_classes)
+    register_dataset(name, lambda _data_dir, ds=ds: ds)
+    return name
+
+
+def late_mean(history: list[dict], key: str, num_steps: int) -> float:
+    """Mean of ``key`` over the probes in the second half of training (past the early transient)."""
+    vals = [r[key] for r in history if r["step"] > num_steps / 2 and key in r]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def run_one(config, method: str, epsilon: float, seed: int, workdir: str, quiet: bool = True) -> dict:
+    """Train one (method, ε, seed) of ``config`` (validation_size > 0: evaluated on the validation split)."""
     config = apply_overrides(
-        load_config(spec),
+        copy.deepcopy(config),
         [
-            *overrides,
             f"bam.method={method}",
             f"privacy.target_epsilon={epsilon}",
             f"seed={seed}",
@@ -59,73 +82,304 @@ def run_one(spec: str, method: str, epsilon: float, seed: int, workdir: str, ove
             f"workdir={workdir}",
         ],
     )
-    probe = GradientNormProbe()
+    if config.bam.train_size:
+        config.dataset = subset_dataset(config.dataset, config.bam.train_size, config.data_dir)
+    hooks = method_hooks(config.bam)
+    probe = BiasProbe(config.bam.probe_size, config.bam.probe_every, example_grad=hooks.get("example_grad"))
     out = io.StringIO()
+    t0 = time.perf_counter()
     with contextlib.redirect_stdout(out) if quiet else contextlib.nullcontext():
         with contextlib.redirect_stderr(out) if quiet else contextlib.nullcontext():
-            summary = train(
-                config, progress=not quiet, callbacks=[probe], overwrite=True, **method_hooks(config.bam)
-            )  # the cell's workdir is this table's: a rerun trains it again
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        history = [json.loads(line) for line in f]
-    return {
+            summary = train(config, progress=not quiet, callbacks=[probe], overwrite=True, **hooks)
+    history = summary["bias_history"]
+    steps = summary["steps"]
+    row = {
         "method": method,
-        "epsilon_target": epsilon,
+        "epsilon_target": float(epsilon),
         "seed": seed,
+        "learning_rate": float(config.optimizer.learning_rate),
+        "radius": float(config.bam.radius) if method == "bam" else None,
+        "lam": float(config.bam.lam) if method == "bam" else None,
+        "sat_radius": float(config.bam.sat_radius) if method == "dpsat" else None,
+        "evaluated_on": summary["evaluated_on"],
         "epsilon_spent": summary["epsilon"],
-        "test_accuracy": summary["test_accuracy"],
-        # NaN where undefined (per-layer clipping has no whole-gradient bias bound).
-        "clip_bias_bound": float(np.mean([r.get("clip_bias_bound", np.nan) for r in history])),
-        "grad_norm_mean": float(np.mean([r["grad_norm_mean"] for r in history])),
-        "final_clip_bias_bound": summary.get("final_clip_bias_bound", np.nan),
-        "final_grad_norm_mean": summary["final_grad_norm_mean"],
-        "examples_per_sec": summary["examples_per_sec"],
         "noise_multiplier": summary["noise_multiplier"],
+        "l2_clip_norm": summary["l2_clip_norm"],
+        "steps": steps,
+        "accuracy": summary["test_accuracy"],
+        "train_examples": summary.get("train_examples"),
+        "wall_s": time.perf_counter() - t0,
+        "examples_per_sec": summary["examples_per_sec"],
+        "history": history,
     }
+    for key in ("bias", "cosine", "bias_bound", "clipped_fraction", "norm_median", "oracle_bias", "oracle_cosine"):
+        if history and key in history[-1]:
+            row[f"late_{key}"] = late_mean(history, key, steps)
+            row[f"final_{key}"] = history[-1][key]
+    return row
 
 
-def table(results: list[dict]) -> str:
-    head = "| method | ε (spent) | " + " | ".join(name for _, name, _ in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
-    for eps in dict.fromkeys(r["epsilon_target"] for r in results):
-        for method in dict.fromkeys(r["method"] for r in results):
-            rows = [r for r in results if r["method"] == method and r["epsilon_target"] == eps]
-            if not rows:
-                continue
-            cells = [mean_std([r[key] for r in rows], digits) for key, _, digits in COLUMNS]
-            spent = max(r["epsilon_spent"] for r in rows)
-            lines.append(f"| {METHODS[method]} | {eps:g} ({spent:.3f}) | " + " | ".join(cells) + " |")
+def load_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _identity(row: dict) -> tuple:
+    return tuple(row.get(k) for k in IDENTITY)
+
+
+def run_cells(config, cells, path: str, out: str, redo: bool = False, quiet: bool = True) -> list[dict]:
+    """Train ``cells`` = [(method, ε, seed, overrides)], appending each row to ``path`` as it finishes."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    done = {_identity(r) for r in load_rows(path)}
+    rows = []
+    for i, (method, eps, seed, overrides) in enumerate(cells, 1):
+        c = apply_overrides(copy.deepcopy(config), list(overrides))
+        probe_row = {  # what this cell's row will be keyed by
+            "method": method,
+            "epsilon_target": float(eps),
+            "seed": seed,
+            "learning_rate": float(c.optimizer.learning_rate),
+            "radius": float(c.bam.radius) if method == "bam" else None,
+            "lam": float(c.bam.lam) if method == "bam" else None,
+            "sat_radius": float(c.bam.sat_radius) if method == "dpsat" else None,
+            "evaluated_on": "validation" if c.get("validation_size") else "test",
+        }
+        label = f"[{i}/{len(cells)}] {METHODS[method]} eps={eps:g} seed={seed} " + " ".join(overrides)
+        if not redo and _identity(probe_row) in done:
+            print(f"{label}: on record, skipped", flush=True)
+            continue
+        tag = "_".join(o.replace("=", "") for o in overrides).replace("/", "_")
+        workdir = os.path.join(out, f"{method}_eps{eps:g}_seed{seed}" + (f"_{tag}" if tag else ""))
+        row = run_one(c, method, eps, seed, workdir, quiet=quiet)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        print(
+            f"{label}: acc {row['accuracy']:.3f} ({row['evaluated_on']}) | late bias {row['late_bias']:.3f} "
+            f"cos {row['late_cosine']:.2f} | {row['wall_s']:.0f} s",
+            flush=True,
+        )
+    return rows
+
+
+def table_cells(config) -> list:
+    return [(m, eps, seed, ()) for eps in config.bam.epsilons for seed in config.bam.seeds for m in METHODS]
+
+
+def tune_cells(config, stage: int, learning_rate: float | None = None) -> list:
+    """Stage 1: DP-SGD's step size. Stage 2 (at the chosen step size): BAM's r (α = 1) and DP-SAT's ρ."""
+    b = config.bam
+    cells = []
+    for seed in b.tune_seeds:
+        if stage == 1:
+            cells += [("dpsgd", 3.0, seed, (f"optimizer.learning_rate={lr}",)) for lr in b.tune_learning_rates]
+        else:
+            lr = (f"optimizer.learning_rate={learning_rate}",)
+            cells += [("bam", 3.0, seed, (*lr, f"bam.radius={r}", f"bam.lam={r}")) for r in b.tune_radii]
+            cells += [("dpsat", 3.0, seed, (*lr, f"bam.sat_radius={r}")) for r in b.tune_sat_radii]
+    return cells
+
+
+def _groups(rows, keys):
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return groups
+
+
+def best_learning_rate(rows: list[dict]) -> float:
+    """The DP-SGD step size with the highest mean validation accuracy."""
+    sgd = [r for r in rows if r["method"] == "dpsgd" and r["evaluated_on"] == "validation"]
+    if not sgd:
+        raise ValueError("no DP-SGD search rows on record: run stage 1 of --tune first.")
+    means = {lr: np.mean([r["accuracy"] for r in g]) for (lr,), g in _groups(sgd, ["learning_rate"]).items()}
+    return max(means, key=means.get)
+
+
+def tune_text(rows: list[dict]) -> str:
+    lines = [
+        "| method | step size | r (= λ) | ρ | seeds | validation accuracy | late bias | late cos |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (m, lr, r, rho), g in sorted(
+        _groups(rows, ["method", "learning_rate", "radius", "sat_radius"]).items(),
+        key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1], kv[0][2] or 0, kv[0][3] or 0),
+    ):
+        lines.append(
+            f"| {METHODS[m]} | {lr:g} | {'' if r is None else f'{r:g}'} | {'' if rho is None else f'{rho:g}'} "
+            f"| {len(g)} | {mean_std([x['accuracy'] for x in g])} | {mean_std([x['late_bias'] for x in g])} "
+            f"| {mean_std([x['late_cosine'] for x in g], 2)} |"
+        )
     return "\n".join(lines)
+
+
+COLUMNS = [
+    ("accuracy", "test accuracy", 3),
+    ("late_bias", "bias ‖E clip − ∇L‖", 3),
+    ("late_cosine", "cos(E clip, ∇L)", 3),
+    ("late_bias_bound", "bias bound", 3),
+    ("late_clipped_fraction", "clipped", 2),
+    ("late_norm_median", "median ‖∇ℓ_i‖", 3),
+    ("late_oracle_bias", "BAM's own bias", 3),
+    ("late_oracle_cosine", "BAM's own cos", 3),
+]
+
+
+def _cell(rows, key, digits):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return mean_std(vals, digits) if len(vals) == len(rows) else ""
+
+
+def table_text(rows: list[dict]) -> str:
+    """Mean ± std over seeds per (ε, method); bias columns are means over the second half of training."""
+    rows = [r for r in rows if r["evaluated_on"] == "test"]
+    lines = [
+        "| ε (spent) | method | seeds | " + " | ".join(name for _, name, _ in COLUMNS) + " |",
+        "|" + "---|" * (len(COLUMNS) + 3),
+    ]
+    for (eps,), g in sorted(_groups(rows, ["epsilon_target"]).items()):
+        for m in METHODS:
+            mr = [r for r in g if r["method"] == m]
+            if not mr:
+                continue
+            spent = max(r["epsilon_spent"] for r in mr)
+            cells = [_cell(mr, key, d) for key, _, d in COLUMNS]
+            lines.append(f"| {eps:g} ({spent:.3f}) | {METHODS[m]} | {len(mr)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict_text(rows: list[dict], min_seeds: int) -> str:
+    """Reproduced at an ε iff, over ≥ min_seeds seeds at equal ε spent, BAM's actual bias (second half of
+    training) is below DP-SGD's by more than the larger seed std, and BAM's accuracy exceeds DP-SGD's by
+    more than the larger seed std. Otherwise not reproduced (or not testable: too few seeds, unequal ε)."""
+    rows = [r for r in rows if r["evaluated_on"] == "test"]
+    out = []
+    for (eps,), g in sorted(_groups(rows, ["epsilon_target"]).items()):
+        sgd = sorted((r for r in g if r["method"] == "dpsgd"), key=lambda r: r["seed"])
+        bam = sorted((r for r in g if r["method"] == "bam"), key=lambda r: r["seed"])
+        seeds = sorted({r["seed"] for r in sgd} & {r["seed"] for r in bam})
+        if len(seeds) < min_seeds:
+            out.append(f"ε = {eps:g}: not testable yet: {len(seeds)} seed(s) with both runs (need {min_seeds}).")
+            continue
+        sgd = [r for r in sgd if r["seed"] in seeds]
+        bam = [r for r in bam if r["seed"] in seeds]
+        spent = [r["epsilon_spent"] for r in sgd + bam]
+        if max(spent) - min(spent) > 1e-6:
+            out.append(f"ε = {eps:g}: not testable: ε spent differs between runs ({min(spent)}..{max(spent)}).")
+            continue
+
+        def ms(rs, key):
+            v = np.array([r[key] for r in rs])
+            return v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)
+
+        (b0, sb0), (b1, sb1) = ms(sgd, "late_bias"), ms(bam, "late_bias")
+        (a0, sa0), (a1, sa1) = ms(sgd, "accuracy"), ms(bam, "accuracy")
+        (c0, _), (c1, _) = ms(sgd, "late_cosine"), ms(bam, "late_cosine")
+        bias_falls = b0 - b1 > max(sb0, sb1)
+        acc_gain = a1 - a0 > max(sa0, sa1)
+        verdict = "reproduced" if bias_falls and acc_gain else "not reproduced"
+        out.append(
+            f"ε = {eps:g} ({len(seeds)} seeds): actual bias {b0:.3f} → {b1:.3f} "
+            f"({'falls by more than' if bias_falls else 'does not fall by more than'} the seed std "
+            f"{max(sb0, sb1):.3f}); alignment {c0:.3f} → {c1:.3f}; accuracy {a0:.3f} → {a1:.3f} "
+            f"({'+' if a1 >= a0 else ''}{100 * (a1 - a0):.1f} points, seed std {100 * max(sa0, sa1):.1f}): "
+            f"**{verdict}**."
+        )
+    return "\n".join(f"- {line}" for line in out)
+
+
+def plot(rows: list[dict], path: str) -> str:
+    """Bias, alignment and bias bound over training (mean over seeds), one row of panels per ε."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["evaluated_on"] == "test"]
+    epsilons = sorted({r["epsilon_target"] for r in rows})
+    keys = [("bias", "actual bias ‖E clip − ∇L‖"), ("cosine", "cos(E clip, ∇L)"), ("bias_bound", "bias bound")]
+    fig, axes = plt.subplots(len(epsilons), 3, figsize=(12, 3 * len(epsilons)), squeeze=False)
+    for i, eps in enumerate(epsilons):
+        for m, label in METHODS.items():
+            mr = [r for r in rows if r["epsilon_target"] == eps and r["method"] == m]
+            if not mr:
+                continue
+            steps = [h["step"] for h in mr[0]["history"]]
+            for j, (key, title) in enumerate(keys):
+                curves = np.array([[h[key] for h in r["history"]] for r in mr if len(r["history"]) == len(steps)])
+                axes[i, j].plot(steps, curves.mean(0), label=f"{label} ({len(curves)} seeds)")
+                axes[i, j].set_title(f"ε = {eps:g}: {title}", fontsize=9)
+                axes[i, j].set_xlabel("step", fontsize=8)
+        axes[i, 0].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def report(table: str, min_seeds: int | None = None) -> str:
+    rows = load_rows(os.path.join(RESULTS, f"{table}.jsonl"))
+    text = table_text(rows) + "\n\nVerdict:\n" + verdict_text(rows, min_seeds or MIN_SEEDS.get(table, 5))
+    tune_rows = load_rows(os.path.join(RESULTS, f"{table}_tune.jsonl"))
+    if tune_rows:
+        text += "\n\nSearch on the validation split (ε = 3):\n" + tune_text(tune_rows)
+    return text
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(HERE, "configs", "digits.py"))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "bam"))
-    parser.add_argument("--set", nargs="*", default=[], help="config overrides for every run (key=value)")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--table", choices=TABLES)
+    group.add_argument("--tune", choices=TABLES)
+    group.add_argument("--report", choices=TABLES)
+    group.add_argument("--quick", action="store_true", help="digits, ε 3, seed 0, 40 epochs (<= 10 minutes)")
+    parser.add_argument("--redo", action="store_true", help="train runs already on record again")
     parser.add_argument("--verbose", action="store_true", help="show each run's own output")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
     args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    results = []
-    for eps in args.epsilons:
-        for seed in args.seeds:
-            for method in args.methods:
-                workdir = os.path.join(args.out, f"{method}_eps{eps:g}_seed{seed}")
-                row = run_one(args.config, method, eps, seed, workdir, args.set, quiet=not args.verbose)
-                results.append(row)
-                print(
-                    f"eps={eps:g} seed={seed} {METHODS[method]:>6}: sigma={row['noise_multiplier']:.3f} "
-                    f"acc {row['test_accuracy']:.3f} | bias bound {row['clip_bias_bound']:.3f} "
-                    f"| final |grad| {row['final_grad_norm_mean']:.2f} | {row['examples_per_sec']:,.0f} ex/s",
-                    flush=True,
-                )
-    heading = f"{len(args.seeds)} seed(s), mean ± std; took {time.perf_counter() - t0:.0f} s"
-    save_table(args.out, table(results), results, heading)
-    return results
+    if args.report:
+        print(report(args.report))
+        if load_rows(os.path.join(RESULTS, f"{args.report}.jsonl")):
+            print(
+                "\nfigure:",
+                plot(
+                    load_rows(os.path.join(RESULTS, f"{args.report}.jsonl")),
+                    os.path.join(FIGURES, f"{args.report}_bias.png"),
+                ),
+            )
+        return
+    if args.quick:
+        config = apply_overrides(load_config(config_path("digits", "quick")), args.overrides)
+        out = os.path.join(ROOT, "runs", "bam_quick")
+        path = os.path.join(out, "quick.jsonl")
+        if os.path.exists(path):
+            os.remove(path)  # the quick check always trains
+        rows = run_cells(config, table_cells(config), path, out, redo=True, quiet=not args.verbose)
+        print("\n" + table_text(rows) + "\n\nVerdict (1 seed: a smoke check, not a result):\n" + verdict_text(rows, 1))
+        print(f"\ntook {time.perf_counter() - t0:.0f} s")
+        return
+    name = args.table or args.tune
+    config = apply_overrides(load_config(config_path(name)), args.overrides)
+    out = os.path.join(ROOT, "runs", f"bam_{name}")
+    if args.tune:
+        path = os.path.join(RESULTS, f"{name}_tune.jsonl")
+        config.validation_size = config.bam.tune_validation_size  # never the test set
+        run_cells(config, tune_cells(config, 1), path, out, args.redo, quiet=not args.verbose)
+        lr = best_learning_rate(load_rows(path))
+        print(f"stage 1: DP-SGD's step size {lr:g} (highest mean validation accuracy)", flush=True)
+        run_cells(config, tune_cells(config, 2, lr), path, out, args.redo, quiet=not args.verbose)
+        print("\n" + tune_text(load_rows(path)))
+    else:
+        path = os.path.join(RESULTS, f"{name}.jsonl")
+        run_cells(config, table_cells(config), path, out, args.redo, quiet=not args.verbose)
+        print("\n" + report(name))
+        print("\nfigure:", plot(load_rows(path), os.path.join(FIGURES, f"{name}_bias.png")))
+    print(f"\ntook {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

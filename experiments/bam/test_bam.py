@@ -13,7 +13,7 @@ from flax import nnx
 
 import jaxdp
 from experiments.bam import run
-from experiments.bam.bam import bam_example_grad, method_hooks, sat_perturb
+from experiments.bam.bam import BiasProbe, bam_example_grad, clipping_bias, method_hooks, sat_perturb
 from jaxdp import distributed
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.models import CNN, MLP
@@ -228,24 +228,210 @@ def test_bad_hyperparameters_and_complex_params_are_refused():
         fn(jnp.ones(3, jnp.complex64), jnp.ones((2, 3), jnp.complex64))
 
 
-@pytest.mark.slow  # ~25 s: trains every row of the table once (CI's slow step)
-def test_table_smoke_run(tmp_path):
-    results = run.main(["--config", SMOKE, "--epsilons", "3", "--seeds", "0", "--out", str(tmp_path)])
-    assert [r["method"] for r in results] == ["dpsgd", "dpsat", "bam"]
-    for r in results:
-        assert r["epsilon_spent"] <= 3.0 + 1e-9
-        assert 0.3 < r["test_accuracy"] <= 1.0  # 2 epochs: well above chance (0.1), noise on
-        assert r["final_grad_norm_mean"] > r["final_clip_bias_bound"] > 0
-        assert r["grad_norm_mean"] > r["clip_bias_bound"] > 0
-    table = (tmp_path / "table.md").read_text()
-    assert table.count("| 3 (") == 3 and "BAM" in table and "DP-SAT" in table
+def loop_bias(g, clip, h=None):
+    """The slow reference: clipping bias by a Python loop over examples, in float64."""
+    g = np.asarray(g, np.float64)
+    n = len(g)
+
+    def clipped(v):
+        norm = math.sqrt(sum(float(x) ** 2 for x in v))
+        return v * (clip / norm) if norm > clip else v, norm
+
+    mean, cmean, norms = np.zeros(g.shape[1]), np.zeros(g.shape[1]), []
+    for i in range(n):
+        c, norm = clipped(g[i])
+        mean += g[i] / n
+        cmean += c / n
+        norms.append(norm)
+    out = {
+        "bias": np.linalg.norm(cmean - mean),
+        "cosine": cmean @ mean / (np.linalg.norm(cmean) * np.linalg.norm(mean)),
+        "bias_bound": sum(max(0.0, x - clip) for x in norms) / n,
+        "clipped_fraction": sum(x > clip for x in norms) / n,
+        "norm_median": float(np.median(norms)),
+        "grad_norm": np.linalg.norm(mean),
+    }
+    if h is not None:
+        hmean = sum(clipped(np.asarray(h[i], np.float64))[0] for i in range(n)) / n
+        out["oracle_bias"] = np.linalg.norm(hmean - mean)
+        out["oracle_cosine"] = hmean @ mean / (np.linalg.norm(hmean) * np.linalg.norm(mean))
+    return out
+
+
+def _cases():
+    rng = np.random.default_rng(7)
+    random = rng.normal(size=(48, 30)) * rng.uniform(0.1, 3.0, size=(48, 1))
+    adversarial = np.concatenate(
+        [
+            np.zeros((3, 30)),  # zero gradients
+            np.eye(30)[:4] * 0.5,  # exactly at C = 0.5
+            rng.normal(size=(4, 30)) * 1e6,  # huge
+            rng.normal(size=(4, 30)) * 1e-9,  # tiny
+            np.ones((1, 30)),  # the one example that survives the cancellation below
+        ]
+    )
+    pair = rng.normal(size=(6, 30)) * 5
+    adversarial = np.concatenate([adversarial, pair, -pair])  # cancelling pairs: bound large, bias not
+    return {"random": random, "adversarial": adversarial}
+
+
+@pytest.mark.parametrize("case", ["random", "adversarial"])
+def test_clipping_bias_equals_a_loop_over_examples(case):
+    g = _cases()[case]
+    h = g + np.random.default_rng(1).normal(size=g.shape)  # another estimator (as BAM's g^BAM)
+    got, want = clipping_bias(g, 0.5, estimator=h), loop_bias(g, 0.5, h)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-9, atol=1e-12, err_msg=key)
+    assert got["bias"] <= got["bias_bound"] + 1e-9  # the triangle inequality the bound rests on
+    np.testing.assert_allclose(clipping_bias(g, 0.5, estimator=g)["oracle_bias"], got["bias"], rtol=1e-12)
+
+
+def test_bias_is_not_its_bound_and_vanishes_when_nothing_is_clipped():
+    u = np.eye(4)[0]
+    cancel = clipping_bias(np.stack([5 * u, -5 * u]), 1.0)  # clipping keeps the (zero) mean exactly
+    assert cancel["bias"] == 0.0 and cancel["bias_bound"] == 4.0 and cancel["clipped_fraction"] == 1.0
+    same = clipping_bias(np.stack([3 * u, 5 * u]), 1.0)  # one direction: clipping only shrinks
+    assert same["bias"] == pytest.approx(3.0) and same["cosine"] == pytest.approx(1.0)
+    small = clipping_bias(np.random.default_rng(0).normal(size=(10, 4)) * 0.01, 1.0)
+    assert small["bias"] == 0.0 and small["bias_bound"] == 0.0 and small["cosine"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="expected \\(examples, parameters\\)"):
+        clipping_bias(np.zeros(4), 1.0)
+
+
+def test_bias_probe_measures_plain_and_bam_gradients_of_its_examples_like_a_loop(tmp_path):
+    model = MLP(12, 5, hidden=(16,), rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def logits(p, x):
+        return nnx.merge(graphdef, p, rest)(x)
+
+    rng = np.random.default_rng(0)
+    ds = jaxdp.data.Dataset(
+        "toy", rng.normal(size=(40, 12)).astype(np.float32) * 2, rng.integers(0, 5, 40), None, None, 5
+    )
+    plan = jaxdp.PrivacyPlan(dataset_size=40, batch_size=8, l2_clip_norm=0.3, noise_multiplier=1.0, num_steps=5)
+    probe = BiasProbe(size=12, every=2, example_grad=bam_example_grad(radius=0.05, lam=0.05), chunk=8)
+    probe.on_start(predict_logits=jax.jit(logits), dataset=ds, plan=plan)
+    assert len(probe.y) == 12 and probe.steps == [1, 2, 4, 5]
+
+    def loss(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(logits(p, x[None]), y[None]).mean()
+
+    g_rows, h_rows = [], []
+    grad = jax.jit(jax.grad(loss))
+    for x, y in zip(probe.x, probe.y, strict=True):  # one example at a time
+        g = grad(params, x, y)
+        gn = math.sqrt(sum(float(jnp.sum(v**2)) for v in jax.tree_util.tree_leaves(g)))
+        moved = jax.tree_util.tree_map(lambda p, d, gn=gn: p + 0.05 * d / gn, params, g)
+        g_rows.append(flat(g))
+        h_rows.append(flat(grad(moved, x, y)))  # alpha = lam / r = 1
+    want = loop_bias(np.stack(g_rows), 0.3, np.stack(h_rows))
+    got = probe.measure(params)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=2e-4, atol=1e-6, err_msg=key)
+    assert not np.allclose(np.stack(h_rows), np.stack(g_rows), rtol=1e-2)  # BAM's vectors are not the g_i
+
+    probe.on_step(3, params)  # not a probe step
+    assert probe.history() == []
+    for step in (1, 2):
+        probe.on_step(step, params)
+    assert [r["step"] for r in probe.history()] == [1, 2]
+    resumed = BiasProbe(size=12, every=2, example_grad=bam_example_grad(radius=0.05, lam=0.05), chunk=8)
+    resumed.on_start(predict_logits=jax.jit(logits), dataset=ds, plan=plan)
+    resumed.load_state_dict(probe.state_dict())
+    assert resumed.history() == probe.history()
+    out = resumed.on_end(params, str(tmp_path))
+    assert out["final_bias"] == pytest.approx(want["bias"], rel=2e-4)
+    assert {"final_bias", "final_oracle_bias", "bias_history"} <= set(out["not_covered_by_epsilon"])
+    assert len((tmp_path / "bias.jsonl").read_text().splitlines()) == 2
+
+
+def _row(method, seed, acc, bias, eps=3.0, spent=3.0, evaluated_on="test", lr=0.01):
+    return {
+        "method": method, "epsilon_target": eps, "seed": seed, "learning_rate": lr, "evaluated_on": evaluated_on,
+        "radius": 0.05 if method == "bam" else None, "lam": 0.05 if method == "bam" else None,
+        "sat_radius": 0.05 if method == "dpsat" else None, "epsilon_spent": spent, "accuracy": acc,
+        "late_bias": bias, "late_cosine": 0.5, "history": [],
+    }  # fmt: skip
+
+
+def _rows(acc_gain, bias_drop, seeds=5, spent_bam=3.0):
+    rows = []
+    for s in range(seeds):
+        jitter = 0.002 * (s - 2)
+        rows.append(_row("dpsgd", s, 0.80 + jitter, 0.40 + jitter))
+        rows.append(_row("bam", s, 0.80 + acc_gain + jitter, 0.40 - bias_drop + jitter, spent=spent_bam))
+    return rows
+
+
+def test_verdict_needs_the_actual_bias_to_fall_and_an_accuracy_gain_beyond_the_seed_std():
+    assert "**reproduced**" in run.verdict_text(_rows(0.02, 0.05), 5)
+    assert "does not fall" in run.verdict_text(_rows(0.02, 0.0), 5)  # accuracy alone is not enough
+    assert "**not reproduced**" in run.verdict_text(_rows(0.02, 0.0), 5)
+    assert "**not reproduced**" in run.verdict_text(_rows(0.001, 0.05), 5)  # gain within the seed std
+    assert "not testable yet: 4 seed(s)" in run.verdict_text(_rows(0.02, 0.05, seeds=4), 5)
+    assert "ε spent differs" in run.verdict_text(_rows(0.02, 0.05, spent_bam=3.1), 5)
+    validation = [dict(r, evaluated_on="validation") for r in _rows(0.02, 0.05)]
+    assert run.verdict_text(validation, 5) == ""  # search rows never make a verdict
+
+
+def test_runs_on_record_are_skipped_and_the_search_never_sees_the_test_set(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run_one(config, method, eps, seed, workdir, quiet=True):
+        seen.append((method, seed, config.get("validation_size"), float(config.optimizer.learning_rate)))
+        acc = 0.5 + float(config.optimizer.learning_rate)  # the larger step size wins the search
+        return _row(method, seed, acc, 0.4, eps, evaluated_on="validation" if config.validation_size else "test",
+                    lr=float(config.optimizer.learning_rate)) | {  # fmt: skip
+            "radius": float(config.bam.radius) if method == "bam" else None,
+            "lam": float(config.bam.lam) if method == "bam" else None,
+            "sat_radius": float(config.bam.sat_radius) if method == "dpsat" else None,
+            "late_cosine": 0.5, "wall_s": 0.0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(run, "run_one", fake_run_one)
+    monkeypatch.setattr(run, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(run, "ROOT", str(tmp_path))
+    run.main(["--tune", "digits"])
+    config = load_config(run.config_path("digits"))
+    b = config.bam
+    assert len(seen) == len(b.tune_seeds) * (len(b.tune_learning_rates) + len(b.tune_radii) + len(b.tune_sat_radii))
+    assert all(vs == b.tune_validation_size > 0 for _, _, vs, _ in seen)  # never evaluated on the test set
+    assert {lr for m, _, _, lr in seen if m != "dpsgd"} == {max(b.tune_learning_rates)}  # stage 2 at the best
+    tune_file = tmp_path / "digits_tune.jsonl"
+    assert len(tune_file.read_text().splitlines()) == len(seen)
+    seen.clear()
+    run.main(["--tune", "digits"])  # everything is on record: nothing trains again
+    assert seen == []
+    run.main(["--table", "digits", "epochs=1"])
+    assert len(seen) == 3 * len(b.epsilons) * len(b.seeds) and all(vs == 0 for _, _, vs, _ in seen)
+    seen.clear()
+    run.main(["--table", "digits", "--redo", "bam.seeds=(0,)", "bam.epsilons=(3.0,)"])
+    assert [m for m, *_ in seen] == ["dpsgd", "dpsat", "bam"]
+
+
+@pytest.mark.slow  # ~40 s: trains all three methods for 2 epochs (CI's slow step)
+def test_smoke_table_trains_every_method_and_probes_the_bias(tmp_path):
+    config = load_config(SMOKE)
+    path = str(tmp_path / "smoke.jsonl")
+    rows = run.run_cells(config, run.table_cells(config), path, str(tmp_path))
+    assert [r["method"] for r in rows] == ["dpsgd", "dpsat", "bam"]
+    for r in rows:
+        assert r["epsilon_spent"] <= 3.0 + 1e-9 and 0.2 < r["accuracy"] <= 1.0  # above chance (0.1)
+        assert r["history"][0]["step"] == 1 and r["history"][-1]["step"] == r["steps"]
+        assert 0 <= r["late_bias"] <= r["late_bias_bound"] and r["late_clipped_fraction"] > 0.5  # C < norms
+    assert "late_oracle_bias" in rows[2] and "late_oracle_bias" not in rows[0]
+    assert run.run_cells(config, run.table_cells(config), path, str(tmp_path)) == []  # on record
+    assert "| 3 (" in run.table_text(rows) and "not testable yet: 1 seed(s)" in run.verdict_text(rows, 5)
 
 
 def test_cifar_recipe_is_the_authors_setting():
     config = load_config(os.path.join(HERE, "configs", "cifar10_wrn16_4.py"))
     assert (config.privacy.target_epsilon, config.privacy.delta, config.privacy.l2_clip_norm) == (8.0, 1e-5, 1.0)
-    assert config.batch_size == 4096 and config.augment.multiplicity == 16 and config.model.name == "wrn"
-    assert (config.bam.method, config.bam.radius, config.bam.lam) == ("bam", 0.1, 0.031)
+    assert config.batch_size == 4096 and config.physical_batch_size == 256 and config.augment.multiplicity == 6
+    assert config.model.name == "wrn" and (config.optimizer.name, config.optimizer.learning_rate) == ("nadam", 2e-3)
+    assert config.bam.method == "bam" and 0 < config.bam.radius <= 0.1 and config.bam.lam == config.bam.radius
     assert set(method_hooks(config.bam)) == {"example_grad"}
 
 
