@@ -215,6 +215,7 @@ class BiasProbe(TrainCallback):
             self._oracle = jax.jit(fn.per_example_grads)
         self.steps = sorted({1, self.num_steps, *range(self.every, self.num_steps + 1, self.every)})
         self.record = np.full((len(self.steps), len(self.keys)), np.nan)
+        self.done = np.zeros(len(self.steps), bool)  # probed (a non-finite measurement stays NaN, and is kept)
 
     def _per_example(self, fn, params) -> np.ndarray:
         out = []
@@ -236,24 +237,27 @@ class BiasProbe(TrainCallback):
     def on_step(self, step: int, params) -> None:
         if step in self.steps:
             stats = self.measure(params)
-            self.record[self.steps.index(step)] = [stats[k] for k in self.keys]
+            i = self.steps.index(step)
+            self.record[i] = [stats[k] for k in self.keys]
+            self.done[i] = True
 
     def history(self) -> list[dict]:
         """One dict per probed step (``step`` and the keys), in order; steps not reached are left out."""
         return [
             {"step": s, **dict(zip(self.keys, map(float, row), strict=True))}
-            for s, row in zip(self.steps, self.record, strict=True)
-            if not np.isnan(row[0])
+            for s, row, done in zip(self.steps, self.record, self.done, strict=True)
+            if done
         ]
 
     def state_template(self, params):
-        return {"record": np.zeros_like(self.record)}
+        return {"record": np.zeros_like(self.record), "done": np.zeros_like(self.done)}
 
     def state_dict(self):
-        return {"record": self.record}
+        return {"record": self.record, "done": self.done}
 
     def load_state_dict(self, state) -> None:
         self.record = np.array(state["record"], np.float64)
+        self.done = np.array(state["done"], bool)
 
     def on_end(self, params, workdir: str) -> dict:
         history = self.history()

@@ -12,7 +12,9 @@ Rows (same model, batch, plan and optimizer; every private one through ``jaxdp.r
 * ``BAM``: two gradients per example, the second at the example's *own* point θ + r·g_i/‖g_i‖;
   a custom estimator, so always the vmap path;
 * ``two gradients, shared point``: the same two passes, the second at one point for all
-  examples: what BAM would cost if its second point were not per example.
+  examples (a fixed direction, not data-dependent): what BAM would cost if its second point
+  were not per example. It is a cost control only, not a method: real SAM would also need the
+  batch gradient's own pass to find its direction.
 
 They are timed in alternation (:func:`jaxdp.bench.time_interleaved`: round-robin, best round kept)
 so that other load hits all rows alike. Prints examples/s and ratios to DP-SGD (ghost) and to the
@@ -98,15 +100,15 @@ def main(argv=None):
     runners = {}
 
     @jax.jit
-    def plain_step(p, s):
+    def plain_step(p, s, x, y):
         g = jax.grad(loss_fn)(p, x, y)
         u, s = optimizer.update(g, s, p)
         return optax.apply_updates(p, u), s
 
     plain = [params, optimizer.init(params)]
 
-    def run_plain():
-        plain[0], plain[1] = plain_step(plain[0], plain[1])
+    def run_plain():  # the batch is an argument, as in the private steps
+        plain[0], plain[1] = plain_step(plain[0], plain[1], x, y)
         return plain[0]
 
     runners["non-private"] = run_plain

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import os
@@ -46,7 +47,16 @@ TABLES = ("digits", "fashion_mnist")
 METHODS = {"dpsgd": "DP-SGD", "dpsat": "DP-SAT", "bam": "BAM"}
 MIN_SEEDS = {"digits": 5, "fashion_mnist": 3}
 # The keys of a run's row that identify it: a rerun skips a row with the same values.
-IDENTITY = ("method", "epsilon_target", "seed", "learning_rate", "radius", "lam", "sat_radius", "evaluated_on")
+RECIPE_VERSION = 1  # raise when what a run measures changes (bam.py, the probe), so old rows are not reused
+IDENTITY = ("method", "epsilon_target", "seed", "learning_rate", "radius", "lam", "sat_radius", "config_id")
+# What config_id leaves out: where a run is written, the keys a cell sets (its own identity above) and the lists
+# that only say which cells to run. Everything else (epochs, C, batch, model, data, probe...) is in it, so a
+# changed recipe never reuses rows trained under the old one.
+_NOT_IN_ID = {
+    "workdir", "data_dir", "seed", "privacy.noise_seed", "privacy.target_epsilon", "optimizer.learning_rate",
+    "bam.method", "bam.radius", "bam.lam", "bam.sat_radius", "bam.epsilons", "bam.seeds", "bam.tune_seeds",
+    "bam.tune_learning_rates", "bam.tune_radii", "bam.tune_sat_radii", "bam.tune_validation_size",
+}  # fmt: skip
 
 
 def config_path(table: str, variant: str | None = None) -> str:
@@ -63,6 +73,20 @@ def subset_dataset(base: str, train_size: int, data_dir: str | None) -> str:
     return name
 
 
+def config_id(config) -> str:
+    """A short hash of the recipe (config minus the keys in ``_NOT_IN_ID``): rows of other recipes never mix."""
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            elif f"{prefix}{k}" not in _NOT_IN_ID:
+                yield f"{prefix}{k}", v
+
+    text = json.dumps([RECIPE_VERSION, sorted(flat(config.to_dict()))], default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 def late_mean(history: list[dict], key: str, num_steps: int) -> float:
     """Mean of ``key`` over the probes in the second half of training (past the early transient)."""
     vals = [r[key] for r in history if r["step"] > num_steps / 2 and key in r]
@@ -71,6 +95,7 @@ def late_mean(history: list[dict], key: str, num_steps: int) -> float:
 
 def run_one(config, method: str, epsilon: float, seed: int, workdir: str, quiet: bool = True) -> dict:
     """Train one (method, ε, seed) of ``config`` (validation_size > 0: evaluated on the validation split)."""
+    cid = config_id(config)
     config = apply_overrides(
         copy.deepcopy(config),
         [
@@ -102,6 +127,7 @@ def run_one(config, method: str, epsilon: float, seed: int, workdir: str, quiet:
         "lam": float(config.bam.lam) if method == "bam" else None,
         "sat_radius": float(config.bam.sat_radius) if method == "dpsat" else None,
         "evaluated_on": summary["evaluated_on"],
+        "config_id": cid,
         "epsilon_spent": summary["epsilon"],
         "noise_multiplier": summary["noise_multiplier"],
         "l2_clip_norm": summary["l2_clip_norm"],
@@ -111,19 +137,76 @@ def run_one(config, method: str, epsilon: float, seed: int, workdir: str, quiet:
         "wall_s": time.perf_counter() - t0,
         "examples_per_sec": summary["examples_per_sec"],
         "history": history,
+        # Read from the training data without noise: not covered by ε (nor is the search that chose the
+        # hyperparameters on the validation split).
+        "not_covered_by_epsilon": ["history", "late_*", "final_*"],
     }
-    for key in ("bias", "cosine", "bias_bound", "clipped_fraction", "norm_median", "oracle_bias", "oracle_cosine"):
-        if history and key in history[-1]:
-            row[f"late_{key}"] = late_mean(history, key, steps)
-            row[f"final_{key}"] = history[-1][key]
+    for key in probe.keys:
+        row[f"late_{key}"] = late_mean(history, key, steps)
+        row[f"final_{key}"] = history[-1][key] if history else float("nan")
     return row
 
 
 def load_rows(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+            print(f"{path}: its last line is cut off (a run killed while writing?); ignored.", flush=True)
+    return rows
+
+
+def current_rows(path: str, config) -> list[dict]:
+    """The rows on record in ``path`` trained under ``config``'s recipe (see :func:`config_id`)."""
+    cid = config_id(config)
+    return [r for r in load_rows(path) if r.get("config_id") == cid]
+
+
+def latest(rows: list[dict]) -> list[dict]:
+    """One row per identity: the last one written (``--redo`` appends, it does not rewrite the file)."""
+    return list({_identity(r): r for r in rows}.values())
+
+
+def table_rows(rows: list[dict], config) -> list[dict]:
+    """The rows of the table ``config`` describes: its step size, r, λ and ρ (latest row per run)."""
+    lr, b = float(config.optimizer.learning_rate), config.bam
+
+    def same(r):
+        if r["learning_rate"] != lr:
+            return False
+        if r["method"] == "bam":
+            return (r["radius"], r["lam"]) == (float(b.radius), float(b.lam))
+        return r["method"] != "dpsat" or r["sat_radius"] == float(b.sat_radius)
+
+    return [r for r in latest(rows) if same(r)]
+
+
+def chosen(tune_rows: list[dict]) -> dict:
+    """The search's choice: DP-SGD's best step size, then BAM's r (λ = r) and DP-SAT's ρ at it."""
+    lr = best_learning_rate(tune_rows)
+    out = {"optimizer.learning_rate": lr}
+    for method, key in (("bam", "radius"), ("dpsat", "sat_radius")):
+        rs = [r for r in tune_rows if r["method"] == method and r["learning_rate"] == lr]
+        if rs:
+            means = {v: np.mean([r["accuracy"] for r in g]) for (v,), g in _groups(rs, [key]).items()}
+            out[f"bam.{key}"] = max(means, key=means.get)
+    if "bam.radius" in out:
+        out["bam.lam"] = out["bam.radius"]  # alpha = 1
+    return out
+
+
+def tune_config(table: str, overrides=()):
+    """The search's config: the table's, evaluated on ``bam.tune_validation_size`` held-out training examples."""
+    config = apply_overrides(load_config(config_path(table)), list(overrides))
+    config.validation_size = config.bam.tune_validation_size  # never the test set
+    return config
 
 
 def _identity(row: dict) -> tuple:
@@ -145,7 +228,7 @@ def run_cells(config, cells, path: str, out: str, redo: bool = False, quiet: boo
             "radius": float(c.bam.radius) if method == "bam" else None,
             "lam": float(c.bam.lam) if method == "bam" else None,
             "sat_radius": float(c.bam.sat_radius) if method == "dpsat" else None,
-            "evaluated_on": "validation" if c.get("validation_size") else "test",
+            "config_id": config_id(c),
         }
         label = f"[{i}/{len(cells)}] {METHODS[method]} eps={eps:g} seed={seed} " + " ".join(overrides)
         if not redo and _identity(probe_row) in done:
@@ -219,6 +302,7 @@ def tune_text(rows: list[dict]) -> str:
 COLUMNS = [
     ("accuracy", "test accuracy", 3),
     ("late_bias", "bias ‖E clip − ∇L‖", 3),
+    ("late_grad_norm", "‖∇L‖", 3),
     ("late_cosine", "cos(E clip, ∇L)", 3),
     ("late_bias_bound", "bias bound", 3),
     ("late_clipped_fraction", "clipped", 2),
@@ -252,10 +336,13 @@ def table_text(rows: list[dict]) -> str:
 
 
 def verdict_text(rows: list[dict], min_seeds: int) -> str:
-    """Reproduced at an ε iff, over ≥ min_seeds seeds at equal ε spent, BAM's actual bias (second half of
-    training) is below DP-SGD's by more than the larger seed std, and BAM's accuracy exceeds DP-SGD's by
-    more than the larger seed std. Otherwise not reproduced (or not testable: too few seeds, unequal ε)."""
-    rows = [r for r in rows if r["evaluated_on"] == "test"]
+    """Reproduced at an ε iff, over ≥ min_seeds seeds at equal ε spent (means over the second half of training):
+    BAM's actual bias is below DP-SGD's by more than the larger seed std; its alignment cos(E clip, ∇L) is
+    above DP-SGD's by more than the larger seed std (with C below the norms ‖E clip‖ ≤ C, so the bias alone
+    is within C of ‖∇L‖ and could fall only because the gradient is smaller); and BAM's accuracy exceeds
+    DP-SGD's by more than the larger seed std. Otherwise not reproduced (or not testable: too few seeds,
+    unequal ε spent)."""
+    rows = latest([r for r in rows if r["evaluated_on"] == "test"])
     out = []
     for (eps,), g in sorted(_groups(rows, ["epsilon_target"]).items()):
         sgd = sorted((r for r in g if r["method"] == "dpsgd"), key=lambda r: r["seed"])
@@ -277,14 +364,17 @@ def verdict_text(rows: list[dict], min_seeds: int) -> str:
 
         (b0, sb0), (b1, sb1) = ms(sgd, "late_bias"), ms(bam, "late_bias")
         (a0, sa0), (a1, sa1) = ms(sgd, "accuracy"), ms(bam, "accuracy")
-        (c0, _), (c1, _) = ms(sgd, "late_cosine"), ms(bam, "late_cosine")
+        (c0, sc0), (c1, sc1) = ms(sgd, "late_cosine"), ms(bam, "late_cosine")
         bias_falls = b0 - b1 > max(sb0, sb1)
+        aligns = c1 - c0 > max(sc0, sc1)
         acc_gain = a1 - a0 > max(sa0, sa1)
-        verdict = "reproduced" if bias_falls and acc_gain else "not reproduced"
+        verdict = "reproduced" if bias_falls and aligns and acc_gain else "not reproduced"
         out.append(
             f"ε = {eps:g} ({len(seeds)} seeds): actual bias {b0:.3f} → {b1:.3f} "
             f"({'falls by more than' if bias_falls else 'does not fall by more than'} the seed std "
-            f"{max(sb0, sb1):.3f}); alignment {c0:.3f} → {c1:.3f}; accuracy {a0:.3f} → {a1:.3f} "
+            f"{max(sb0, sb1):.3f}); alignment {c0:.3f} → {c1:.3f} "
+            f"({'rises by more than' if aligns else 'does not rise by more than'} the seed std {max(sc0, sc1):.3f}); "
+            f"accuracy {a0:.3f} → {a1:.3f} "
             f"({'+' if a1 >= a0 else ''}{100 * (a1 - a0):.1f} points, seed std {100 * max(sa0, sa1):.1f}): "
             f"**{verdict}**."
         )
@@ -321,13 +411,35 @@ def plot(rows: list[dict], path: str) -> str:
     return path
 
 
-def report(table: str, min_seeds: int | None = None) -> str:
-    rows = load_rows(os.path.join(RESULTS, f"{table}.jsonl"))
-    text = table_text(rows) + "\n\nVerdict:\n" + verdict_text(rows, min_seeds or MIN_SEEDS.get(table, 5))
-    tune_rows = load_rows(os.path.join(RESULTS, f"{table}_tune.jsonl"))
+def report(table: str, overrides=()) -> str:
+    """The table, verdict and search of ``table`` from its files (rows of the current recipe only)."""
+    config = apply_overrides(load_config(config_path(table)), list(overrides))
+    rows = table_rows(current_rows(os.path.join(RESULTS, f"{table}.jsonl"), config), config)
+    text = table_text(rows) + "\n\nVerdict:\n" + verdict_text(rows, MIN_SEEDS.get(table, 5))
+    tune_rows = latest(current_rows(os.path.join(RESULTS, f"{table}_tune.jsonl"), tune_config(table, overrides)))
     if tune_rows:
         text += "\n\nSearch on the validation split (ε = 3):\n" + tune_text(tune_rows)
     return text
+
+
+def check_tuned(table: str, config, overrides=(), untuned: bool = False) -> None:
+    """Refuse a table whose step size, r, λ or ρ differ from the search's choice (or with no search on record)."""
+    if untuned:
+        return
+    rows = latest(current_rows(os.path.join(RESULTS, f"{table}_tune.jsonl"), tune_config(table, overrides)))
+    if not rows:
+        raise SystemExit(
+            f"--table {table}: no search on record for this recipe; run --tune {table} first (or pass --untuned)."
+        )
+    pick = chosen(rows)
+    wrong = {k: v for k, v in pick.items() if float(config[k.split(".")[0]][k.split(".")[1]]) != v}
+    if wrong:
+        have = " ".join(f"{k}={config[k.split('.')[0]][k.split('.')[1]]:g}" for k in wrong)
+        raise SystemExit(
+            f"--table {table}: {have} is not what the search on the validation split chose; set "
+            + " ".join(f"{k}={v:g}" for k, v in wrong.items())
+            + f" in experiments/bam/configs/{table}.py (or pass --untuned)."
+        )
 
 
 def main(argv=None):
@@ -338,20 +450,19 @@ def main(argv=None):
     group.add_argument("--report", choices=TABLES)
     group.add_argument("--quick", action="store_true", help="digits, ε 3, seed 0, 40 epochs (<= 10 minutes)")
     parser.add_argument("--redo", action="store_true", help="train runs already on record again")
+    parser.add_argument(
+        "--untuned", action="store_true", help="run a table whose hyperparameters the search did not choose"
+    )
     parser.add_argument("--verbose", action="store_true", help="show each run's own output")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     if args.report:
-        print(report(args.report))
-        if load_rows(os.path.join(RESULTS, f"{args.report}.jsonl")):
-            print(
-                "\nfigure:",
-                plot(
-                    load_rows(os.path.join(RESULTS, f"{args.report}.jsonl")),
-                    os.path.join(FIGURES, f"{args.report}_bias.png"),
-                ),
-            )
+        print(report(args.report, args.overrides))
+        config = apply_overrides(load_config(config_path(args.report)), args.overrides)
+        rows = table_rows(current_rows(os.path.join(RESULTS, f"{args.report}.jsonl"), config), config)
+        if rows:
+            print("\nfigure:", plot(rows, os.path.join(FIGURES, f"{args.report}_bias.png")))
         return
     if args.quick:
         config = apply_overrides(load_config(config_path("digits", "quick")), args.overrides)
@@ -364,21 +475,25 @@ def main(argv=None):
         print(f"\ntook {time.perf_counter() - t0:.0f} s")
         return
     name = args.table or args.tune
-    config = apply_overrides(load_config(config_path(name)), args.overrides)
     out = os.path.join(ROOT, "runs", f"bam_{name}")
     if args.tune:
+        config = tune_config(name, args.overrides)
         path = os.path.join(RESULTS, f"{name}_tune.jsonl")
-        config.validation_size = config.bam.tune_validation_size  # never the test set
         run_cells(config, tune_cells(config, 1), path, out, args.redo, quiet=not args.verbose)
-        lr = best_learning_rate(load_rows(path))
+        lr = best_learning_rate(latest(current_rows(path, config)))
         print(f"stage 1: DP-SGD's step size {lr:g} (highest mean validation accuracy)", flush=True)
         run_cells(config, tune_cells(config, 2, lr), path, out, args.redo, quiet=not args.verbose)
-        print("\n" + tune_text(load_rows(path)))
+        print("\n" + tune_text(latest(current_rows(path, config))))
+        print("chosen:", " ".join(f"{k}={v:g}" for k, v in chosen(latest(current_rows(path, config))).items()))
     else:
+        config = apply_overrides(load_config(config_path(name)), args.overrides)
+        check_tuned(name, config, args.overrides, args.untuned)
         path = os.path.join(RESULTS, f"{name}.jsonl")
         run_cells(config, table_cells(config), path, out, args.redo, quiet=not args.verbose)
-        print("\n" + report(name))
-        print("\nfigure:", plot(load_rows(path), os.path.join(FIGURES, f"{name}_bias.png")))
+        print("\n" + report(name, args.overrides))
+        print(
+            "\nfigure:", plot(table_rows(current_rows(path, config), config), os.path.join(FIGURES, f"{name}_bias.png"))
+        )
     print(f"\ntook {time.perf_counter() - t0:.0f} s")
 
 

@@ -339,7 +339,11 @@ def test_bias_probe_measures_plain_and_bam_gradients_of_its_examples_like_a_loop
     assert [r["step"] for r in probe.history()] == [1, 2]
     resumed = BiasProbe(size=12, every=2, example_grad=bam_example_grad(radius=0.05, lam=0.05), chunk=8)
     resumed.on_start(predict_logits=jax.jit(logits), dataset=ds, plan=plan)
-    resumed.load_state_dict(probe.state_dict())
+    template, state = resumed.state_template(params), probe.state_dict()
+    assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), template) == jax.tree_util.tree_map(
+        lambda a: (a.shape, a.dtype), state
+    )  # what a checkpoint restores into
+    resumed.load_state_dict(state)
     assert resumed.history() == probe.history()
     out = resumed.on_end(params, str(tmp_path))
     assert out["final_bias"] == pytest.approx(want["bias"], rel=2e-4)
@@ -347,21 +351,21 @@ def test_bias_probe_measures_plain_and_bam_gradients_of_its_examples_like_a_loop
     assert len((tmp_path / "bias.jsonl").read_text().splitlines()) == 2
 
 
-def _row(method, seed, acc, bias, eps=3.0, spent=3.0, evaluated_on="test", lr=0.01):
+def _row(method, seed, acc, bias, eps=3.0, spent=3.0, evaluated_on="test", lr=0.01, cos=0.5):
     return {
         "method": method, "epsilon_target": eps, "seed": seed, "learning_rate": lr, "evaluated_on": evaluated_on,
         "radius": 0.05 if method == "bam" else None, "lam": 0.05 if method == "bam" else None,
         "sat_radius": 0.05 if method == "dpsat" else None, "epsilon_spent": spent, "accuracy": acc,
-        "late_bias": bias, "late_cosine": 0.5, "history": [],
+        "late_bias": bias, "late_cosine": cos, "history": [],
     }  # fmt: skip
 
 
-def _rows(acc_gain, bias_drop, seeds=5, spent_bam=3.0):
+def _rows(acc_gain, bias_drop, seeds=5, spent_bam=3.0, cos=0.5):
     rows = []
     for s in range(seeds):
         jitter = 0.002 * (s - 2)
-        rows.append(_row("dpsgd", s, 0.80 + jitter, 0.40 + jitter))
-        rows.append(_row("bam", s, 0.80 + acc_gain + jitter, 0.40 - bias_drop + jitter, spent=spent_bam))
+        rows.append(_row("dpsgd", s, 0.80 + jitter, 0.40 + jitter, cos=0.3 + jitter))
+        rows.append(_row("bam", s, 0.80 + acc_gain + jitter, 0.40 - bias_drop + jitter, spent=spent_bam, cos=cos))
     return rows
 
 
@@ -370,6 +374,20 @@ def test_verdict_needs_the_actual_bias_to_fall_and_an_accuracy_gain_beyond_the_s
     assert "does not fall" in run.verdict_text(_rows(0.02, 0.0), 5)  # accuracy alone is not enough
     assert "**not reproduced**" in run.verdict_text(_rows(0.02, 0.0), 5)
     assert "**not reproduced**" in run.verdict_text(_rows(0.001, 0.05), 5)  # gain within the seed std
+    # The bias falls but the direction is no better: a smaller gradient, not less clipping bias.
+    assert "does not rise" in run.verdict_text(_rows(0.02, 0.05, cos=0.3), 5)
+    assert "**not reproduced**" in run.verdict_text(_rows(0.02, 0.05, cos=0.3), 5)
+    # --redo appends: the latest row of a run counts, once.
+    rows = _rows(0.02, 0.05)
+    redone = [dict(r, accuracy=0.5) for r in rows if r["method"] == "bam"]
+    assert "**not reproduced**" in run.verdict_text(rows + redone, 5)
+    assert len(run.latest(rows + redone)) == len(rows)
+    # Rows of another r or step size are not this table's.
+    config = load_config(run.config_path("digits"))
+    mine = [dict(r, learning_rate=config.optimizer.learning_rate, radius=config.bam.radius, lam=config.bam.lam)
+            for r in rows]  # fmt: skip
+    other = [dict(r, radius=0.5, lam=0.5) for r in mine if r["method"] == "bam"]
+    assert run.table_rows(mine + other, config) == mine
     assert "not testable yet: 4 seed(s)" in run.verdict_text(_rows(0.02, 0.05, seeds=4), 5)
     assert "ε spent differs" in run.verdict_text(_rows(0.02, 0.05, spent_bam=3.1), 5)
     validation = [dict(r, evaluated_on="validation") for r in _rows(0.02, 0.05)]
@@ -381,18 +399,22 @@ def test_runs_on_record_are_skipped_and_the_search_never_sees_the_test_set(tmp_p
 
     def fake_run_one(config, method, eps, seed, workdir, quiet=True):
         seen.append((method, seed, config.get("validation_size"), float(config.optimizer.learning_rate)))
-        acc = 0.5 + float(config.optimizer.learning_rate)  # the larger step size wins the search
+        acc = 0.5 + float(config.optimizer.learning_rate)  # the larger step size (and r, rho) wins the search
+        acc += {"bam": float(config.bam.radius), "dpsat": float(config.bam.sat_radius)}.get(method, 0.0)
         return _row(method, seed, acc, 0.4, eps, evaluated_on="validation" if config.validation_size else "test",
                     lr=float(config.optimizer.learning_rate)) | {  # fmt: skip
             "radius": float(config.bam.radius) if method == "bam" else None,
             "lam": float(config.bam.lam) if method == "bam" else None,
             "sat_radius": float(config.bam.sat_radius) if method == "dpsat" else None,
-            "late_cosine": 0.5, "wall_s": 0.0,
+            "late_cosine": 0.5, "wall_s": 0.0, "config_id": run.config_id(config),
         }  # fmt: skip
 
     monkeypatch.setattr(run, "run_one", fake_run_one)
     monkeypatch.setattr(run, "RESULTS", str(tmp_path))
     monkeypatch.setattr(run, "ROOT", str(tmp_path))
+    monkeypatch.setattr(run, "FIGURES", str(tmp_path))
+    with pytest.raises(SystemExit, match="no search on record"):
+        run.main(["--table", "digits"])
     run.main(["--tune", "digits"])
     config = load_config(run.config_path("digits"))
     b = config.bam
@@ -404,11 +426,18 @@ def test_runs_on_record_are_skipped_and_the_search_never_sees_the_test_set(tmp_p
     seen.clear()
     run.main(["--tune", "digits"])  # everything is on record: nothing trains again
     assert seen == []
-    run.main(["--table", "digits", "epochs=1"])
+    with pytest.raises(SystemExit, match="optimizer.learning_rate=0.1 bam.radius=0.1 bam.sat_radius=0.1"):
+        run.check_tuned("digits", config)  # the config's values are not the (fake) search's choice
+    picked = ["optimizer.learning_rate=0.1", "bam.radius=0.1", "bam.lam=0.1", "bam.sat_radius=0.1"]
+    run.check_tuned("digits", apply_overrides(load_config(run.config_path("digits")), picked))
+    run.main(["--table", "digits", "--untuned", "epochs=1"])
     assert len(seen) == 3 * len(b.epsilons) * len(b.seeds) and all(vs == 0 for _, _, vs, _ in seen)
     seen.clear()
-    run.main(["--table", "digits", "--redo", "bam.seeds=(0,)", "bam.epsilons=(3.0,)"])
+    run.main(["--table", "digits", "--untuned", "--redo", "bam.seeds=(0,)", "bam.epsilons=(3.0,)"])
     assert [m for m, *_ in seen] == ["dpsgd", "dpsat", "bam"]
+    seen.clear()
+    run.main(["--table", "digits", "--untuned", "epochs=2"])  # another recipe: nothing of the epochs=1 rows is reused
+    assert len(seen) == 3 * len(b.epsilons) * len(b.seeds)
 
 
 @pytest.mark.slow  # ~40 s: trains all three methods for 2 epochs (CI's slow step)
@@ -451,3 +480,19 @@ def test_cifar_recipe_runs_bam_on_tfds_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=32):
         summary = train(smoke, progress=False, **method_hooks(smoke.bam))
     assert summary["steps"] > 0 and 0 < summary["epsilon"] <= 8.0
+
+
+@pytest.mark.slow  # ~40 s: compiles six steps (CI's slow step)
+def test_bench_times_every_row_side_by_side():
+    from experiments.bam import bench
+
+    best = bench.main(["--batch", "16", "--steps", "1", "--rounds", "1", "--set", "model.kwargs.features=(4,)"])
+    assert set(best) == {
+        "non-private",
+        "DP-SGD (vmap)",
+        "DP-SGD (ghost)",
+        "DP-SAT",
+        "BAM",
+        "two gradients, shared point",
+    }
+    assert all(t > 0 for t in best.values())
