@@ -133,7 +133,6 @@ def run_one(config, method: str, epsilon: float, seed: int, workdir: str, quiet:
         "l2_clip_norm": summary["l2_clip_norm"],
         "steps": steps,
         "accuracy": summary["test_accuracy"],
-        "train_examples": summary.get("train_examples"),
         "wall_s": time.perf_counter() - t0,
         "examples_per_sec": summary["examples_per_sec"],
         "history": history,
@@ -365,6 +364,9 @@ def verdict_text(rows: list[dict], min_seeds: int) -> str:
         (b0, sb0), (b1, sb1) = ms(sgd, "late_bias"), ms(bam, "late_bias")
         (a0, sa0), (a1, sa1) = ms(sgd, "accuracy"), ms(bam, "accuracy")
         (c0, sc0), (c1, sc1) = ms(sgd, "late_cosine"), ms(bam, "late_cosine")
+        # Paired by seed (the same batches and noise draws): in how many seeds does BAM do better?
+        lower = sum(b["late_bias"] < s["late_bias"] for s, b in zip(sgd, bam, strict=True))
+        higher = sum(b["accuracy"] > s["accuracy"] for s, b in zip(sgd, bam, strict=True))
         bias_falls = b0 - b1 > max(sb0, sb1)
         aligns = c1 - c0 > max(sc0, sc1)
         acc_gain = a1 - a0 > max(sa0, sa1)
@@ -372,10 +374,11 @@ def verdict_text(rows: list[dict], min_seeds: int) -> str:
         out.append(
             f"ε = {eps:g} ({len(seeds)} seeds): actual bias {b0:.3f} → {b1:.3f} "
             f"({'falls by more than' if bias_falls else 'does not fall by more than'} the seed std "
-            f"{max(sb0, sb1):.3f}); alignment {c0:.3f} → {c1:.3f} "
+            f"{max(sb0, sb1):.3f}; lower in {lower} of {len(seeds)} seeds); alignment {c0:.3f} → {c1:.3f} "
             f"({'rises by more than' if aligns else 'does not rise by more than'} the seed std {max(sc0, sc1):.3f}); "
             f"accuracy {a0:.3f} → {a1:.3f} "
-            f"({'+' if a1 >= a0 else ''}{100 * (a1 - a0):.1f} points, seed std {100 * max(sa0, sa1):.1f}): "
+            f"({'+' if a1 >= a0 else ''}{100 * (a1 - a0):.1f} points, seed std {100 * max(sa0, sa1):.1f}; "
+            f"higher in {higher} of {len(seeds)} seeds): "
             f"**{verdict}**."
         )
     return "\n".join(f"- {line}" for line in out)
