@@ -403,7 +403,8 @@ def plot(rows: list[dict], path: str) -> str:
             steps = [h["step"] for h in mr[0]["history"]]
             for j, (key, title) in enumerate(keys):
                 curves = np.array([[h[key] for h in r["history"]] for r in mr if len(r["history"]) == len(steps)])
-                axes[i, j].plot(steps, curves.mean(0), label=f"{label} ({len(curves)} seeds)")
+                style = {"dpsgd": dict(lw=3, alpha=0.5), "dpsat": dict(ls="--"), "bam": {}}[m]  # SAT ≈ SGD: both seen
+                axes[i, j].plot(steps, curves.mean(0), label=f"{label} ({len(curves)} seeds)", **style)
                 axes[i, j].set_title(f"ε = {eps:g}: {title}", fontsize=9)
                 axes[i, j].set_xlabel("step", fontsize=8)
         axes[i, 0].legend(fontsize=7)
