@@ -93,6 +93,20 @@ def late_mean(history: list[dict], key: str, num_steps: int) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def cell_identity(config, method: str, epsilon: float, seed: int, cid: str) -> dict:
+    """The ``IDENTITY`` fields of one run: a rerun skips a row on record with the same values."""
+    return {
+        "method": method,
+        "epsilon_target": float(epsilon),
+        "seed": seed,
+        "learning_rate": float(config.optimizer.learning_rate),
+        "radius": float(config.bam.radius) if method == "bam" else None,
+        "lam": float(config.bam.lam) if method == "bam" else None,
+        "sat_radius": float(config.bam.sat_radius) if method == "dpsat" else None,
+        "config_id": cid,
+    }
+
+
 def run_one(config, method: str, epsilon: float, seed: int, workdir: str, quiet: bool = True) -> dict:
     """Train one (method, ε, seed) of ``config`` (validation_size > 0: evaluated on the validation split)."""
     cid = config_id(config)
@@ -119,15 +133,8 @@ def run_one(config, method: str, epsilon: float, seed: int, workdir: str, quiet:
     history = summary["bias_history"]
     steps = summary["steps"]
     row = {
-        "method": method,
-        "epsilon_target": float(epsilon),
-        "seed": seed,
-        "learning_rate": float(config.optimizer.learning_rate),
-        "radius": float(config.bam.radius) if method == "bam" else None,
-        "lam": float(config.bam.lam) if method == "bam" else None,
-        "sat_radius": float(config.bam.sat_radius) if method == "dpsat" else None,
+        **cell_identity(config, method, epsilon, seed, cid),
         "evaluated_on": summary["evaluated_on"],
-        "config_id": cid,
         "epsilon_spent": summary["epsilon"],
         "noise_multiplier": summary["noise_multiplier"],
         "l2_clip_norm": summary["l2_clip_norm"],
@@ -219,16 +226,7 @@ def run_cells(config, cells, path: str, out: str, redo: bool = False, quiet: boo
     rows = []
     for i, (method, eps, seed, overrides) in enumerate(cells, 1):
         c = apply_overrides(copy.deepcopy(config), list(overrides))
-        probe_row = {  # what this cell's row will be keyed by
-            "method": method,
-            "epsilon_target": float(eps),
-            "seed": seed,
-            "learning_rate": float(c.optimizer.learning_rate),
-            "radius": float(c.bam.radius) if method == "bam" else None,
-            "lam": float(c.bam.lam) if method == "bam" else None,
-            "sat_radius": float(c.bam.sat_radius) if method == "dpsat" else None,
-            "config_id": config_id(c),
-        }
+        probe_row = cell_identity(c, method, eps, seed, config_id(c))  # what this cell's row will be keyed by
         label = f"[{i}/{len(cells)}] {METHODS[method]} eps={eps:g} seed={seed} " + " ".join(overrides)
         if not redo and _identity(probe_row) in done:
             print(f"{label}: on record, skipped", flush=True)

@@ -127,8 +127,16 @@ def test_one_examples_bam_gradient_ignores_every_other_example():
     assert np.max(np.abs(diff)) > 1e-3
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-@pytest.mark.parametrize("microbatch_size", [None, 3])
+@pytest.mark.parametrize(
+    "model, microbatch_size",
+    [
+        ("mlp", None),
+        ("mlp", 3),
+        ("cnn", None),
+        # Microbatching with an estimator is also checked against a loop in tests/test_clipping.py.
+        pytest.param("cnn", 3, marks=pytest.mark.slow),  # ~6 s (make test stays under 10 minutes)
+    ],
+)
 def test_bam_clipped_sum_equals_a_loop_and_each_term_is_within_the_bound(model, microbatch_size):
     if model == "mlp":
         loss_fn, params, x, y = mlp_problem(seed=4, n=7)
@@ -413,6 +421,7 @@ def test_runs_on_record_are_skipped_and_the_search_never_sees_the_test_set(tmp_p
     monkeypatch.setattr(run, "RESULTS", str(tmp_path))
     monkeypatch.setattr(run, "ROOT", str(tmp_path))
     monkeypatch.setattr(run, "FIGURES", str(tmp_path))
+    monkeypatch.setattr(run, "plot", lambda rows, path: path)  # the fake rows have no history to draw
     with pytest.raises(SystemExit, match="no search on record"):
         run.main(["--table", "digits"])
     run.main(["--tune", "digits"])
