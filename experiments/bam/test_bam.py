@@ -133,7 +133,7 @@ def test_one_examples_bam_gradient_ignores_every_other_example():
         ("mlp", None),
         ("mlp", 3),
         ("cnn", None),
-        # Microbatching with an estimator is also checked against a loop in tests/test_clipping.py.
+        # BAM microbatched is still checked against the loop on the MLP above.
         pytest.param("cnn", 3, marks=pytest.mark.slow),  # ~6 s (make test stays under 10 minutes)
     ],
 )
