@@ -214,6 +214,7 @@ class BiasProbe(TrainCallback):
             fn = jaxdp.clipped_grad(loss, l2_clip_norm=self.clip, example_grad=self.example_grad)
             self._oracle = jax.jit(fn.per_example_grads)
         self.steps = sorted({1, self.num_steps, *range(self.every, self.num_steps + 1, self.every)})
+        self._index = {s: i for i, s in enumerate(self.steps)}  # on_step runs every step: a dict, not a list search
         self.record = np.full((len(self.steps), len(self.keys)), np.nan)
         self.done = np.zeros(len(self.steps), bool)  # probed (a non-finite measurement stays NaN, and is kept)
 
@@ -235,9 +236,9 @@ class BiasProbe(TrainCallback):
         return clipping_bias(grads, self.clip, oracle)
 
     def on_step(self, step: int, params) -> None:
-        if step in self.steps:
+        i = self._index.get(step)
+        if i is not None:
             stats = self.measure(params)
-            i = self.steps.index(step)
             self.record[i] = [stats[k] for k in self.keys]
             self.done[i] = True
 

@@ -52,6 +52,7 @@ def shared_point_example_grad(radius: float, direction):
     def example_grad(value_and_grad, params):
         (loss, aux), g = value_and_grad(params)
         _, g2 = value_and_grad(_ascend(params, direction, radius))
+        # 0·g keeps the first gradient in the computation (unused, XLA would drop it): two passes, as BAM.
         return (loss, aux), jax.tree_util.tree_map(lambda a, b: 0.0 * a + b, g, g2)
 
     return example_grad

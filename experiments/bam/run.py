@@ -413,15 +413,15 @@ def plot(rows: list[dict], path: str) -> str:
     return path
 
 
-def report(table: str, overrides=()) -> str:
-    """The table, verdict and search of ``table`` from its files (rows of the current recipe only)."""
+def report(table: str, overrides=()) -> tuple[str, list[dict]]:
+    """The table, verdict and search of ``table`` from its files, and the table's rows (current recipe only)."""
     config = apply_overrides(load_config(config_path(table)), list(overrides))
     rows = table_rows(current_rows(os.path.join(RESULTS, f"{table}.jsonl"), config), config)
     text = table_text(rows) + "\n\nVerdict:\n" + verdict_text(rows, MIN_SEEDS.get(table, 5))
     tune_rows = latest(current_rows(os.path.join(RESULTS, f"{table}_tune.jsonl"), tune_config(table, overrides)))
     if tune_rows:
         text += "\n\nSearch on the validation split (ε = 3):\n" + tune_text(tune_rows)
-    return text
+    return text, rows
 
 
 def check_tuned(table: str, config, overrides=(), untuned: bool = False) -> None:
@@ -460,9 +460,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     if args.report:
-        print(report(args.report, args.overrides))
-        config = apply_overrides(load_config(config_path(args.report)), args.overrides)
-        rows = table_rows(current_rows(os.path.join(RESULTS, f"{args.report}.jsonl"), config), config)
+        text, rows = report(args.report, args.overrides)
+        print(text)
         if rows:
             print("\nfigure:", plot(rows, os.path.join(FIGURES, f"{args.report}_bias.png")))
         return
@@ -492,10 +491,9 @@ def main(argv=None):
         check_tuned(name, config, args.overrides, args.untuned)
         path = os.path.join(RESULTS, f"{name}.jsonl")
         run_cells(config, table_cells(config), path, out, args.redo, quiet=not args.verbose)
-        print("\n" + report(name, args.overrides))
-        print(
-            "\nfigure:", plot(table_rows(current_rows(path, config), config), os.path.join(FIGURES, f"{name}_bias.png"))
-        )
+        text, rows = report(name, args.overrides)
+        print("\n" + text)
+        print("\nfigure:", plot(rows, os.path.join(FIGURES, f"{name}_bias.png")))
     print(f"\ntook {time.perf_counter() - t0:.0f} s")
 
 
