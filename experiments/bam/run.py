@@ -169,6 +169,17 @@ def load_rows(path: str) -> list[dict]:
     return rows
 
 
+def _drop_cut_off_tail(path: str) -> None:
+    """Before appending: cut a last line left without its newline (a run killed while writing it), so the
+    next row does not join it. That line's run never finished writing; it is trained again."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def current_rows(path: str, config) -> list[dict]:
     """The rows on record in ``path`` trained under ``config``'s recipe (see :func:`config_id`)."""
     cid = config_id(config)
@@ -222,6 +233,7 @@ def _identity(row: dict) -> tuple:
 def run_cells(config, cells, path: str, out: str, redo: bool = False, quiet: bool = True) -> list[dict]:
     """Train ``cells`` = [(method, ε, seed, overrides)], appending each row to ``path`` as it finishes."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    _drop_cut_off_tail(path)
     done = {_identity(r) for r in load_rows(path)}
     rows = []
     for i, (method, eps, seed, overrides) in enumerate(cells, 1):

@@ -1,5 +1,6 @@
 """BAM and DP-SAT: the estimator's limit, per-example isolation, the clipping bound, privatised-only ascent."""
 
+import json
 import math
 import os
 
@@ -435,6 +436,12 @@ def test_runs_on_record_are_skipped_and_the_search_never_sees_the_test_set(tmp_p
     seen.clear()
     run.main(["--tune", "digits"])  # everything is on record: nothing trains again
     assert seen == []
+    rows = tune_file.read_text().splitlines()
+    tune_file.write_text("\n".join(rows[:-1]) + "\n" + rows[-1][:40])  # the last run killed while writing its row
+    run.main(["--tune", "digits"])
+    assert len(seen) == 1  # that run trains again, and its row does not join the cut-off text
+    assert [json.loads(line) for line in tune_file.read_text().splitlines()][-1]["seed"] == json.loads(rows[-1])["seed"]
+    seen.clear()
     with pytest.raises(SystemExit, match="optimizer.learning_rate=0.1 bam.radius=0.1 bam.sat_radius=0.1"):
         run.check_tuned("digits", config)  # the config's values are not the (fake) search's choice
     picked = ["optimizer.learning_rate=0.1", "bam.radius=0.1", "bam.lam=0.1", "bam.sat_radius=0.1"]
