@@ -1,12 +1,14 @@
 """DP-compatible Flax NNX models and the check that refuses cross-example layers."""
 
 from jaxdp.models._complex import (
+    WEIGHT_STANDARDIZATIONS,
     ComplexCNN,
     ComplexConv,
     ComplexDense,
     ComplexGroupNorm,
     cardioid,
     complex_avg_pool,
+    complex_conv_same,
     complex_weight_standardize,
     conjugate_mish,
     magnitude,
@@ -14,7 +16,7 @@ from jaxdp.models._complex import (
     split_mish,
 )
 from jaxdp.models._conv import DPConv, conv_same
-from jaxdp.models._nets import CNN, MLP, make_model
+from jaxdp.models._nets import CNN, MLP, GroupNormCNN, make_model, weight_standardize
 from jaxdp.models._recipes import DPMnistCNN, WideResNet, WSConv
 from jaxdp.models._transformer import TransformerClassifier
 from jaxdp.models._validate import check_dp_compatible
@@ -27,11 +29,14 @@ __all__ = [
     "ComplexGroupNorm",
     "DPConv",
     "DPMnistCNN",
+    "GroupNormCNN",
     "TransformerClassifier",
     "WSConv",
     "WideResNet",
     "cardioid",
     "complex_avg_pool",
+    "WEIGHT_STANDARDIZATIONS",
+    "complex_conv_same",
     "complex_weight_standardize",
     "conjugate_mish",
     "magnitude",
@@ -40,5 +45,6 @@ __all__ = [
     "MLP",
     "conv_same",
     "check_dp_compatible",
+    "weight_standardize",
     "make_model",
 ]

@@ -12,13 +12,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdp.models._conv import conv_same
+
 __all__ = [
     "ComplexCNN",
     "ComplexConv",
     "ComplexDense",
     "ComplexGroupNorm",
+    "WEIGHT_STANDARDIZATIONS",
     "cardioid",
     "complex_avg_pool",
+    "complex_conv_same",
     "complex_weight_standardize",
     "conjugate_mish",
     "magnitude",
@@ -44,16 +48,81 @@ class ComplexDense(nnx.Module):
         return z.astype(jnp.complex64) @ self.kernel[...] + self.bias[...]
 
 
-def complex_weight_standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """Per output channel (last axis): subtract the complex mean, divide by sqrt(mean |k − mean|² + eps)."""
+WEIGHT_STANDARDIZATIONS = ("whiten", "modulus", "centre", "none")
+
+
+def complex_weight_standardize(kernel: jax.Array, eps: float = 1e-5, *, mode: str = "whiten") -> jax.Array:
+    """Standardise a complex kernel per output channel (last axis); statistics over all other axes.
+
+    Args:
+      kernel: complex kernel, output channels last (``HWIO`` for convolutions).
+      eps: added to the variances (the authors' 1e-5).
+      mode: ``"whiten"`` (the authors' default ``ComplexWSConv2D``: Re and Im centred separately, then
+        whitened with the inverse square root of their 2×2 covariance, ``eps`` added to both variances,
+        and scaled by 1/√2, so Re and Im come out uncorrelated with variance ½ each); ``"centre"`` (the
+        authors' ``ComplexWSConv2DNoWhiten``: Re and Im centred, nothing rescaled); ``"modulus"`` (jaxdp's
+        earlier variant: centred, divided by sqrt(mean |k − mean|² + eps); Re and Im keep their ratio and
+        correlation); ``"none"``.
+
+    Returns:
+      The standardised kernel (same shape and dtype). Every mode gives E|k'|² ≈ 1 per output channel except
+      ``"centre"`` and ``"none"``.
+    """
+    if mode not in WEIGHT_STANDARDIZATIONS:
+        raise ValueError(f"weight standardisation mode={mode!r} must be one of {WEIGHT_STANDARDIZATIONS}.")
+    if mode == "none":
+        return kernel
     axes = tuple(range(kernel.ndim - 1))
-    centred = kernel - jnp.mean(kernel, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.abs(centred) ** 2, axis=axes, keepdims=True)
-    return centred / jnp.sqrt(var + eps)
+    centred = kernel - jnp.mean(kernel, axis=axes, keepdims=True)  # = Re and Im centred separately
+    if mode == "centre":
+        return centred
+    if mode == "modulus":
+        return centred / jnp.sqrt(jnp.mean(jnp.abs(centred) ** 2, axis=axes, keepdims=True) + eps)
+    re, im = jnp.real(centred), jnp.imag(centred)
+    wrr, wii, wri = _inverse_sqrt_2x2(
+        jnp.mean(re * re, axis=axes, keepdims=True) + eps,
+        jnp.mean(im * im, axis=axes, keepdims=True) + eps,
+        jnp.mean(re * im, axis=axes, keepdims=True),
+    )
+    scale = 2**-0.5
+    return jax.lax.complex((wrr * re + wri * im) * scale, (wri * re + wii * im) * scale)
+
+
+def _inverse_sqrt_2x2(vrr: jax.Array, vii: jax.Array, vri: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(wrr, wii, wri) of the inverse square root of the SPD matrix [[vrr, vri], [vri, vii]], in closed form."""
+    s = jnp.sqrt(vrr * vii - vri * vri)
+    t = jnp.sqrt(vrr + vii + 2 * s)
+    inv = 1.0 / (s * t)
+    return (vii + s) * inv, (vrr + s) * inv, -vri * inv
+
+
+def complex_conv_same(z: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 'SAME' complex convolution (NHWC, HWIO) computed as one real convolution.
+
+    (Re z, Im z) are stacked as 2·C_in real channels and convolved with the real block kernel
+    [[Re W, Im W], [−Im W, Re W]] (2·C_in → 2·C_out), which gives (Re(z ⋆ W), Im(z ⋆ W)). The real
+    convolution is :func:`jaxdp.models.conv_same`, whose weight gradient is an im2col matmul, so per-example
+    gradients under ``vmap`` are one batched matmul instead of XLA's complex grouped convolution (measured
+    ~10x slower on CPU). Values and gradients equal ``lax.conv_general_dilated`` on complex64 (tested).
+    """
+    wr, wi = jnp.real(kernel), jnp.imag(kernel)
+    block = jnp.concatenate([jnp.concatenate([wr, wi], axis=-1), jnp.concatenate([-wi, wr], axis=-1)], axis=-2)
+    x = jnp.concatenate([jnp.real(z), jnp.imag(z)], axis=-1).astype(block.dtype)
+    out = conv_same(x, block)
+    cout = kernel.shape[-1]
+    return jax.lax.complex(out[..., :cout], out[..., cout:])
 
 
 class ComplexConv(nnx.Module):
-    """Stride-1 'SAME' complex 2-D convolution, optionally with complex weight standardisation."""
+    """Stride-1 'SAME' complex 2-D convolution (:func:`complex_conv_same`), with complex weight standardisation.
+
+    Args:
+      in_features, out_features: complex channels in and out.
+      kernel_size: ``(kh, kw)``.
+      weight_standardization: a :func:`complex_weight_standardize` mode: ``"whiten"`` (the authors'
+        default, the default here), ``"centre"``, ``"modulus"`` (jaxdp's earlier variant) or ``"none"``.
+      rngs: ``nnx.Rngs`` (keyword-only).
+    """
 
     def __init__(
         self,
@@ -61,9 +130,13 @@ class ComplexConv(nnx.Module):
         out_features: int,
         kernel_size: Sequence[int] = (3, 3),
         *,
-        weight_standardization: bool = True,
+        weight_standardization: str = "whiten",
         rngs: nnx.Rngs,
     ):
+        if weight_standardization not in WEIGHT_STANDARDIZATIONS:
+            raise ValueError(
+                f"weight_standardization={weight_standardization!r} must be one of {WEIGHT_STANDARDIZATIONS}."
+            )
         kh, kw = kernel_size
         fan_in = kh * kw * in_features
         self.kernel = nnx.Param(_complex_normal(rngs.params(), (kh, kw, in_features, out_features), fan_in))
@@ -71,13 +144,8 @@ class ComplexConv(nnx.Module):
         self.weight_standardization = weight_standardization
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        kernel = self.kernel[...]
-        if self.weight_standardization:
-            kernel = complex_weight_standardize(kernel)
-        out = jax.lax.conv_general_dilated(
-            z.astype(jnp.complex64), kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        return out + self.bias[...]
+        kernel = complex_weight_standardize(self.kernel[...], mode=self.weight_standardization)
+        return complex_conv_same(z.astype(jnp.complex64), kernel) + self.bias[...]
 
 
 class ComplexGroupNorm(nnx.Module):
@@ -109,11 +177,7 @@ class ComplexGroupNorm(nnx.Module):
         vrr = jnp.mean(re * re, axis=axes, keepdims=True) + self.eps
         vii = jnp.mean(im * im, axis=axes, keepdims=True) + self.eps
         vri = jnp.mean(re * im, axis=axes, keepdims=True)
-        # Inverse square root of [[vrr, vri], [vri, vii]] in closed form.
-        s = jnp.sqrt(vrr * vii - vri * vri)
-        t = jnp.sqrt(vrr + vii + 2 * s)
-        inv = 1.0 / (s * t)
-        wrr, wii, wri = (vii + s) * inv, (vrr + s) * inv, -vri * inv
+        wrr, wii, wri = _inverse_sqrt_2x2(vrr, vii, vri)
         re_w, im_w = wrr * re + wri * im, wri * re + wii * im
         re_w, im_w = re_w.reshape(shape), im_w.reshape(shape)
         out_re = self.gamma_rr[...] * re_w + self.gamma_ri[...] * im_w
@@ -121,16 +185,31 @@ class ComplexGroupNorm(nnx.Module):
         return jax.lax.complex(out_re, out_im) + self.beta[...]
 
 
+def _modulus(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(Re z, Im z, |z| with 1 where z = 0, z ≠ 0): a modulus whose gradient stays finite at z = 0."""
+    re, im = jnp.real(z), jnp.imag(z)
+    sq = re * re + im * im
+    nonzero = sq > 0
+    return re, im, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), nonzero
+
+
 def cardioid(z: jax.Array) -> jax.Array:
-    """½(1 + cos ∠z)·z: passes positive-real inputs, suppresses negative-real ones, keeps the phase."""
-    return 0.5 * (1.0 + jnp.cos(jnp.angle(z))) * z
+    """½(1 + cos ∠z)·z: passes positive-real inputs, suppresses negative-real ones, keeps the phase.
+
+    Computed as ½(1 + Re z/|z|)·z (cos ∠z = Re z/|z|; ½·z at z = 0, where the factor is bounded and the
+    value 0): the same function without ``atan2`` and ``cos``, which took 9 of the 23 ms of a forward pass
+    of the digits ComplexCNN on CPU, and with a finite gradient at z = 0 (a zero-padded example's input).
+    """
+    re, im, mag, nonzero = _modulus(z)
+    factor = 0.5 * (1.0 + jnp.where(nonzero, re / mag, 1.0))
+    return jax.lax.complex(factor * re, factor * im)
 
 
 def mod_relu(z: jax.Array, bias: jax.Array | float = -0.1) -> jax.Array:
-    """ReLU(|z| + b)·z/|z| (0 at z = 0): thresholds the magnitude, keeps the phase."""
-    mag = jnp.abs(z)
-    scale = jax.nn.relu(mag + bias) / jnp.where(mag > 0, mag, 1.0)
-    return scale * z
+    """ReLU(|z| + b)·z/|z| (0 at z = 0, with a finite gradient there): thresholds the magnitude, keeps the phase."""
+    re, im, mag, nonzero = _modulus(z)
+    scale = jnp.where(nonzero, jax.nn.relu(mag + bias) / mag, 0.0)
+    return jax.lax.complex(scale * re, scale * im)
 
 
 def split_mish(z: jax.Array) -> jax.Array:
@@ -139,12 +218,14 @@ def split_mish(z: jax.Array) -> jax.Array:
 
 
 def conjugate_mish(z: jax.Array) -> jax.Array:
-    """conj(split_mish(conj z)) = mish(Re z) − i·mish(−Im z): split Mish mirrored on the imaginary axis.
+    """The authors' ConjugateMish: Re = mish(Re z) − mish(Im z), Im = mish(Re z) + mish(Im z).
 
-    (Our definition of a "conjugate" Mish-type activation; it is odd-symmetric in
-    Im z's sign convention where split Mish is not.)
+    Riess, Ziller et al.'s ``ConjugateMish`` (their objax ``dptraining.models.complex.activations``),
+    the complex product (1 + i)·(mish(Re z) + i·mish(Im z)) written out: split Mish followed by a
+    rotation by 45° and a scaling by √2.
     """
-    return jnp.conj(split_mish(jnp.conj(z)))
+    a, b = jax.nn.mish(jnp.real(z)), jax.nn.mish(jnp.imag(z))
+    return jax.lax.complex(a - b, a + b)
 
 
 def magnitude(z: jax.Array) -> jax.Array:
@@ -179,6 +260,7 @@ class ComplexCNN(nnx.Module):
         features: Sequence[int] = (16, 32),
         activation: str = "cardioid",
         groups: int = 4,
+        weight_standardization: str = "whiten",
         rngs: nnx.Rngs,
     ):
         if activation not in _ACTIVATIONS:
@@ -186,7 +268,7 @@ class ComplexCNN(nnx.Module):
         h, w, c = input_shape
         convs, norms = [], []
         for f in features:
-            convs.append(ComplexConv(c, f, rngs=rngs))
+            convs.append(ComplexConv(c, f, weight_standardization=weight_standardization, rngs=rngs))
             norms.append(ComplexGroupNorm(f, min(groups, f)))
             c, h, w = f, h // 2, w // 2
         if h < 1 or w < 1:

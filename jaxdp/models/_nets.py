@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdp.models._conv import DPConv
+from jaxdp.models._conv import DPConv, conv_same
 
 
 class MLP(nnx.Module):
@@ -83,8 +83,75 @@ class CNN(nnx.Module):
         return self.head(x.reshape((x.shape[0], -1)))
 
 
+def weight_standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """(k − mean) / sqrt(var + eps) per output channel (last axis), statistics over all other axes."""
+    axes = tuple(range(kernel.ndim - 1))
+    centred = kernel - jnp.mean(kernel, axis=axes, keepdims=True)
+    return centred / jnp.sqrt(jnp.mean(centred * centred, axis=axes, keepdims=True) + eps)
+
+
+_REAL_ACTIVATIONS = {"mish": jax.nn.mish, "tanh": jnp.tanh, "relu": jax.nn.relu}
+
+
+class GroupNormCNN(nnx.Module):
+    """[conv3x3 (weight-standardised) -> GroupNorm -> activation -> avg-pool 2]* -> linear head.
+
+    The real-valued twin of :class:`jaxdp.models.ComplexCNN` (same blocks, same normalisation per
+    example), used as its control. The convolutions are :func:`conv_same` (im2col weight gradients,
+    fast per-example gradients). GroupNorm normalises each example on its own: nothing mixes examples.
+
+    Args:
+      input_shape: ``(height, width, channels)`` of one example.
+      num_classes: number of output logits.
+      features: channels of each conv block.
+      activation: ``"mish"`` (default, the real counterpart of the authors' ConjugateMish), ``"tanh"`` or
+        ``"relu"``.
+      groups: GroupNorm groups (at most the block's channels).
+      weight_standardization: standardise each conv kernel per output channel (:func:`weight_standardize`).
+      rngs: ``nnx.Rngs`` for initialisation (keyword-only).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        *,
+        features: Sequence[int] = (16, 32),
+        activation: str = "mish",
+        groups: int = 4,
+        weight_standardization: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        if activation not in _REAL_ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} must be one of {sorted(_REAL_ACTIVATIONS)}.")
+        h, w, c = input_shape
+        convs, norms = [], []
+        for f in features:
+            convs.append(DPConv(c, f, kernel_size=(3, 3), rngs=rngs))
+            g = min(groups, f)
+            if f % g:
+                raise ValueError(f"groups={groups} must divide every block's channels; features={tuple(features)}.")
+            norms.append(nnx.GroupNorm(f, num_groups=g, rngs=rngs))
+            c, h, w = f, h // 2, w // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"input_shape={tuple(input_shape)} is too small for {len(features)} pooling blocks.")
+        self.convs, self.norms = nnx.List(convs), nnx.List(norms)
+        self.activation, self.weight_standardization = activation, weight_standardization
+        self.head = nnx.Linear(h * w * c, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = _REAL_ACTIVATIONS[self.activation]
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            kernel = conv.kernel[...]
+            if self.weight_standardization:
+                kernel = weight_standardize(kernel)
+            x = act(norm(conv_same(x, kernel) + conv.bias[...]))
+            x = nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        return self.head(x.reshape((x.shape[0], -1)))
+
+
 def make_model(name: str, *, input_shape: Sequence[int], num_classes: int, seed: int, **kwargs) -> nnx.Module:
-    """Build a model by config name: ``"mlp"``, ``"cnn"``, ``"dp_mnist_cnn"``, ``"scatter_linear"``, ``"wrn"``, ``"complex_cnn"``
+    """Build a model by config name: ``"mlp"``, ``"cnn"``, ``"gn_cnn"``, ``"dp_mnist_cnn"``, ``"scatter_linear"``, ``"wrn"``, ``"complex_cnn"``
     or ``"transformer"`` (inputs are int token ids of shape ``input_shape = (length,)``; pass
     ``vocab_size=`` in ``kwargs``)."""
     rngs = nnx.Rngs(seed)
@@ -111,6 +178,12 @@ def _build(name, input_shape, num_classes, rngs, kwargs):
                 f"model 'cnn' needs (height, width, channels) inputs, got input_shape={tuple(input_shape)}."
             )
         return CNN(input_shape, num_classes, rngs=rngs, **kwargs)
+    if name == "gn_cnn":
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"model 'gn_cnn' needs (height, width, channels) inputs, got input_shape={tuple(input_shape)}."
+            )
+        return GroupNormCNN(input_shape, num_classes, rngs=rngs, **kwargs)
     if name == "dp_mnist_cnn":
         from jaxdp.models._recipes import DPMnistCNN
 
@@ -138,6 +211,6 @@ def _build(name, input_shape, num_classes, rngs, kwargs):
             raise ValueError("model 'transformer' needs model.kwargs.vocab_size (number of token ids), e.g. 256.")
         return TransformerClassifier(num_classes=num_classes, max_len=int(input_shape[0]), rngs=rngs, **kwargs)
     raise ValueError(
-        f"model={name!r} is not a known model; choose 'mlp', 'cnn', 'dp_mnist_cnn', 'wrn', 'complex_cnn' "
+        f"model={name!r} is not a known model; choose 'mlp', 'cnn', 'gn_cnn', 'dp_mnist_cnn', 'wrn', 'complex_cnn' "
         "or 'transformer'."
     )
