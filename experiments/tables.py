@@ -1,7 +1,12 @@
-"""What every experiment's table script shares: mean ± std cells and saving the table."""
+"""What every experiment's table script shares: mean ± std cells, saving a table, and the results files.
+
+A results file is JSON lines, one finished run a line, appended as each run ends (:func:`append_row`), so a
+table cut off midway keeps every run it finished; a rerun skips the runs on record. Rows carry a recipe
+hash (:func:`config_id`), so a changed recipe never reuses or mixes rows trained under the old one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -23,3 +28,70 @@ def save_table(out: str, text: str, results: list[dict], heading: str) -> None:
         f.write(text + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+
+
+def config_id(config, not_in_id: set[str], version: int) -> str:
+    """A short hash of ``config`` (an ml_collections ConfigDict) minus the dotted keys in ``not_in_id``.
+
+    A key in ``not_in_id`` that names a sub-dict (e.g. ``"cv.learning_rates"``) leaves out all of it.
+
+    ``not_in_id`` holds what a cell sets itself (seed, ε, ...) and where runs are written; ``version`` is
+    raised when what a run measures changes, so old rows are not reused.
+    """
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if f"{prefix}{k}" in not_in_id:
+                continue
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    text = json.dumps([version, sorted(flat(config.to_dict()))], default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def load_rows(path: str) -> list[dict]:
+    """The rows of a results file ([] if there is none); a cut-off last line (a run killed while writing it) is
+    skipped with a message, a damaged line elsewhere raises."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+            print(f"{path}: its last line is cut off (a run killed while writing?); ignored.", flush=True)
+    return rows
+
+
+def drop_cut_off_tail(path: str) -> None:
+    """Before appending: cut a last line left without its newline (a run killed while writing it), so the
+    next row does not join it. That line's run never finished writing; it is trained again."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def append_row(path: str, row: dict) -> None:
+    """Append one finished run's row to ``path`` (one line, flushed to disk before returning)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def group_rows(rows: list[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
+    """Rows grouped by their values of ``keys`` (insertion order kept)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return groups

@@ -24,16 +24,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import io
-import json
 import os
 import time
 
 import numpy as np
 
+from experiments import tables
 from experiments.bam.bam import BiasProbe, method_hooks
-from experiments.tables import mean_std
+from experiments.tables import drop_cut_off_tail, group_rows, load_rows, mean_std
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.data import Dataset, holdout, register_dataset
 from jaxdp.data import load as load_data
@@ -75,16 +74,7 @@ def subset_dataset(base: str, train_size: int, data_dir: str | None) -> str:
 
 def config_id(config) -> str:
     """A short hash of the recipe (config minus the keys in ``_NOT_IN_ID``): rows of other recipes never mix."""
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            elif f"{prefix}{k}" not in _NOT_IN_ID:
-                yield f"{prefix}{k}", v
-
-    text = json.dumps([RECIPE_VERSION, sorted(flat(config.to_dict()))], default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+    return tables.config_id(config, _NOT_IN_ID, RECIPE_VERSION)
 
 
 def late_mean(history: list[dict], key: str, num_steps: int) -> float:
@@ -153,33 +143,6 @@ def run_one(config, method: str, epsilon: float, seed: int, workdir: str, quiet:
     return row
 
 
-def load_rows(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
-            print(f"{path}: its last line is cut off (a run killed while writing?); ignored.", flush=True)
-    return rows
-
-
-def _drop_cut_off_tail(path: str) -> None:
-    """Before appending: cut a last line left without its newline (a run killed while writing it), so the
-    next row does not join it. That line's run never finished writing; it is trained again."""
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-
-
 def current_rows(path: str, config) -> list[dict]:
     """The rows on record in ``path`` trained under ``config``'s recipe (see :func:`config_id`)."""
     cid = config_id(config)
@@ -212,7 +175,7 @@ def chosen(tune_rows: list[dict]) -> dict:
     for method, key in (("bam", "radius"), ("dpsat", "sat_radius")):
         rs = [r for r in tune_rows if r["method"] == method and r["learning_rate"] == lr]
         if rs:
-            means = {v: np.mean([r["accuracy"] for r in g]) for (v,), g in _groups(rs, [key]).items()}
+            means = {v: np.mean([r["accuracy"] for r in g]) for (v,), g in group_rows(rs, [key]).items()}
             out[f"bam.{key}"] = max(means, key=means.get)
     if "bam.radius" in out:
         out["bam.lam"] = out["bam.radius"]  # alpha = 1
@@ -233,7 +196,7 @@ def _identity(row: dict) -> tuple:
 def run_cells(config, cells, path: str, out: str, redo: bool = False, quiet: bool = True) -> list[dict]:
     """Train ``cells`` = [(method, ε, seed, overrides)], appending each row to ``path`` as it finishes."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _drop_cut_off_tail(path)
+    drop_cut_off_tail(path)
     done = {_identity(r) for r in load_rows(path)}
     rows = []
     for i, (method, eps, seed, overrides) in enumerate(cells, 1):
@@ -246,8 +209,7 @@ def run_cells(config, cells, path: str, out: str, redo: bool = False, quiet: boo
         tag = "_".join(o.replace("=", "") for o in overrides).replace("/", "_")
         workdir = os.path.join(out, f"{method}_eps{eps:g}_seed{seed}" + (f"_{tag}" if tag else ""))
         row = run_one(c, method, eps, seed, workdir, quiet=quiet)
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        tables.append_row(path, row)
         rows.append(row)
         print(
             f"{label}: acc {row['accuracy']:.3f} ({row['evaluated_on']}) | late bias {row['late_bias']:.3f} "
@@ -275,19 +237,12 @@ def tune_cells(config, stage: int, learning_rate: float | None = None) -> list:
     return cells
 
 
-def _groups(rows, keys):
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
-    return groups
-
-
 def best_learning_rate(rows: list[dict]) -> float:
     """The DP-SGD step size with the highest mean validation accuracy."""
     sgd = [r for r in rows if r["method"] == "dpsgd" and r["evaluated_on"] == "validation"]
     if not sgd:
         raise ValueError("no DP-SGD search rows on record: run stage 1 of --tune first.")
-    means = {lr: np.mean([r["accuracy"] for r in g]) for (lr,), g in _groups(sgd, ["learning_rate"]).items()}
+    means = {lr: np.mean([r["accuracy"] for r in g]) for (lr,), g in group_rows(sgd, ["learning_rate"]).items()}
     return max(means, key=means.get)
 
 
@@ -297,7 +252,7 @@ def tune_text(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for (m, lr, r, rho), g in sorted(
-        _groups(rows, ["method", "learning_rate", "radius", "sat_radius"]).items(),
+        group_rows(rows, ["method", "learning_rate", "radius", "sat_radius"]).items(),
         key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1], kv[0][2] or 0, kv[0][3] or 0),
     ):
         lines.append(
@@ -333,7 +288,7 @@ def table_text(rows: list[dict]) -> str:
         "| ε (spent) | method | seeds | " + " | ".join(name for _, name, _ in COLUMNS) + " |",
         "|" + "---|" * (len(COLUMNS) + 3),
     ]
-    for (eps,), g in sorted(_groups(rows, ["epsilon_target"]).items()):
+    for (eps,), g in sorted(group_rows(rows, ["epsilon_target"]).items()):
         for m in METHODS:
             mr = [r for r in g if r["method"] == m]
             if not mr:
@@ -353,7 +308,7 @@ def verdict_text(rows: list[dict], min_seeds: int) -> str:
     unequal ε spent)."""
     rows = latest([r for r in rows if r["evaluated_on"] == "test"])
     out = []
-    for (eps,), g in sorted(_groups(rows, ["epsilon_target"]).items()):
+    for (eps,), g in sorted(group_rows(rows, ["epsilon_target"]).items()):
         sgd = sorted((r for r in g if r["method"] == "dpsgd"), key=lambda r: r["seed"])
         bam = sorted((r for r in g if r["method"] == "bam"), key=lambda r: r["seed"])
         seeds = sorted({r["seed"] for r in sgd} & {r["seed"] for r in bam})
