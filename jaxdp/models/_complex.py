@@ -250,7 +250,19 @@ _ACTIVATIONS: dict[str, Callable] = {
 
 
 class ComplexCNN(nnx.Module):
-    """[ComplexConv(WS) → ComplexGroupNorm → activation → complex avg-pool]* → |z| → real linear head."""
+    """[ComplexConv(WS) → ComplexGroupNorm → activation → complex avg-pool]* → |z| → real linear head.
+
+    Args:
+      input_shape: ``(height, width, channels)`` of one complex example.
+      num_classes: number of output logits.
+      features: complex channels of each block.
+      activation: ``"cardioid"`` (default), ``"conjugate_mish"`` (the authors' ConjugateMish), ``"mod_relu"``
+        or ``"split_mish"``.
+      groups: ComplexGroupNorm groups (at most the block's channels).
+      weight_standardization: the :func:`complex_weight_standardize` mode of every convolution: ``"whiten"``
+        (the authors' default, the default here), ``"centre"``, ``"modulus"`` or ``"none"``.
+      rngs: ``nnx.Rngs`` for initialisation (keyword-only).
+    """
 
     def __init__(
         self,
