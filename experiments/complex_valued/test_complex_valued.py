@@ -120,6 +120,10 @@ def test_verdict():
     # Validation rows never enter the verdict.
     val = [dict(r, evaluated_on="validation") for r in rows(0.5, 0.9)]
     assert run.verdict_text(val + rows(0.95, 0.9), 5).count("**reproduced**") == 1
+    # The complex CNN on the complex image gets a line of its own; it does not decide the verdict.
+    image = [dict(r, model="complex_image") for r in rows(0.95, 0.9) if r["model"] == "complex"]
+    text = run.verdict_text(rows(0.80, 0.90) + image, 5)
+    assert "**not reproduced**" in text and "complex CNN, complex image" in text and "**matches every control**" in text
 
 
 def test_run_cells_appends_each_row_and_a_rerun_skips_them(tmp_path, monkeypatch):
