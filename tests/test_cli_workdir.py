@@ -155,7 +155,9 @@ def test_failed_runs_leave_no_empty_workdir_behind(tmp_path):
 
 def interrupt(workdir, *overrides, ready) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Start a long run, wait until ``ready(workdir, line)``, press Ctrl-C."""
-    args = train_args(workdir, "epochs=400", *overrides)
+    # Far more epochs than the test waits for: the run must still be going when Ctrl-C comes, even when a busy
+    # CPU delays this reader (with 400 epochs a loaded 2-core machine once saw the run finish first: exit 0).
+    args = train_args(workdir, "epochs=20000", *overrides)
     proc = start(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 240
     for line in proc.stdout:

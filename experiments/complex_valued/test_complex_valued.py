@@ -176,7 +176,8 @@ def test_table_refuses_step_sizes_the_search_did_not_choose(tmp_path, monkeypatc
     with open(tmp_path / "digits_tune.jsonl", "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     assert run.chosen(run.current_rows(str(tmp_path / "digits_tune.jsonl"), tune))["reim"] == 0.01
-    config.cv.learning_rates.reim = 0.02
+    for m in config.cv.models:  # what the search chose, but for reim
+        config.cv.learning_rates[m] = 0.02
     with pytest.raises(SystemExit, match=r"set cv.learning_rates.reim=0.01 in"):
         run.check_tuned("digits", config)
     config.cv.learning_rates.reim = 0.01
