@@ -1,7 +1,7 @@
 """Complex CNN on k-space with real phase vs normalised real CNNs at equal ε: accuracy, mean ± std over seeds.
 
     python -m experiments.complex_valued.run --tune digits                # step size per model, validation split
-    python -m experiments.complex_valued.run --table digits               # 5 seeds x eps {1, 3, 10} x 6 models
+    python -m experiments.complex_valued.run --table digits               # 5 seeds x eps {1, 3, 10} x 7 models
     python -m experiments.complex_valued.run --tune fashion_mnist data_dir=/work/data/tfds
     python -m experiments.complex_valued.run --table fashion_mnist data_dir=/work/data/tfds   # 3 seeds x eps 3
     python -m experiments.complex_valued.run --quick                      # digits, eps 3, seed 0, every model
@@ -10,7 +10,7 @@
 Every run of one (ε, seed) has the same privacy plan: the same Poisson q, steps, C and δ, σ calibrated to
 the target ε (RDP), and the same noise seed (2000 + seed); only the input and the network differ
 (configs/digits.py, MODELS). Each model's step size is chosen by ``--tune`` on a validation split held out
-of the training set at ε = 3 (the test set is not loaded), and ``--table`` refuses step sizes the search
+of the training set at ε = 3 (the test set is never evaluated), and ``--table`` refuses step sizes the search
 did not choose.
 
 Each finished run is appended at once to experiments/complex_valued/results/<table>.jsonl (the search to
@@ -262,20 +262,24 @@ def table_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def verdict_text(rows: list[dict], min_seeds: int) -> str:
+def verdict_text(rows: list[dict], min_seeds: int, models=None) -> str:
     """Reproduced at an ε iff the complex CNN on k-space (the paper's input, the authors' layers) matches or
     beats every normalised real control there: over ≥ ``min_seeds`` seeds at equal ε spent, its mean accuracy
     is at least each control's mean minus the larger of the two seed stds (a tie within the seed spread
     counts as matching). Otherwise not reproduced, naming the controls that beat it; or not testable (too few
     seeds, unequal ε spent). The complex CNN on the complex image gets the same test on a line of its own
-    (``complex_image``: not the paper's input, so it does not decide the verdict)."""
+    (``complex_image``: not the paper's input, so it does not decide the verdict). ``models`` (the table's
+    ``cv.models``) names the controls that must all be there: an ε missing one of them is not testable."""
     rows = [r for r in rows if r["evaluated_on"] == "test"]
     out = []
     for (eps,), g in sorted(group_rows(rows, ["epsilon_target"]).items()):
         by_model = {m: sorted(rs, key=lambda r: r["seed"]) for (m,), rs in group_rows(g, ["model"]).items()}
-        controls = sorted((m for m in by_model if m not in COMPLEX_MODELS), key=_order)
+        controls = sorted((m for m in (models or by_model) if m not in COMPLEX_MODELS), key=_order)
+        missing = [LABELS[m] for m in controls if m not in by_model]
         for cm in ("complex", "complex_image"):
-            if cm in by_model:
+            if cm in by_model and missing:
+                out.append(f"ε = {eps:g}, {LABELS[cm]}: not testable: no runs of {'; '.join(missing)}.")
+            elif cm in by_model:
                 out.append(_verdict_line(eps, cm, by_model, controls, min_seeds))
     return "\n".join(f"- {line}" for line in out)
 
@@ -315,7 +319,7 @@ def report(table: str, overrides=()) -> tuple[str, list[dict]]:
     rows = current_rows(os.path.join(RESULTS, f"{table}.jsonl"), config)
     lrs = {m: float(config.cv.learning_rates[m]) for m in config.cv.models}
     rows = [r for r in rows if lrs.get(r["model"]) == r["learning_rate"]]  # the step sizes the config names
-    text = table_text(rows) + "\n\nVerdict:\n" + verdict_text(rows, MIN_SEEDS.get(table, 5))
+    text = table_text(rows) + "\n\nVerdict:\n" + verdict_text(rows, MIN_SEEDS.get(table, 5), config.cv.models)
     tune_rows = current_rows(os.path.join(RESULTS, f"{table}_tune.jsonl"), tune_config(table, overrides))
     if tune_rows:
         text += "\n\nSearch on the validation split (ε = 3):\n" + tune_text(tune_rows)
@@ -352,7 +356,8 @@ def main(argv=None):
             os.remove(path)  # the quick check always trains
         cells = [(m, 3.0, 0, ()) for m in config.cv.models]
         rows = run_cells(config, cells, path, out, redo=True, quiet=quiet)
-        print("\n" + table_text(rows) + "\n\nVerdict (1 seed: a smoke check, not a result):\n" + verdict_text(rows, 1))
+        verdict = verdict_text(rows, 1, config.cv.models)
+        print("\n" + table_text(rows) + "\n\nVerdict (1 seed: a smoke check, not a result):\n" + verdict)
         print(f"\ntook {time.perf_counter() - t0:.0f} s")
         return rows
     name = args.table or args.tune

@@ -84,7 +84,6 @@ def test_recipes_parse(table):
         c = load_config(run.config_path(table, m))
         assert c.cv.model == m and c.dataset.startswith(config.base_dataset + "_")
         assert c.model.name == ("complex_cnn" if m in run.COMPLEX_MODELS else "gn_cnn")
-        assert c.optimizer.learning_rate == c.cv.learning_rates[m]
         assert c.privacy.delta == 1e-5 and c.privacy.l2_clip_norm == 1.0
         # model_config (what the table runs) equals loading the variant directly
         assert run.config_id(run.model_config(config, m)) == run.config_id(c)
@@ -120,6 +119,11 @@ def test_verdict():
     # Validation rows never enter the verdict.
     val = [dict(r, evaluated_on="validation") for r in rows(0.5, 0.9)]
     assert run.verdict_text(val + rows(0.95, 0.9), 5).count("**reproduced**") == 1
+    # A control of the table with no runs at an ε: not testable there (never "reproduced" against fewer).
+    text = run.verdict_text(
+        [r for r in rows(0.95, 0.9) if r["model"] != "magnitude"], 5, ["complex", "magnitude", "reim"]
+    )
+    assert "not testable: no runs of real CNN, magnitude image." in text and "**reproduced**" not in text
     # The complex CNN on the complex image gets a line of its own; it does not decide the verdict.
     image = [dict(r, model="complex_image") for r in rows(0.95, 0.9) if r["model"] == "complex"]
     text = run.verdict_text(rows(0.80, 0.90) + image, 5)

@@ -196,9 +196,10 @@ def _modulus(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
 def cardioid(z: jax.Array) -> jax.Array:
     """½(1 + cos ∠z)·z: passes positive-real inputs, suppresses negative-real ones, keeps the phase.
 
-    Computed as ½(1 + Re z/|z|)·z (cos ∠z = Re z/|z|; ½·z at z = 0, where the factor is bounded and the
-    value 0): the same function without ``atan2`` and ``cos``, which took 9 of the 23 ms of a forward pass
-    of the digits ComplexCNN on CPU, and with a finite gradient at z = 0 (a zero-padded example's input).
+    Computed as ½(1 + Re z/|z|)·z (cos ∠z = Re z/|z|; at z = 0 the factor is 1, as with ∠0 = 0, and the
+    value 0): the same function without ``atan2`` and ``cos``, which are slow on CPU (experiments/complex_valued
+    /bench.py times the old form beside it), and with a finite gradient at z = 0 (a zero-padded example's
+    input).
     """
     re, im, mag, nonzero = _modulus(z)
     factor = 0.5 * (1.0 + jnp.where(nonzero, re / mag, 1.0))

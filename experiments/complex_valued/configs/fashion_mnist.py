@@ -5,7 +5,7 @@ Data:      TFDS fashion_mnist prepared with `jaxdp data prepare` (README, "Data 
            subset of 10,000 of the 60,000 training images (28x28; public seed 1: kspace.SUBSETS), each times
            its own smooth random phase map, then the 2-D FFT; the 10,000 test images only report. The subset
            keeps 3 seeds x 5 models (and the search) within a few hours of this 2-core machine; a complex run
-           on all 60,000 images took over 15 minutes beside another table. The search holds out 2,000 of the
+           on all 60,000 images had done one epoch after 9 minutes beside another table. The search holds out 2,000 of the
            10,000 as its validation split.
 Privacy:   Poisson q = 256/10000, 4 epochs (156 steps), C = 1, sigma calibrated to the target epsilon (RDP),
            delta = 1e-5.
