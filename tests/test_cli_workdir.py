@@ -153,26 +153,31 @@ def test_failed_runs_leave_no_empty_workdir_behind(tmp_path):
     assert os.listdir(tmp_path / "mine" / "run") == []
 
 
-def _sigint_as_from_a_terminal():
-    """In the child, before exec: SIGINT unblocked and at its default action, as a shell starts a command.
-
-    A process inherits its parent's blocked-signal mask and an ignored SIGINT across exec. Some test before
-    this one can leave the pytest worker that way (seen only under the full suite: the run then went on after
-    Ctrl-C, to the end of its 400 epochs or until the 2-minute timeout), and then the child never sees the
-    Ctrl-C this test sends. That tests the worker, not jaxdp."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# The run is started through this prologue: SIGINT unblocked and at Python's default handler, as when a
+# shell starts `jaxdp`. A process inherits its parent's blocked-signal mask and an ignored SIGINT across exec,
+# and some test before this one can leave the pytest worker that way (seen only under the full suite: the run
+# went on after Ctrl-C, to the end of its 400 epochs or until the 2-minute timeout), so the child never saw
+# the Ctrl-C this test sends. (A preexec_fn would do the same in the forked child, but forking a process
+# that runs JAX is warned against, and warnings are errors here.)
+_AS_FROM_A_SHELL = (
+    "import runpy, signal, sys; "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = ['jaxdp', *sys.argv[1:]]; "
+    "runpy.run_module('jaxdp.cli', run_name='__main__', alter_sys=True)"
+)
 
 
 def interrupt(workdir, *overrides, ready) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Start a long run, wait until ``ready(workdir, line)``, press Ctrl-C."""
     args = train_args(workdir, "epochs=400", *overrides)
-    proc = start(
-        *args,
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _AS_FROM_A_SHELL, *args],
+        cwd=ROOT,
+        text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=_sigint_as_from_a_terminal,
     )
     deadline = time.time() + 240
     try:
