@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdp.models._conv import conv_same
+from jaxdp.models._nets import pooled_size
 
 __all__ = [
     "ComplexCNN",
@@ -278,17 +279,14 @@ class ComplexCNN(nnx.Module):
     ):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation={activation!r} must be one of {sorted(_ACTIVATIONS)}.")
-        h, w, c = input_shape
+        head_in = pooled_size(input_shape, features)
         convs, norms = [], []
-        for f in features:
+        for c, f in zip((input_shape[-1], *features), features, strict=False):
             convs.append(ComplexConv(c, f, weight_standardization=weight_standardization, rngs=rngs))
             norms.append(ComplexGroupNorm(f, min(groups, f)))
-            c, h, w = f, h // 2, w // 2
-        if h < 1 or w < 1:
-            raise ValueError(f"input_shape={tuple(input_shape)} is too small for {len(features)} pooling blocks.")
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         self.activation = activation
-        self.head = nnx.Linear(h * w * c, num_classes, rngs=rngs)
+        self.head = nnx.Linear(head_in, num_classes, rngs=rngs)
 
     def __call__(self, z: jax.Array) -> jax.Array:
         act = _ACTIVATIONS[self.activation]

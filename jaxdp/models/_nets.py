@@ -11,6 +11,28 @@ from flax import nnx
 from jaxdp.models._conv import DPConv, conv_same
 
 
+def pooled_size(input_shape: Sequence[int], features: Sequence[int]) -> int:
+    """Features the head sees after ``len(features)`` conv blocks that each halve H and W (2x2 pooling).
+
+    Raises ValueError when the input is too small for that many blocks.
+    """
+    h, w, c = input_shape
+    n = len(features)
+    h, w = h // 2**n, w // 2**n
+    if h < 1 or w < 1:
+        raise ValueError(
+            f"input_shape={tuple(input_shape)} is too small for {n} pooling blocks; "
+            "use fewer `features` or a larger input."
+        )
+    return h * w * (features[-1] if n else c)
+
+
+def weight_standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """(k − mean) / sqrt(var + eps) per output channel (last axis), statistics over all other axes."""
+    axes = tuple(range(kernel.ndim - 1))
+    return (kernel - kernel.mean(axis=axes, keepdims=True)) / jnp.sqrt(kernel.var(axis=axes, keepdims=True) + eps)
+
+
 class MLP(nnx.Module):
     """Flatten, ``len(hidden)`` tanh layers, then a linear classifier.
 
@@ -58,36 +80,23 @@ class CNN(nnx.Module):
         conv: str = "dp",
         rngs: nnx.Rngs,
     ):
-        h, w, c = input_shape
         if conv not in ("dp", "nnx"):
             raise ValueError(f"conv={conv!r} must be 'dp' (DPConv) or 'nnx' (nnx.Conv).")
+        head_in = pooled_size(input_shape, features)
         convs = []
-        for f in features:
+        for c, f in zip((input_shape[-1], *features), features, strict=False):
             if conv == "dp":
                 convs.append(DPConv(c, f, kernel_size=(3, 3), rngs=rngs))
             else:
                 convs.append(nnx.Conv(c, f, kernel_size=(3, 3), padding="SAME", rngs=rngs))
-            c, h, w = f, h // 2, w // 2
-        if h < 1 or w < 1:
-            raise ValueError(
-                f"input_shape={tuple(input_shape)} is too small for {len(features)} pooling blocks; "
-                "use fewer `features` or a larger input."
-            )
         self.convs = nnx.List(convs)
-        self.head = nnx.Linear(h * w * c, num_classes, rngs=rngs)
+        self.head = nnx.Linear(head_in, num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for conv in self.convs:
             x = jnp.tanh(conv(x))
             x = nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
         return self.head(x.reshape((x.shape[0], -1)))
-
-
-def weight_standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """(k − mean) / sqrt(var + eps) per output channel (last axis), statistics over all other axes."""
-    axes = tuple(range(kernel.ndim - 1))
-    centred = kernel - jnp.mean(kernel, axis=axes, keepdims=True)
-    return centred / jnp.sqrt(jnp.mean(centred * centred, axis=axes, keepdims=True) + eps)
 
 
 _REAL_ACTIVATIONS = {"mish": jax.nn.mish, "tanh": jnp.tanh, "relu": jax.nn.relu}
@@ -124,20 +133,17 @@ class GroupNormCNN(nnx.Module):
     ):
         if activation not in _REAL_ACTIVATIONS:
             raise ValueError(f"activation={activation!r} must be one of {sorted(_REAL_ACTIVATIONS)}.")
-        h, w, c = input_shape
+        head_in = pooled_size(input_shape, features)
         convs, norms = [], []
-        for f in features:
+        for c, f in zip((input_shape[-1], *features), features, strict=False):
             convs.append(DPConv(c, f, kernel_size=(3, 3), rngs=rngs))
             g = min(groups, f)
             if f % g:
                 raise ValueError(f"groups={groups} must divide every block's channels; features={tuple(features)}.")
             norms.append(nnx.GroupNorm(f, num_groups=g, rngs=rngs))
-            c, h, w = f, h // 2, w // 2
-        if h < 1 or w < 1:
-            raise ValueError(f"input_shape={tuple(input_shape)} is too small for {len(features)} pooling blocks.")
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         self.activation, self.weight_standardization = activation, weight_standardization
-        self.head = nnx.Linear(h * w * c, num_classes, rngs=rngs)
+        self.head = nnx.Linear(head_in, num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         act = _REAL_ACTIVATIONS[self.activation]
@@ -172,18 +178,12 @@ def _build(name, input_shape, num_classes, rngs, kwargs):
         for d in input_shape:
             in_features *= int(d)
         return MLP(in_features, num_classes, rngs=rngs, **kwargs)
-    if name == "cnn":
+    if name in ("cnn", "gn_cnn"):
         if len(input_shape) != 3:
             raise ValueError(
-                f"model 'cnn' needs (height, width, channels) inputs, got input_shape={tuple(input_shape)}."
+                f"model {name!r} needs (height, width, channels) inputs, got input_shape={tuple(input_shape)}."
             )
-        return CNN(input_shape, num_classes, rngs=rngs, **kwargs)
-    if name == "gn_cnn":
-        if len(input_shape) != 3:
-            raise ValueError(
-                f"model 'gn_cnn' needs (height, width, channels) inputs, got input_shape={tuple(input_shape)}."
-            )
-        return GroupNormCNN(input_shape, num_classes, rngs=rngs, **kwargs)
+        return {"cnn": CNN, "gn_cnn": GroupNormCNN}[name](input_shape, num_classes, rngs=rngs, **kwargs)
     if name == "dp_mnist_cnn":
         from jaxdp.models._recipes import DPMnistCNN
 

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdp.models._nets import weight_standardize
+
 __all__ = ["DPMnistCNN", "WSConv", "WideResNet"]
 
 
@@ -45,8 +47,7 @@ class WSConv(nnx.Module):
         self.stride = stride
 
     def __call__(self, x):
-        k = self.kernel[...]
-        k = (k - k.mean(axis=(0, 1, 2), keepdims=True)) / jnp.sqrt(k.var(axis=(0, 1, 2), keepdims=True) + 1e-5)
+        k = weight_standardize(self.kernel[...])
         y = jax.lax.conv_general_dilated(
             x, k, (self.stride, self.stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
