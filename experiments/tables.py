@@ -89,6 +89,20 @@ def append_row(path: str, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def recorded_runs(path: str, identity: Sequence[str]) -> set[tuple]:
+    """Before a table appends to ``path``: make its folder, cut a half-written last line
+    (:func:`drop_cut_off_tail`), and return the runs on record (their values of the ``identity`` keys)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    drop_cut_off_tail(path)
+    return {tuple(r.get(k) for k in identity) for r in load_rows(path)}
+
+
+def latest(rows: list[dict], identity: Sequence[str]) -> list[dict]:
+    """One row per run (its values of the ``identity`` keys): the last one written (a redone run is appended,
+    the file is never rewritten)."""
+    return list({tuple(r.get(k) for k in identity): r for r in rows}.values())
+
+
 def group_rows(rows: list[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
     """Rows grouped by their values of ``keys`` (insertion order kept)."""
     groups: dict = {}

@@ -32,7 +32,7 @@ import numpy as np
 
 from experiments import tables
 from experiments.bam.bam import BiasProbe, method_hooks
-from experiments.tables import drop_cut_off_tail, group_rows, load_rows, mean_std
+from experiments.tables import group_rows, load_rows, mean_std
 from jaxdp.config import apply_overrides, load_config
 from jaxdp.data import Dataset, holdout, register_dataset
 from jaxdp.data import load as load_data
@@ -150,8 +150,8 @@ def current_rows(path: str, config) -> list[dict]:
 
 
 def latest(rows: list[dict]) -> list[dict]:
-    """One row per identity: the last one written (``--redo`` appends, it does not rewrite the file)."""
-    return list({_identity(r): r for r in rows}.values())
+    """One row per run: the last one written (``--redo`` appends, it does not rewrite the file)."""
+    return tables.latest(rows, IDENTITY)
 
 
 def table_rows(rows: list[dict], config) -> list[dict]:
@@ -195,9 +195,7 @@ def _identity(row: dict) -> tuple:
 
 def run_cells(config, cells, path: str, out: str, redo: bool = False, quiet: bool = True) -> list[dict]:
     """Train ``cells`` = [(method, ε, seed, overrides)], appending each row to ``path`` as it finishes."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    drop_cut_off_tail(path)
-    done = {_identity(r) for r in load_rows(path)}
+    done = tables.recorded_runs(path, IDENTITY)
     rows = []
     for i, (method, eps, seed, overrides) in enumerate(cells, 1):
         c = apply_overrides(copy.deepcopy(config), list(overrides))

@@ -25,6 +25,7 @@ from flax import nnx
 
 import jaxdp
 from experiments.complex_valued import run
+from jaxdp.bench import time_interleaved
 from jaxdp.config import load_config
 from jaxdp.models import ComplexCNN, complex_avg_pool, complex_weight_standardize, magnitude, make_model
 from jaxdp.models._complex import _ACTIVATIONS
@@ -84,20 +85,7 @@ def profile(table: str, batch: int, rounds: int) -> list[tuple[str, float]]:
         ),
     }
     steps = {name: _steps(m, x, y)["private"] for name, m in variants.items()}
-    return list(_time_in_rounds(steps, rounds).items())
-
-
-def _time_in_rounds(steps: dict, rounds: int) -> dict:
-    """Median seconds per call of each step, after a warm-up call; one call of every step per round."""
-    for f in steps.values():  # compile and warm up
-        jax.block_until_ready(f())
-    times: dict = {k: [] for k in steps}
-    for _ in range(rounds):
-        for k, f in steps.items():
-            t = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return [(name, t.seconds) for name, t in time_interleaved(steps, rounds, iters=1).items()]
 
 
 def _steps(model, x, y):
@@ -137,16 +125,16 @@ def build(table: str, batch: int, seed: int = 0):
 
 def measure(table: str, batch: int, rounds: int) -> list[dict]:
     models = build(table, batch)
-    steps = {(m, kind): f for m, v in models.items() for kind, f in _steps(*v).items()}
-    times = _time_in_rounds(steps, rounds)
-    base = times[("magnitude", "private")]
+    steps = {f"{m}|{kind}": f for m, v in models.items() for kind, f in _steps(*v).items()}
+    times = {name: t.seconds for name, t in time_interleaved(steps, rounds, iters=1).items()}  # medians
+    base = times["magnitude|private"]
     rows = []
     for m, (model, _, _) in models.items():
         params = nnx.state(model, nnx.Param)
         reals = sum(
             int(np.prod(v.shape)) * (2 if jnp.iscomplexobj(v) else 1) for v in jax.tree_util.tree_leaves(params)
         )
-        t_priv, t_plain = times[(m, "private")], times[(m, "non-private")]
+        t_priv, t_plain = times[f"{m}|private"], times[f"{m}|non-private"]
         rows.append(
             {"model": m, "reals": reals, "private_ex_s": batch / t_priv, "nonprivate_ex_s": batch / t_plain,
              "private_vs_magnitude": t_priv / base, "private_over_nonprivate": t_priv / t_plain}

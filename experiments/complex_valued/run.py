@@ -142,9 +142,7 @@ def run_one(config, epsilon: float, seed: int, workdir: str, quiet: bool = True)
 
 def run_cells(config, cells, path: str, out: str, redo: bool = False, quiet: bool = True) -> list[dict]:
     """Train ``cells`` = [(model, ε, seed, overrides)], appending each row to ``path`` as it finishes."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tables.drop_cut_off_tail(path)
-    done = {_identity(r) for r in load_rows(path)}
+    done = tables.recorded_runs(path, IDENTITY)
     rows = []
     for i, (model, eps, seed, overrides) in enumerate(cells, 1):
         c = model_config(apply_overrides(copy.deepcopy(config), list(overrides)), model)
@@ -169,8 +167,8 @@ def _identity(row: dict) -> tuple:
 
 
 def latest(rows: list[dict]) -> list[dict]:
-    """One row per identity: the last one written (``--redo`` appends, it does not rewrite the file)."""
-    return list({_identity(r): r for r in rows}.values())
+    """One row per run: the last one written (``--redo`` appends, it does not rewrite the file)."""
+    return tables.latest(rows, IDENTITY)
 
 
 def current_rows(path: str, config) -> list[dict]:
