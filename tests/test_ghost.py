@@ -19,7 +19,7 @@ from test_clipping import reference_clipped_sum
 import jaxdp
 from jaxdp import GhostUnsupported
 from jaxdp.clipping import ghost, vmap
-from jaxdp.models import MLP
+from jaxdp.models import MLP, GroupNormCNN, weight_standardize
 from jaxdp.models._recipes import DPMnistCNN, WideResNet
 from jaxdp.train import classification_loss
 
@@ -219,13 +219,19 @@ def test_parameter_in_a_nonlinearity_is_refused():
     _refused(Nonlinear(nnx.Rngs(0)), np.ones((3, 4), np.float32), r"params\['gate'\].*used by `tanh`")
 
 
-def test_weight_standardised_convolution_is_refused():
-    _refused(
-        WideResNet((8, 8, 3), 10, depth=10, width=1, rngs=nnx.Rngs(0)),
-        np.ones((2, 8, 8, 3), np.float32),
-        r"params\[.*\]\['kernel'\]",
-        classes=10,
-    )
+class InlineStandardised(nnx.Module):
+    """The standardisation formula written inline (not jaxdp's weight_standardize): not verified, refused."""
+
+    def __init__(self, rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (4, 3)))
+
+    def __call__(self, x):
+        k = self.kernel[...]
+        return x @ ((k - k.mean(0)) / jnp.sqrt(k.var(0) + 1e-5))
+
+
+def test_an_inline_weight_standardisation_is_refused():
+    _refused(InlineStandardised(nnx.Rngs(0)), np.ones((3, 4), np.float32), r"params\['kernel'\].*used by `reduce_sum`")
 
 
 def test_parameter_in_the_loss_itself_is_refused():
@@ -671,3 +677,192 @@ def test_distinct_tokens_are_not_over_clipped():
     g_g, a_g = jaxdp.clipped_grad(loss, l2_clip_norm=1e-3, clipping_impl="ghost")(table, tok, y)
     assert int(a_v.num_clipped) == int(a_g.num_clipped) == n
     assert float(jnp.linalg.norm(g_g - g_v) / jnp.linalg.norm(g_v)) < 5e-4  # 2.1e-4 measured; 4.1e-3 before
+
+
+# -- ghost clipping through weight standardisation ---------------------------------------------
+# W' = (W - mean_c) / s_c per output channel: the gradient with respect to W is (1/s_c) P (g'_c - beta_c w'_c / n),
+# whose norm ghost takes from ||g'_c||^2, <g'_c, 1> and <g'_c, w'_c> (see ghost._ws_gram_norms), or by forming
+# each example's gradient and taking it back through the standardisation (the direct form).
+
+
+class StandardisedDense(nnx.Module):
+    """Dense layers on a short sequence: a standardised kernel on the Gram path (T = 3 positions, 24 x 32),
+    one on the direct path (T = 3, 4 x 24), one used transposed (channels not last: the direct path)."""
+
+    def __init__(self, rngs, eps=1e-5):
+        self.first = nnx.Param(jax.random.normal(rngs.params(), (4, 24)))
+        self.wide = nnx.Param(jax.random.normal(rngs.params(), (24, 32)))
+        self.turned = nnx.Param(jax.random.normal(rngs.params(), (5, 32)))
+        self.eps = eps
+
+    def __call__(self, x):
+        h = jnp.tanh(x @ weight_standardize(self.first[...], eps=self.eps))
+        h = jnp.tanh(h @ weight_standardize(self.wide[...], eps=self.eps))
+        return jnp.einsum("btc,oc->bo", h, weight_standardize(self.turned[...], eps=self.eps))
+
+
+def _ws_problem(name):
+    rng = np.random.default_rng(4)
+    if name == "wrn":  # 8x8 input: the last two stages' convolutions are on the Gram path
+        model, x = WideResNet((8, 8, 3), 10, depth=10, width=1, rngs=nnx.Rngs(0)), rng.normal(size=(6, 8, 8, 3))
+        return _nnx_problem(model, x.astype(np.float32), 10)
+    if name == "gn_cnn":
+        model = GroupNormCNN((12, 12, 1), 10, features=(8, 16), groups=4, rngs=nnx.Rngs(0))
+        return _nnx_problem(model, rng.normal(size=(6, 12, 12, 1)).astype(np.float32), 10)
+    if name == "dense":
+        return _nnx_problem(StandardisedDense(nnx.Rngs(0)), rng.normal(size=(6, 3, 4)).astype(np.float32), 5)
+    if name == "dense-eps0":
+        model = StandardisedDense(nnx.Rngs(0), eps=0.0)
+        return _nnx_problem(model, rng.normal(size=(6, 3, 4)).astype(np.float32), 5)
+    raise KeyError(name)
+
+
+# The bound on a standardised kernel's norm grows with n (entries per channel): ~1e-6 n relative here, so
+# a clipped example's factor is up to ~0.2% smaller than the vmap path's at n = 2304 (WRN-16-4's last stage).
+WS_RTOL = 5e-3
+
+
+@pytest.mark.parametrize("name", ["wrn", "gn_cnn", "dense", "dense-eps0"])
+def test_weight_standardised_models_on_ghost_equal_vmap_with_masks(name):
+    loss_fn, params, x, y = _ws_problem(name)
+    n = x.shape[0]
+    mask = jnp.ones((n,)).at[1].set(0.0)
+    x = x.at[1].set(jnp.nan)  # masked: must contribute exactly zero
+    keep = np.asarray(mask) > 0
+    for per_layer in (False, True):
+        g_vmap, a_vmap = _run(loss_fn, params, x, y, mask, "vmap", per_layer=per_layer, clip=0.5)
+        g_ghost, a_ghost = _run(loss_fn, params, x, y, mask, "ghost", per_layer=per_layer, clip=0.5)
+        tree_allclose(g_ghost, g_vmap, rtol=WS_RTOL, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a_ghost.norms)[keep], np.asarray(a_vmap.norms)[keep], rtol=1e-4)
+        assert int(a_ghost.num_clipped) == int(a_vmap.num_clipped) > 0
+        assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(g_ghost))
+
+
+def test_weight_standardised_models_take_every_ws_form(monkeypatch):
+    """The problems above do reach the Gram formula, the direct form and the transposed use."""
+    seen = []
+    for fn_name in ("_ws_gram_norms", "_to_leaf"):
+        original = getattr(ghost, fn_name)
+
+        def spy(site, *a, _original=original, _name=fn_name, **kw):
+            if ghost._reparam_index(site.chain) is not None:
+                seen.append((_name, ghost._ws_channels_match(site, *_dims(site))))
+            return _original(site, *a, **kw)
+
+        monkeypatch.setattr(ghost, fn_name, spy)
+    loss_fn, params, x, y = _ws_problem("dense")
+    _run(loss_fn, params, x, y, jnp.ones((x.shape[0],)), "ghost")
+    assert ("_ws_gram_norms", True) in seen  # `wide`
+    assert ("_to_leaf", False) in seen  # `turned`, channels not last
+
+
+def _dims(site):
+    shape = site.chain[ghost._reparam_index(site.chain)].outvars[0].aval.shape
+    return int(np.prod(shape[:-1])), shape[-1]
+
+
+@pytest.mark.parametrize("name", ["gn_cnn", "dense"])
+def test_weight_standardised_models_on_ghost_equal_the_per_example_loop(name):
+    loss_fn, params, x, y = _ws_problem(name)
+    mask = np.ones(x.shape[0])
+    mask[2] = 0
+    want, norms = reference_clipped_sum(loss_fn, params, x, y, 0.5, mask=mask)
+    got, aux = _run(loss_fn, params, x, y, jnp.asarray(mask), "ghost")
+    tree_allclose(got, want, rtol=WS_RTOL, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(aux.norms), norms, rtol=1e-4)
+
+
+def _standardised_dense_loss(eps=1e-5):
+    def loss(w, x, t):
+        return jnp.sum(x @ weight_standardize(w, eps=eps) * t)
+
+    return loss
+
+
+@pytest.mark.parametrize("direction", ["ones", "kernel"])
+@pytest.mark.parametrize("scale", [1e2, 1e5])
+def test_standardised_gradients_the_projection_removes_stay_within_the_bound(direction, scale):
+    """Each example's gradient with respect to W' is huge and (nearly) along the all-ones vector or along
+    w'_0, both of which the standardisation's Jacobian removes: ||g'||^2, S^2/n and beta^2/n are huge
+    and cancel. No example may contribute more than C, nothing finite is dropped, and the sum = vmap's."""
+    n_in, d_out, t, n = 48, 40, 2, 16
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.normal(size=(n_in, d_out)), jnp.float32)
+    base = np.ones(n_in) if direction == "ones" else np.asarray(weight_standardize(w))[:, 0]
+    x = base[None, None, :] * rng.uniform(0.5, 2, size=(n, t, 1)) + rng.normal(size=(n, t, n_in)) * 1e-3
+    g = np.zeros((n, t, d_out))
+    g[:, :, 0] = rng.normal(size=(n, t)) * scale
+    g[:, :, 1:] = rng.normal(size=(n, t, d_out - 1)) * 1e-2
+    args = (w, jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32))
+    loss = _standardised_dense_loss()
+    (g_v, a_v), (g_g, a_g) = (
+        jax.jit(jaxdp.clipped_grad(loss, l2_clip_norm=1.0, clipping_impl=impl))(*args) for impl in ("vmap", "ghost")
+    )
+    assert int(a_g.num_nonfinite) == int(a_v.num_nonfinite) == 0
+    assert int(a_g.num_clipped) == int(a_v.num_clipped)
+    np.testing.assert_allclose(np.asarray(g_g), np.asarray(g_v), rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(g_v))))
+    fn = jaxdp.clipped_grad(loss, l2_clip_norm=1.0, clipping_impl="ghost")
+    assert max(_contributions(fn, *args, n=n)) <= 1.0 + 1e-6
+
+
+def test_random_standardised_models_stay_within_the_bound():
+    """One example at a time, on random standardised models and inputs at several scales: ||clipped sum|| <= C."""
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        w = jnp.asarray(rng.normal(size=(24, 32)) * 10.0**seed, jnp.float32)
+        x = jnp.asarray(rng.normal(size=(4, 3, 24)) * 10.0 ** (2 - seed), jnp.float32)
+        t = jnp.asarray(rng.normal(size=(4, 3, 32)) * 10.0 ** (seed - 1), jnp.float32)
+        fn = jaxdp.clipped_grad(_standardised_dense_loss(), l2_clip_norm=0.3, clipping_impl="ghost")
+        assert max(_contributions(fn, w, x, t, n=4)) <= 0.3 * (1 + 1e-5), seed
+
+
+class Restandardised(nnx.Module):
+    def __init__(self, rngs, how):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (4, 3)))
+        self.other = nnx.Param(jax.random.normal(rngs.params(), (4, 3)))
+        self.how = how
+
+    def __call__(self, x):
+        k = self.kernel[...]
+        if self.how == "twice":
+            return x @ weight_standardize(weight_standardize(k))
+        if self.how == "scaled":  # a nonlinear step before the standardisation
+            return x @ weight_standardize(jnp.tanh(k))
+        if self.how == "sum":  # two parameters standardised together
+            return x @ weight_standardize(k + self.other[...])
+        if self.how == "shared":  # the standardised kernel used twice
+            kw = weight_standardize(k)
+            return (x @ kw) * (x @ kw)
+        raise KeyError(self.how)
+
+
+@pytest.mark.parametrize(
+    ("how", "match"),
+    [
+        ("twice", "standardised twice"),
+        ("scaled", "used by `tanh`"),
+        ("sum", "combined with another parameter in `add`"),
+        ("shared", "used twice"),
+    ],
+)
+def test_what_the_standardisation_cannot_cover_is_refused(how, match):
+    _refused(Restandardised(nnx.Rngs(0), how), np.ones((3, 4), np.float32), match)
+
+
+def test_a_standardisation_eps_that_is_not_a_constant_is_refused():
+    def loss(p, x, y):
+        return jnp.sum(x @ weight_standardize(p["w"], eps=p["eps"]) * y)
+
+    params = {"w": jnp.ones((4, 3)) + jnp.arange(12.0).reshape(4, 3), "eps": jnp.asarray(1e-5)}
+    fn = jaxdp.clipped_grad(loss, l2_clip_norm=1.0, clipping_impl="ghost")
+    with pytest.raises(GhostUnsupported, match="non-constant eps"):
+        fn(params, jnp.ones((2, 4)), jnp.ones((2, 3)))
+
+
+def test_weight_standardised_recipe_models_are_covered_by_ghost():
+    """WRN-16-4 (the recipe's shape) and the GroupNorm CNN: `auto` takes the ghost path (it did vmap before)."""
+    model = WideResNet((32, 32, 3), 10, rngs=nnx.Rngs(0))
+    loss_fn, params, x, y = _nnx_problem(model, np.ones((2, 32, 32, 3), np.float32), 10)
+    assert jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).ghost_coverage(params, x, y) is None
+    loss_fn, params, x, y = _ws_problem("gn_cnn")
+    assert jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).ghost_coverage(params, x, y) is None

@@ -21,7 +21,12 @@ alone, and its norm often has a cheap closed form:
   example's X and G (few positions T, or a first convolution on few channels): that
   gradient X_i^T G_i itself;
 * anything else linear in W (convolutions, bias, scale): the example's gradient of
-  *that one parameter* (small for biases and scales), never of the whole model.
+  *that one parameter* (small for biases and scales), never of the whole model;
+* a kernel standardised by :func:`jaxdp.models.weight_standardize` (W' = (W - mean_c) / s_c
+  per output channel, a verified reparametrisation): the gradient with respect to W is
+  (1/s_c) P (g'_c - <g'_c, w'_c> w'_c / n), so its norm needs only, per channel, ||g'_c||^2
+  (the Gram form), <g'_c, 1> and <g'_c, w'_c> (from the layer's input and output), or the
+  example's X^T G taken back through the standardisation (the direct form).
 
 How: the loss of one example is traced to a jaxpr and re-run by a small
 interpreter that adds a zero "probe" to the output of each such operation and
@@ -33,9 +38,10 @@ where the per-example gradient was formed for its norm, the weighted sum of thos
 
 Soundness is checked, not assumed: each parameter leaf must reach exactly one such
 operation through shape-only steps (reshape, transpose, broadcast, dtype casts,
-nested ``jit``), with the other operand free of parameters. Any other use (shared
-weights, weight standardisation, a parameter in a nonlinearity or in the loss
-itself, control flow) makes the model *not covered*: ``"ghost"`` raises
+nested ``jit``) and at most once through jaxdp's weight standardisation (recognised by
+its source, with a constant eps), with the other operand free of parameters. Any other
+use (shared weights, a standardisation written inline, a parameter in a nonlinearity or
+in the loss itself, control flow) makes the model *not covered*: ``"ghost"`` raises
 :class:`GhostUnsupported` naming the parameter and the operation, and ``"auto"``
 falls back to the vmap path. A wrong norm would be a privacy bug, so when in
 doubt the analysis refuses.
@@ -100,6 +106,11 @@ _EXACT_RULES = {
     # DPConv's im2col backward, tested equal to the derivative of its body (tests/test_models.py).
     (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "_conv.py"), "conv_same"),
 }
+# Reparametrisations of a parameter that ghost clipping verifies and takes norms through (its own
+# formula below, :func:`_ws_gram_norms`): the project's weight standardisation, identified by source.
+_REPARAMS = {
+    (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "_nets.py"), "_standardize"),
+}
 _CALLS = {
     "jit",
     "pjit",
@@ -123,6 +134,22 @@ class _Tag:
 
     leaf: int
     chain: tuple = ()
+
+
+@dataclass(frozen=True)
+class _Reparam:
+    """A step of a tag's chain: the verified weight standardisation ``eqn`` (a ``jit`` call) with constant ``eps``."""
+
+    eqn: Any
+    eps: Any
+
+    @property
+    def primitive(self):
+        return self.eqn.primitive
+
+    @property
+    def outvars(self):
+        return self.eqn.outvars
 
 
 @dataclass(frozen=True)
@@ -159,12 +186,22 @@ def _inner(eqn):
     return None
 
 
-def _exact_rule(eqn) -> bool:
-    """Whether a custom_jvp/custom_vjp call is one whose rule is the exact derivative of its body."""
+def _source(eqn) -> tuple[str, str]:
+    """(absolute file, function name) of a call-like eqn's body, from its debug info; ("", "") if unknown."""
     info = getattr(_inner(eqn)[0], "debug_info", None) if _inner(eqn) is not None else None
     src = getattr(info, "func_src_info", None) or ""
     name, _, where = src.partition(" at ")
-    return (os.path.abspath(where.rsplit(":", 1)[0]) if where else "", name) in _EXACT_RULES
+    return (os.path.abspath(where.rsplit(":", 1)[0]) if where else "", name)
+
+
+def _exact_rule(eqn) -> bool:
+    """Whether a custom_jvp/custom_vjp call is one whose rule is the exact derivative of its body."""
+    return _source(eqn) in _EXACT_RULES
+
+
+def _is_reparam(eqn) -> bool:
+    """Whether a ``jit`` call is the verified weight standardisation (:data:`_REPARAMS`)."""
+    return eqn.primitive.name in ("jit", "pjit") and _source(eqn) in _REPARAMS
 
 
 def _bind(eqn, invals, precise: bool = False):
@@ -234,6 +271,8 @@ class _Interpreter:
             outtags = [None] * len(eqn.outvars)
             if not tagged:
                 outs = _bind(eqn, vals)
+            elif _is_reparam(eqn):
+                outs, outtags = self._reparam(eqn, vals, intags, tagged)
             elif name in _CUSTOM_RULES and not _exact_rule(eqn):
                 self._refuse(
                     intags[tagged[0]], f"passed into `{name}`, a custom derivative rule ghost clipping cannot check"
@@ -263,12 +302,29 @@ class _Interpreter:
         outs = [read(v) for v in jaxpr.outvars]
         return [a for a, _ in outs], [t for _, t in outs]
 
+    def _reparam(self, eqn, vals, intags, tagged):
+        """The verified weight standardisation of one parameter leaf, ``eps`` a constant: a step of its chain."""
+        t = intags[tagged[0]]
+        eps = eqn.invars[1] if len(eqn.invars) == 2 else None
+        if tagged != [0] or not isinstance(eps, jcore.Literal):
+            self._refuse(t, "weight-standardised with a non-constant eps or together with another parameter")
+        if not all(e.primitive.name in _NORM_KEEPING and not isinstance(e, _Reparam) for e in t.chain):
+            self._refuse(t, "weight-standardised after a step other than a relayout (or standardised twice)")
+        eps_value = float(eps.val)
+        if not (math.isfinite(eps_value) and eps_value >= 0):
+            self._refuse(t, f"weight-standardised with eps={eps_value}; use a finite eps >= 0")
+        outs = _bind(eqn, vals)
+        return outs, [_Tag(t.leaf, (*t.chain, _Reparam(eqn, eps.val)))]
+
     def _site(self, eqn, vals, intags, pos):
         tag = intags[pos]
         if tag.leaf in self.used:
             self._refuse(tag, f"used twice (by `{self.used[tag.leaf]}` and `{eqn.primitive.name}`: shared weights)")
         self.used[tag.leaf] = eqn.primitive.name
-        (out,) = _bind(eqn, vals)
+        standardised = _reparam_index(tag.chain) is not None
+        # A standardised kernel's norm formula uses this output (exactly X W'): computed at HIGHEST, so
+        # that its rounding is that of its operands' dtype (see _ws_gram_norms).
+        (out,) = _bind(eqn, vals, precise=standardised)
         k = len(self.operands)
         # A sum's gradient does not depend on the other addend: keep its shape, not its value.
         shape_only = eqn.primitive.name in ("add", "sub")
@@ -280,17 +336,29 @@ class _Interpreter:
         recorded = (
             () if shape_only else [i for i, v in enumerate(eqn.invars) if i != pos and not isinstance(v, jcore.Literal)]
         )
-        self.operands.append([vals[i] for i in recorded])
+        self.operands.append([vals[i] for i in recorded] + ([out] if standardised else []))
         if self.probes is not None:
             out = out + self.probes[k]
         return [out]
 
 
+def _reparam_index(chain) -> int | None:
+    """Position of the weight standardisation in a chain, or None."""
+    return next((i for i, e in enumerate(chain) if isinstance(e, _Reparam)), None)
+
+
+def _apply_steps(steps, w):
+    for e in steps:
+        if isinstance(e, _Reparam):
+            (w,) = _bind(e.eqn, [w, jnp.asarray(e.eps, e.eqn.invars[1].aval.dtype)])
+        else:
+            (w,) = _bind(e, [w])
+    return w
+
+
 def _apply_chain(site: _Site, w):
     """The leaf as its one consumer sees it: ``chain(leaf)``."""
-    for eqn in site.chain:
-        (w,) = _bind(eqn, [w])
-    return w
+    return _apply_steps(site.chain, w)
 
 
 def _apply_site(site: _Site, leaf_value, operands):
@@ -523,7 +591,12 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
     equals the vmap path's. Where the gradient is materialised (a kernel's direct X^T G, or
     the general path), it is returned and summed as is, like the vmap path: no slack needed.
     """
-    bijective = all(e.primitive.name in _NORM_KEEPING for e in site.chain)
+    ws = _reparam_index(site.chain)
+    if ws is not None:  # a standardised kernel: its consumer's output was recorded last (see _Interpreter._site)
+        operands, z = operands[:-1], operands[-1]
+    # Relayouts only, or relayouts around the verified standardisation (whose Jacobian the formulas
+    # below take into account; _to_leaf takes each example's gradient back through it).
+    bijective = all(e.primitive.name in _NORM_KEEPING for e in site.chain if not isinstance(e, _Reparam))
     name = site.eqn.primitive.name
     if bijective and name in ("dot_general", "conv_general_dilated") and len(operands) == 1:
         layout = (_dense_layout if name == "dot_general" else _conv_layout)(site, operands[0], g)
@@ -533,7 +606,11 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
             u = site_roundoff(site, leaf_value, gm, *pieces)
             t, d_in, d_out = gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2]
             if t * (d_in + d_out) < d_in * d_out:  # ghost norm: T x T Gram matrices
-                return _gram_norms(site, leaf_value, pieces, gm, u, mask)
+                if ws is None:
+                    return _gram_norms(site, leaf_value, pieces, gm, u, mask)
+                if _ws_channels_match(site, d_in, d_out):
+                    zm = _f32((_dense_layout if name == "dot_general" else _conv_layout)(site, operands[0], z)[1])
+                    return _ws_gram_norms(site, leaf_value, pieces, gm, zm, u, mask)
             # Direct: the example's gradient X^T G itself, no larger than its X and G (the test
             # above). It is kept, mapped to the leaf's layout and summed as normed (book-keeping
             # without a second weight-gradient pass): no rounding slack needed, as on the vmap path.
@@ -625,31 +702,152 @@ def _gram_norms(site: _Site, leaf_value, pieces, gm, u, mask=None):
     est = jnp.maximum(sq, 0.0)
     bound = jnp.square(jnp.sqrt(est + slack) + 2 * summing)
     unscale = jnp.ldexp(jnp.ones((), sq.dtype), 2 * (e_x + e_g))  # 4^(e_x + e_g), exact (inf beyond range)
-    sq, bound = sq * unscale, bound * unscale
-    loose = jnp.isfinite(sq) & jnp.isfinite(q) & (bound > _GRAM_TRUST**2 * jnp.maximum(sq, 0.0))
+    return _trusted_or_direct(site, leaf_value, pieces, gm, sq * unscale, bound * unscale, jnp.isfinite(q), mask)
+
+
+def _trusted_or_direct(site: _Site, leaf_value, pieces, gm, sq, bound, finite, mask):
+    """The Gram norms where their bound is within 1% of every example's estimate; otherwise (cancellation)
+    the norms of each example's own gradient, formed one example at a time, and a :class:`Fallback`
+    that sums exactly those (see :func:`site_norms`)."""
+    d_in, d_out = sum(x.shape[2] for x in pieces), gm.shape[2]
+    loose = jnp.isfinite(sq) & finite & (bound > _GRAM_TRUST**2 * jnp.maximum(sq, 0.0))
     if mask is not None:  # masked rows (padding, anything) never send the chunk to the slow path
         loose = loose & (mask > 0)
     use = jnp.any(loose)
+    # A standardised kernel: each example's X^T G goes back through the standardisation's Jacobian
+    # before its norm is taken and before it is added (the vmap path's per-example gradient).
+    per_example = _reparam_index(site.chain) is not None
+
+    def gradient(i):
+        block = _one_block(pieces, gm, i)
+        return _to_leaf(site, leaf_value, block[None])[0] if per_example else block
 
     def direct_norms():
-        def one(i):
-            return jnp.sum(jnp.square(_one_block(pieces, gm, i)))
-
-        exact = jax.lax.map(one, jnp.arange(gm.shape[0]))
+        exact = jax.lax.map(lambda i: jnp.sum(jnp.square(_f32(gradient(i)))), jnp.arange(gm.shape[0]))
         return exact, exact
 
     sq, bound = jax.lax.cond(use, direct_norms, lambda: (sq, bound))
 
     def weighted_sum(w, keep):
         def add(acc, i):
-            block = _one_block(pieces, gm, i)
-            return acc + jnp.where(keep[i], w[i].astype(block.dtype) * block, jnp.zeros((), block.dtype)), None
+            grad = gradient(i)
+            return acc + jnp.where(keep[i], w[i].astype(grad.dtype) * grad, jnp.zeros((), grad.dtype)), None
 
-        acc0 = jnp.zeros((d_in, d_out), gm.dtype)
+        acc0 = jnp.zeros(jnp.shape(leaf_value) if per_example else (d_in, d_out), gm.dtype)
         total, _ = jax.lax.scan(add, acc0, jnp.arange(gm.shape[0]))
-        return _to_leaf(site, leaf_value, total[None])[0]
+        return total if per_example else _to_leaf(site, leaf_value, total[None])[0]
 
     return sq, bound, None, Fallback(use, weighted_sum)
+
+
+def _ws_channels_match(site: _Site, d_in: int, d_out: int) -> bool:
+    """Whether a standardised kernel reaches its consumer unchanged in layout, output channels last and every
+    other axis contracted: then the standardisation's channel c is the consumer's output feature c, and
+    its n = d_in entries per channel are the columns of the layout's X (:func:`_ws_gram_norms`)."""
+    i = _reparam_index(site.chain)
+    if not all(e.primitive.name in ("convert_element_type", "copy") for e in site.chain[i + 1 :]):
+        return False
+    shape = tuple(site.chain[i].outvars[0].aval.shape)
+    if len(shape) < 2 or shape[-1] != d_out or math.prod(shape[:-1]) != d_in:
+        return False
+    p = site.eqn.params
+    if site.eqn.primitive.name == "conv_general_dilated":
+        return p["dimension_numbers"][1][0] == len(shape) - 1  # the kernel's output-feature axis is its last
+    (lc, rc), _ = p["dimension_numbers"]
+    return set(lc if site.pos == 0 else rc) == set(range(len(shape) - 1))
+
+
+def _ws_stats(site: _Site, leaf_value):
+    """(w', 1/s): the standardised kernel as (n, d_out) and 1/s per output channel, in float32 or wider.
+
+    The standardisation maps the kernel k (the leaf after its relayouts) to
+    ``w' = (k - mean_c) / s_c`` with ``s_c = sqrt(var_c + eps)``, statistics per output channel.
+    """
+    i = _reparam_index(site.chain)
+    k = _f32(_apply_steps(site.chain[:i], leaf_value))
+    w = _f32(_apply_chain(site, leaf_value))
+    axes = tuple(range(k.ndim - 1))
+    a = k - jnp.mean(k, axis=axes, keepdims=True)
+    s = jnp.sqrt(jnp.mean(jnp.square(a), axis=axes) + float(site.chain[i].eps))
+    return w.reshape(-1, k.shape[-1]), 1.0 / s
+
+
+def _ws_gram_norms(site: _Site, leaf_value, pieces, gm, zm, u, mask=None):
+    """Per-example norms of a weight-standardised kernel's gradient without forming it (Gram form).
+
+    With the standardised kernel ``w'_c = (k_c - mean) / s_c`` (n entries per output channel c) and
+    ``g'_c = X^T G_c`` the example's gradient with respect to it, the gradient with respect to k
+    (what autodiff computes, the vmap path's) is
+
+        (1/s_c) P (g'_c - (beta_c / n) w'_c),   P = I - 1 1^T / n,   beta_c = <g'_c, w'_c>,
+
+    whose squared norm is, with S_c = <g'_c, 1>, rho_c = ||w'_c||^2 / n and sigma_c = <w'_c, 1> (~0):
+
+        (1/s_c^2) [ ||g'_c||^2 - S_c^2/n - (2 - rho_c) beta_c^2/n + 2 S_c beta_c sigma_c/n^2
+                    - beta_c^2 sigma_c^2/n^3 ].
+
+    Each term comes from the layer's input X and output gradient G: ||g'_c||^2 = <X X^T, G_c G_c^T>
+    (the Gram form, per channel), S_c = sum_t (sum of x_t) G_tc, and beta_c = sum_t Z_tc G_tc with
+    Z = X W' the layer's own output (recorded, computed at HIGHEST precision). The bound adds each
+    term's rounding error in terms of Q_c = sum_t ||x_t|| |G_tc| (every term is at most ~Q_c^2),
+    the weighted backward's and the Jacobian's own rounding, and 1% beyond that sends the chunk to
+    each example's own gradient (:func:`_trusted_or_direct`), as for plain kernels.
+    """
+    t, n, d_out = gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2]
+    w, inv_s = _ws_stats(site, leaf_value)
+    u = max(u, _unit_roundoff(w, inv_s))
+    rho = jnp.sum(jnp.square(w), axis=0) / n
+    sigma = jnp.sum(w, axis=0)
+    # Powers of two per example, as in _gram_norms (Z = X W' scales with X).
+    e_x, e_g = _pow2_exponent(pieces), _pow2_exponent([gm])
+    sx = [jnp.ldexp(x, -e_x[:, None, None]) for x in pieces]
+    sz, sg = jnp.ldexp(zm, -e_x[:, None, None]), jnp.ldexp(gm, -e_g[:, None, None])
+    x_gram = sum(jnp.matmul(x, jnp.swapaxes(x, 1, 2), precision=_HIGHEST) for x in sx)
+    kg = jnp.matmul(x_gram, sg, precision=_HIGHEST)  # (B, T, d_out)
+    g_sq = jnp.sum(sg * kg, axis=1)  # ||g'_c||^2, (B, d_out)
+    rows = sum(jnp.sum(x, axis=-1) for x in sx)  # sum of each position's inputs, (B, T)
+    s_c = jnp.einsum("bt,btc->bc", rows, sg, precision=_HIGHEST)
+    beta = jnp.sum(sz * sg, axis=1)
+    est = g_sq - jnp.square(s_c) / n - (2 - rho) * jnp.square(beta) / n
+    est = est + 2 * s_c * beta * sigma / float(n) ** 2 - jnp.square(beta * sigma) / float(n) ** 3
+    x_norm = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=-1) for x in sx))  # (B, T)
+    x_abs = sum(jnp.sum(jnp.abs(x), axis=-1) for x in sx)  # (B, T): sum_k |x_tk| >= |sum of x_t|
+    g_abs = jnp.abs(sg)
+    grow = 1 + 2 * (n + t + 8) * u  # covers the rounding of these magnitudes themselves
+    q_c = jnp.einsum("bt,btc->bc", x_norm, g_abs, precision=_HIGHEST) * grow + t * 2.0**-60 * math.sqrt(n)
+    a_c = jnp.einsum("bt,btc->bc", x_abs, g_abs, precision=_HIGHEST) * grow
+    w_norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=0)) * grow
+    # Rounding of each term (gamma_k ~ k u): ||g'_c||^2 (Gram entries over n, two sums over T) is off by
+    # <= (gamma_n + 2 gamma_T) Q_c^2; S_c by dS <= (gamma_n + gamma_T) A_c with A_c = sum_t (sum_k |x_tk|)
+    # |G_tc|; beta_c by d_beta <= (gamma_n + gamma_T) ||w'_c|| Q_c (Z = X W' at HIGHEST, then T terms);
+    # a square a^2 of a value off by d by (2|a| + d) d. The sigma terms are counted whole.
+    d_s = (n + t + 2) * u * a_c * grow
+    d_beta = (n + t + 2) * u * w_norm * q_c * grow
+    abs_s, abs_beta = jnp.abs(s_c) + d_s, jnp.abs(beta) + d_beta
+    sigma_abs = jnp.abs(sigma) + (n + 2) * u * jnp.sqrt(float(n)) * w_norm
+    err = (n + 2 * t + 2) * u * jnp.square(q_c) * grow
+    err = err + (abs_s + jnp.abs(s_c)) * d_s / n + (2 - rho + 4 * u) * (abs_beta + jnp.abs(beta)) * d_beta / n
+    err = err + 4 * abs_s * abs_beta * sigma_abs / float(n) ** 2 + 2 * jnp.square(abs_beta * sigma_abs) / float(n) ** 3
+    err = err + 8 * u * (jnp.abs(g_sq) + jnp.square(abs_s) / n + 2 * jnp.square(abs_beta) / n)  # the last few ops
+    # Underflow as in _gram_norms, for each of the terms.
+    nonzero = jnp.any(sg != 0, axis=(1, 2)) & functools.reduce(
+        jnp.logical_or, [jnp.any(x != 0, axis=(1, 2)) for x in sx]
+    )
+    underflow = jnp.where(nonzero, 8 * t * t * (4 * n + 1) * (n + 1) * _TINY, 0.0)
+    slack = 2 * err + underflow[:, None]  # twice: the gamma denominators and second-order terms
+    inv_s2 = jnp.square(inv_s)
+    sq = jnp.sum(inv_s2 * est, axis=-1)
+    inner = jnp.sum(inv_s2 * (jnp.maximum(est, 0.0) + slack), axis=-1)
+    # Added per example beyond that: the weighted backward's sum of X^T G (2 (T + 4) u Q_c per channel, as
+    # in _gram_norms) taken through the Jacobian (norm <= 1/s_c), and the Jacobian's own rounding (two
+    # sums of n terms: the mean and <g', w'>) relative to ||g'_c||; 1/s computed here against 1/s in the
+    # derivative (n-term sums) multiplies.
+    g_norm = jnp.sqrt(jnp.maximum(g_sq, 0.0) + slack)
+    additive = u * jnp.sqrt(jnp.sum(inv_s2 * jnp.square(2 * (t + 4) * q_c + (2 * n + 16) * g_norm), axis=-1))
+    bound = jnp.square(jnp.sqrt(inner) * (1 + 2 * (n + 8) * u) + additive)
+    unscale = jnp.ldexp(jnp.ones((), sq.dtype), 2 * (e_x + e_g))
+    finite = jnp.all(jnp.isfinite(q_c), axis=-1)
+    return _trusted_or_direct(site, leaf_value, pieces, gm, sq * unscale, bound * unscale, finite, mask)
 
 
 def site_weighted_sum(site: _Site, leaf_value, operands, g_weighted):

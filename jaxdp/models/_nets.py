@@ -28,7 +28,19 @@ def pooled_size(input_shape: Sequence[int], features: Sequence[int]) -> int:
 
 
 def weight_standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """(k − mean) / sqrt(var + eps) per output channel (last axis), statistics over all other axes."""
+    """(k − mean) / sqrt(var + eps) per output channel (last axis), statistics over all other axes.
+
+    Ghost clipping (:mod:`jaxdp.clipping.ghost`) recognises this function, called with a constant
+    ``eps``, as a verified reparametrisation of the kernel it standardises, and takes per-example
+    norms through it without per-example gradients; the same formula written inline is refused
+    there (and ``auto`` uses the vmap path).
+    """
+    return _standardize(kernel, eps)
+
+
+@jax.jit
+def _standardize(kernel: jax.Array, eps) -> jax.Array:
+    """The body of :func:`weight_standardize`, one ``jit`` call that ghost clipping identifies by its source."""
     axes = tuple(range(kernel.ndim - 1))
     return (kernel - kernel.mean(axis=axes, keepdims=True)) / jnp.sqrt(kernel.var(axis=axes, keepdims=True) + eps)
 
