@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -229,8 +230,6 @@ def test_audit_bad_input_is_one_line_exit_2(args, message, capsys):
     ],
 )
 def test_bench_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
-    import re
-
     assert main(["bench", "--out", str(tmp_path), "--in-process", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxdp: error: ") and len(err.strip().splitlines()) == 1, err
@@ -241,3 +240,14 @@ def test_missing_tfds_data_is_a_one_line_cli_error(tmp_path, capsys):
     assert main(["train", "--config", os.path.join(ROOT, "configs", "mnist_cnn.py"), f"data_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tfds build mnist --file_format=array_record" in err
+
+
+def test_bench_explain_prints_the_ghost_form_per_parameter(capsys):
+    assert main(["bench", "--explain", "--models", "mlp", "--batch-sizes", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "### mlp, batch 16: ghost path" in out
+    assert re.search(
+        r"\| `params\['hidden'\]\[0\]\['kernel'\]\.value` \| dot_general \| Gram <XXᵀ, GGᵀ> \| 1 \| 64 \| 32 \|", out
+    )
+    assert main(["bench", "--explain", "--models", "nope"]) == 2
+    assert "nope: not a benchmarked model" in capsys.readouterr().err

@@ -866,3 +866,40 @@ def test_weight_standardised_recipe_models_are_covered_by_ghost():
     assert jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).ghost_coverage(params, x, y) is None
     loss_fn, params, x, y = _ws_problem("gn_cnn")
     assert jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).ghost_coverage(params, x, y) is None
+
+
+def test_explain_reports_the_form_each_site_takes(monkeypatch):
+    """`explain` (what `jaxdp bench --explain` prints) names the form the ghost path then takes, per site."""
+    loss_fn, params, x, y = _ws_problem("dense")
+    rows = jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).explain_ghost(params, x, y)
+    taken = []
+    original = ghost._choose_form
+    monkeypatch.setattr(ghost, "_choose_form", lambda *a: taken.append(original(*a)[0]) or original(*a))
+    _run(loss_fn, params, x, y, jnp.ones((x.shape[0],)), "ghost")
+    assert [r["form"] for r in rows] == taken[: len(rows)]
+    assert {"ws_gram", "direct"} <= set(taken)
+    wide = next(r for r in rows if "wide" in r["parameter"])
+    assert (wide["form"], wide["T"], wide["d_in"], wide["d_out"], wide["standardised"]) == ("ws_gram", 3, 24, 32, True)
+    assert wide["gram_cost"] == 6 * 3 * 3 * (24 + 32) < wide["direct_cost"] == 6 * 3 * 24 * 32
+    loss_fn, params, x, y = _nnx_problem(Shared(nnx.Rngs(0)), np.ones((3, 4), np.float32), 2)
+    assert "used twice" in jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).explain_ghost(params, x, y)
+
+
+class StandardisedTable(nnx.Module):
+    """An embedding table read through weight standardisation: the token-match formula has no Jacobian in it."""
+
+    def __init__(self, rngs):
+        self.table = nnx.Param(jax.random.normal(rngs.params(), (40, 8)))
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, tokens):
+        return self.head(weight_standardize(self.table[...])[tokens].mean(axis=1))
+
+
+def test_a_standardised_embedding_table_is_not_given_the_token_match_formula():
+    tokens = np.random.default_rng(0).integers(0, 40, (6, 4))
+    tokens[:, 1] = tokens[:, 0]  # repeated tokens
+    loss_fn, params, x, y = _nnx_problem(StandardisedTable(nnx.Rngs(0)), tokens, 3)
+    rows = jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).explain_ghost(params, x, y)
+    assert next(r for r in rows if "table" in r["parameter"])["form"] == "parameter"
+    _assert_ghost_equals_vmap(loss_fn, params, x, y, jnp.ones((6,)).at[3].set(0.0))

@@ -163,6 +163,13 @@ def _parser() -> argparse.ArgumentParser:
         "--in-process", action="store_true", help="measure every configuration in this process (no subprocesses)"
     )
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    bench.add_argument(
+        "--explain",
+        action="store_true",
+        help="only print, per model and batch size, how the ghost path takes each parameter's norms (Gram, "
+        "direct, embedding, per-parameter) and the costs it compares, or why it does not cover the model; "
+        "traces shapes, times nothing",
+    )
 
     data = sub.add_parser("data", help="prepare a TFDS dataset once so that training reads it offline")
     data_sub = data.add_subparsers(dest="data_command", required=True)

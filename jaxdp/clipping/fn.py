@@ -235,6 +235,17 @@ class ClippedGradFn:
             return str(e)
         return None
 
+    def explain_ghost(self, params: PyTree, *batch: Any) -> list[dict] | str:
+        """Per parameter use, how the ghost path takes its norms (:func:`jaxdp.clipping.ghost.explain`), or why
+        the ghost path does not cover this loss (what ``"auto"`` logs before it uses vmap). Only traces."""
+        why = self.ghost_coverage(params, *batch)
+        if why is not None:
+            return why
+        batched_nums = batch_argnums(self.batch_argnums, len(batch))
+        plan = ghost.analyse_loss(self._example_loss(batched_nums), params, batched_nums, batch)
+        size = jax.tree_util.tree_leaves(batch[batched_nums[0] - 1])[0].shape[0]
+        return ghost.explain(plan, params, min(size, self.microbatch_size or size))  # one chunk's costs
+
     def __call__(self, params: PyTree, *batch: Any, example_mask: Any = None):
         if not batch:
             raise TypeError("the clipped gradient function needs a batch: call fn(params, *batch).")

@@ -73,6 +73,7 @@ __all__ = [
     "analyse_loss",
     "check_traces",
     "chunk",
+    "explain",
     "leaf_names",
     "run_with_probes",
     "site_norms",
@@ -513,8 +514,12 @@ def _to_leaf(site: _Site, leaf_value, blocks):
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # The Gram estimate is replaced by the example's own X^T G (see site_norms) when its rounding
-# bound inflates a norm by more than this factor: cancellation, not ordinary rounding.
-_GRAM_TRUST = 1.01
+# bound inflates a norm by more than this factor: cancellation, not ordinary rounding. 2.5%: the
+# worst-case rounding bound grows with n + T and with Q^2 / ||X^T G||^2 (~T where positions add
+# incoherently): WRN-16-4's last stage (n = 2,304, T = 64) reached 1.1% at init on random inputs,
+# and at 1% that chunk took the one-example-at-a-time path (4x the step). A clipped example is
+# then scaled at most 2.5% more than needed, never less.
+_GRAM_TRUST = 1.025
 
 
 def _unit_roundoff(*dtypes) -> float:
@@ -573,6 +578,51 @@ class Fallback(NamedTuple):
     weighted_sum: Any
 
 
+def _layout_of(site: _Site):
+    return _dense_layout if site.eqn.primitive.name == "dot_general" else _conv_layout
+
+
+def _choose_form(site: _Site, operands, g):
+    """How a site's per-example norms are taken: ``(form, layout, (T, d_in, d_out) or None)``.
+
+    ``form``, from the shapes (Bu et al.'s rule: the T x T Gram matrices, 2 T^2 numbers per
+    example against the d_in x d_out gradient):
+
+    * ``"gram"``: a dense or conv kernel, ``T (d_in + d_out) < d_in d_out``: ``<X X^T, G G^T>``;
+    * ``"ws_gram"``: the same for a weight-standardised kernel (:func:`_ws_gram_norms`);
+    * ``"direct"``: a dense or conv kernel otherwise (or standardised with channels not last):
+      each example's X^T G, formed and kept for the sum;
+    * ``"embedding"``: an embedding table with few positions (``T^2 < 8 V``): pairwise token matches;
+    * ``"parameter"``: anything else (biases, scales, other layouts): the example's gradient of
+      that one leaf.
+    """
+    ws = _reparam_index(site.chain)
+    # Relayouts only, or relayouts around the verified standardisation (whose Jacobian the kernel
+    # forms take into account; _to_leaf takes each example's gradient back through it).
+    bijective = all(e.primitive.name in _NORM_KEEPING for e in site.chain if not isinstance(e, _Reparam))
+    name = site.eqn.primitive.name
+    if bijective and name in ("dot_general", "conv_general_dilated") and len(operands) == 1:
+        layout = _layout_of(site)(site, operands[0], g)
+        if layout is not None:
+            pieces, gm = layout
+            dims = (gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2])
+            t, d_in, d_out = dims
+            if t * (d_in + d_out) < d_in * d_out:
+                if ws is None:
+                    return "gram", layout, dims
+                if _ws_channels_match(site, d_in, d_out):
+                    return "ws_gram", layout, dims
+            return "direct", layout, dims
+    # The embedding formula has no standardisation's Jacobian in it: a standardised table takes the general form.
+    if bijective and ws is None and name == "gather" and len(operands) == 1:
+        layout = _gather_layout(site, operands[0], g)
+        if layout is not None:
+            t, v = layout[0].shape[1], site.eqn.invars[0].aval.shape[0]
+            if t * t < 8 * v:
+                return "embedding", layout, (t, v, layout[2].shape[2])
+    return "parameter", None, None
+
+
 def site_norms(site: _Site, leaf_value, operands, g, mask=None):
     """Per-example squared norm of this leaf's gradient: ``(estimate, bound, per_example_grads or None, fallback)``.
 
@@ -585,7 +635,7 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
     rounded estimate of a small result can be far too small; the bound adds the standard
     rounding error bound of each formula, in terms of ``Q = sum_t ||x_t|| ||g_t||``
     (:func:`_position_weight`), and of the weighted backward's own rounding. Where that
-    bound inflates some example's norm by more than 1% (cancellation), the site's norms
+    bound inflates some example's norm by more than 2.5% (cancellation), the site's norms
     for the chunk are those of each example's own X^T G, formed one example at a time, and
     ``fallback`` tells the caller to sum those products (:class:`Fallback`), so the result
     equals the vmap path's. Where the gradient is materialised (a kernel's direct X^T G, or
@@ -594,50 +644,41 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
     ws = _reparam_index(site.chain)
     if ws is not None:  # a standardised kernel: its consumer's output was recorded last (see _Interpreter._site)
         operands, z = operands[:-1], operands[-1]
-    # Relayouts only, or relayouts around the verified standardisation (whose Jacobian the formulas
-    # below take into account; _to_leaf takes each example's gradient back through it).
-    bijective = all(e.primitive.name in _NORM_KEEPING for e in site.chain if not isinstance(e, _Reparam))
-    name = site.eqn.primitive.name
-    if bijective and name in ("dot_general", "conv_general_dilated") and len(operands) == 1:
-        layout = (_dense_layout if name == "dot_general" else _conv_layout)(site, operands[0], g)
-        if layout is not None:
-            pieces, gm = layout
-            pieces, gm = [_f32(x) for x in pieces], _f32(gm)
-            u = site_roundoff(site, leaf_value, gm, *pieces)
-            t, d_in, d_out = gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2]
-            if t * (d_in + d_out) < d_in * d_out:  # ghost norm: T x T Gram matrices
-                if ws is None:
-                    return _gram_norms(site, leaf_value, pieces, gm, u, mask)
-                if _ws_channels_match(site, d_in, d_out):
-                    zm = _f32((_dense_layout if name == "dot_general" else _conv_layout)(site, operands[0], z)[1])
-                    return _ws_gram_norms(site, leaf_value, pieces, gm, zm, u, mask)
-            # Direct: the example's gradient X^T G itself, no larger than its X and G (the test
-            # above). It is kept, mapped to the leaf's layout and summed as normed (book-keeping
-            # without a second weight-gradient pass): no rounding slack needed, as on the vmap path.
-            pieces, gm = jax.lax.optimization_barrier((pieces, gm))
-            per_ex = _f32(_to_leaf(site, leaf_value, _example_blocks(pieces, gm)))
-            sq = jnp.sum(jnp.square(per_ex), axis=tuple(range(1, per_ex.ndim)))
-            return sq, sq, per_ex, None
-    if bijective and name == "gather" and len(operands) == 1:
-        layout = _gather_layout(site, operands[0], g)
-        if layout is not None:
-            i, valid, gm = layout
-            t, v = i.shape[1], site.eqn.invars[0].aval.shape[0]
-            if t * t < 8 * v:
-                gm = jnp.where(valid[..., None], _f32(gm), 0.0)  # dropped rows: their cotangent may be NaN
-                u = site_roundoff(site, leaf_value, gm)
-                same = (i[:, :, None] == i[:, None, :]).astype(gm.dtype)
-                g_gram = jnp.matmul(gm, jnp.swapaxes(gm, 1, 2), precision=_HIGHEST)
-                sq = _two_stage_sum(same * g_gram)
-                # Only pairs of positions holding the same row carry a term (and its rounding error):
-                # the slack is in sum_{t,s same} ||g_t|| ||g_s||, not Q^2 (which over-clipped distinct tokens).
-                g_norm = jnp.sqrt(jnp.sum(jnp.square(gm), axis=-1)) * (1 + 2 * (gm.shape[2] + 8) * u)
-                # Q = sum_t ||g_t|| (one-hot rows: ||x_t|| = 1), with the rounding of that sum of T terms too.
-                big_p = jnp.sum(g_norm, axis=-1) * (1 + 2 * (t + 1) * u)
-                same_weight = jnp.einsum("bts,bt,bs->b", same, g_norm, g_norm, precision=_HIGHEST)
-                slack = 2 * (gm.shape[2] + 2 * t + 4) * u * same_weight * (1 + 4 * t * u)
-                bound = jnp.sqrt(jnp.maximum(sq, 0.0) + slack) + 2 * (t + 4) * u * big_p
-                return sq, jnp.square(bound), None, None
+    form, layout, _ = _choose_form(site, operands, g)
+    if form in ("gram", "ws_gram", "direct"):
+        pieces, gm = layout
+        pieces, gm = [_f32(x) for x in pieces], _f32(gm)
+        u = site_roundoff(site, leaf_value, gm, *pieces)
+        if form == "gram":
+            return _gram_norms(site, leaf_value, pieces, gm, u, mask)
+        if form == "ws_gram":
+            zm = _f32(_layout_of(site)(site, operands[0], z)[1])
+            return _ws_gram_norms(site, leaf_value, pieces, gm, zm, u, mask)
+        # Direct: the example's gradient X^T G itself, no larger than its X and G (see _choose_form).
+        # It is kept, mapped to the leaf's layout (through the standardisation's Jacobian, if any) and
+        # summed as normed (book-keeping without a second weight-gradient pass): no rounding slack
+        # needed, as on the vmap path.
+        pieces, gm = jax.lax.optimization_barrier((pieces, gm))
+        per_ex = _f32(_to_leaf(site, leaf_value, _example_blocks(pieces, gm)))
+        sq = jnp.sum(jnp.square(per_ex), axis=tuple(range(1, per_ex.ndim)))
+        return sq, sq, per_ex, None
+    if form == "embedding":
+        i, valid, gm = layout
+        t = i.shape[1]
+        gm = jnp.where(valid[..., None], _f32(gm), 0.0)  # dropped rows: their cotangent may be NaN
+        u = site_roundoff(site, leaf_value, gm)
+        same = (i[:, :, None] == i[:, None, :]).astype(gm.dtype)
+        g_gram = jnp.matmul(gm, jnp.swapaxes(gm, 1, 2), precision=_HIGHEST)
+        sq = _two_stage_sum(same * g_gram)
+        # Only pairs of positions holding the same row carry a term (and its rounding error):
+        # the slack is in sum_{t,s same} ||g_t|| ||g_s||, not Q^2 (which over-clipped distinct tokens).
+        g_norm = jnp.sqrt(jnp.sum(jnp.square(gm), axis=-1)) * (1 + 2 * (gm.shape[2] + 8) * u)
+        # Q = sum_t ||g_t|| (one-hot rows: ||x_t|| = 1), with the rounding of that sum of T terms too.
+        big_p = jnp.sum(g_norm, axis=-1) * (1 + 2 * (t + 1) * u)
+        same_weight = jnp.einsum("bts,bt,bs->b", same, g_norm, g_norm, precision=_HIGHEST)
+        slack = 2 * (gm.shape[2] + 2 * t + 4) * u * same_weight * (1 + 4 * t * u)
+        bound = jnp.sqrt(jnp.maximum(sq, 0.0) + slack) + 2 * (t + 4) * u * big_p
+        return sq, jnp.square(bound), None, None
     # General linear use: this one leaf's per-example gradient (a bias, a scale, a conv kernel).
 
     def one(ops, gi):
@@ -706,7 +747,7 @@ def _gram_norms(site: _Site, leaf_value, pieces, gm, u, mask=None):
 
 
 def _trusted_or_direct(site: _Site, leaf_value, pieces, gm, sq, bound, finite, mask):
-    """The Gram norms where their bound is within 1% of every example's estimate; otherwise (cancellation)
+    """The Gram norms where their bound is within 2.5% of every example's estimate; otherwise (cancellation)
     the norms of each example's own gradient, formed one example at a time, and a :class:`Fallback`
     that sums exactly those (see :func:`site_norms`)."""
     d_in, d_out = sum(x.shape[2] for x in pieces), gm.shape[2]
@@ -790,10 +831,10 @@ def _ws_gram_norms(site: _Site, leaf_value, pieces, gm, zm, u, mask=None):
     (the Gram form, per channel), S_c = sum_t (sum of x_t) G_tc, and beta_c = sum_t Z_tc G_tc with
     Z = X W' the layer's own output (recorded, computed at HIGHEST precision). The bound adds each
     term's rounding error in terms of Q_c = sum_t ||x_t|| |G_tc| (every term is at most ~Q_c^2),
-    the weighted backward's and the Jacobian's own rounding, and 1% beyond that sends the chunk to
+    the weighted backward's and the Jacobian's own rounding, and 2.5% beyond that sends the chunk to
     each example's own gradient (:func:`_trusted_or_direct`), as for plain kernels.
     """
-    t, n, d_out = gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2]
+    t, n = gm.shape[1], sum(x.shape[2] for x in pieces)
     w, inv_s = _ws_stats(site, leaf_value)
     u = max(u, _unit_roundoff(w, inv_s))
     rho = jnp.sum(jnp.square(w), axis=0) / n
@@ -943,6 +984,49 @@ def _check_dtype(dtype, what: str) -> None:
         )
 
 
+def explain(plan: GhostPlan, params: PyTree, batch: int) -> list[dict]:
+    """One row per site of an analysed loss: how ghost takes its per-example norms at this batch size.
+
+    Each row: ``parameter`` (leaf name), ``op`` (the consuming primitive), ``form``
+    (:func:`_choose_form`), ``standardised`` (through :func:`jaxdp.models.weight_standardize`),
+    ``T``, ``d_in``, ``d_out`` (None for the per-parameter form), and the two costs the choice
+    compares, in multiply-adds for the whole batch: ``gram_cost`` = B T^2 (d_in + d_out) and
+    ``direct_cost`` = B T d_in d_out. Only traces shapes; nothing is computed.
+    """
+    names = leaf_names(params)
+    rows = []
+    for site in plan.sites:
+        ops = [
+            jax.ShapeDtypeStruct((batch, *v.aval.shape), v.aval.dtype)
+            for i, v in enumerate(site.eqn.invars)
+            if i != site.pos and not isinstance(v, jcore.Literal) and site.eqn.primitive.name not in ("add", "sub")
+        ]
+        g = jax.ShapeDtypeStruct((batch, *site.out_shape), site.out_dtype)
+        found = {}
+
+        def trace(ops, g, site=site, found=found):
+            form, _, dims = _choose_form(site, ops, g)
+            found.update(form=form, dims=dims)
+            return jnp.zeros(())
+
+        jax.eval_shape(trace, ops, g)
+        t, d_in, d_out = found["dims"] or (None, None, None)
+        rows.append(
+            {
+                "parameter": _describe(site.leaf, names),
+                "op": site.eqn.primitive.name,
+                "form": found["form"],
+                "standardised": _reparam_index(site.chain) is not None,
+                "T": t,
+                "d_in": d_in,
+                "d_out": d_out,
+                "gram_cost": None if t is None else batch * t * t * (d_in + d_out),
+                "direct_cost": None if t is None else batch * t * d_in * d_out,
+            }
+        )
+    return rows
+
+
 def run_with_probes(closed, sites, names, flat_args, probes):
     """Evaluate the analysed jaxpr with probes added at the sites; returns (outs, operands per site)."""
     tags = [_Tag(i) for i in range(len(names))] + [None] * (len(flat_args) - len(names))
@@ -1065,11 +1149,10 @@ def chunk(
             total_k = scaled_sum(materialised[k], factors[site.leaf], keep)
         elif k in fallbacks:  # norms from each example's own X^T G when fb.use: then sum those products
             w, fb = jnp.where(keep, factors[site.leaf], 0.0), fallbacks[k]
-            total_k = jax.lax.cond(
-                fb.use,
-                functools.partial(fb.weighted_sum, w, keep),
-                functools.partial(weighted_backward, k, site, w),
-            )
+            # The weighted backward runs outside the cond, and is discarded when fb.use: inside a cond
+            # branch XLA's CPU backend ran WRN-16-4's weight-gradient convolutions ~4x slower.
+            backward = weighted_backward(k, site, w)
+            total_k = jax.lax.cond(fb.use, functools.partial(fb.weighted_sum, w, keep), lambda b=backward: b)
         else:
             total_k = weighted_backward(k, site, jnp.where(keep, factors[site.leaf], 0.0))
         summed[site.leaf] = total_k.astype(summed[site.leaf].dtype)
