@@ -989,9 +989,10 @@ def explain(plan: GhostPlan, params: PyTree, batch: int) -> list[dict]:
 
     Each row: ``parameter`` (leaf name), ``op`` (the consuming primitive), ``form``
     (:func:`_choose_form`), ``standardised`` (through :func:`jaxdp.models.weight_standardize`),
-    ``T``, ``d_in``, ``d_out`` (None for the per-parameter form), and the two costs the choice
-    compares, in multiply-adds for the whole batch: ``gram_cost`` = B T^2 (d_in + d_out) and
-    ``direct_cost`` = B T d_in d_out. Only traces shapes; nothing is computed.
+    ``T``, ``d_in``, ``d_out`` (None for the per-parameter form; for an embedding, d_in is the
+    vocabulary), and for kernels the two costs the choice compares, in multiply-adds for the
+    whole batch: ``gram_cost`` = B T^2 (d_in + d_out) and ``direct_cost`` = B T d_in d_out (an
+    embedding takes its formula when T^2 < 8 V). Only traces shapes; nothing is computed.
     """
     names = leaf_names(params)
     rows = []
@@ -1020,8 +1021,8 @@ def explain(plan: GhostPlan, params: PyTree, batch: int) -> list[dict]:
                 "T": t,
                 "d_in": d_in,
                 "d_out": d_out,
-                "gram_cost": None if t is None else batch * t * t * (d_in + d_out),
-                "direct_cost": None if t is None else batch * t * d_in * d_out,
+                "gram_cost": None if t is None or found["form"] == "embedding" else batch * t * t * (d_in + d_out),
+                "direct_cost": None if t is None or found["form"] == "embedding" else batch * t * d_in * d_out,
             }
         )
     return rows
