@@ -64,7 +64,9 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (one block per implementation)")
     parser.add_argument("--min-block-s", type=float, default=0.5, help="steps per block: about this many seconds")
-    parser.add_argument("--refs", nargs="+", default=["jax_privacy", "optax", "opacus"], choices=list(refs.REFERENCES))
+    parser.add_argument(
+        "--refs", nargs="+", default=["jax_privacy", "optax", "opacus", "opacus_ghost"], choices=list(refs.REFERENCES)
+    )
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bench_refs.json"))
     args = parser.parse_args()
 

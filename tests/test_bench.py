@@ -245,3 +245,24 @@ def test_redirected_bench_prints_lines_not_a_bar(tmp_path):
     assert any(line.startswith("jaxdp bench: [1/1] mlp, batch 16: compiling, then timing") for line in lines), stderr
     assert any(line.startswith("jaxdp bench: [1/1] mlp, batch 16: done in ") for line in lines), stderr
     assert "| mlp | 2,410 | 16 | vmap |" in stdout
+
+
+def test_the_accelerator_suite_runs_its_grid_here_on_a_tiny_model(tmp_path, capsys):
+    """`make bench-gpu` = `jaxdp bench --accelerator`: on a GPU, WRN-16-4 and the transformer at batch 1024, epsilon
+    1 and 8, auto beside vmap, no accuracy or scale-out. Here the same suite on a tiny grid (CPU)."""
+    from jaxdp.bench import ACCELERATOR_SUITE
+    from jaxdp.cli import main
+
+    assert ACCELERATOR_SUITE["models"] == ("wrn16_4", "transformer") and ACCELERATOR_SUITE["batch_sizes"] == (1024,)
+    argv = ["bench", "--accelerator", "--models", "mlp", "--batch-sizes", "16", "--repeats", "1", "--in-process"]
+    assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| mlp | 2,410 | 16 | auto (ghost) |" in out and "| mlp | 2,410 | 16 | vmap |" in out, out
+    assert "| 1 | " in out and "| 8 | " in out and "| 2 | " not in out  # epsilon 1 and 8 only
+    assert "not run" in out  # no accuracy runs
+    with open(tmp_path / "bench.json") as f:
+        run = json.load(f)
+    assert run["scale"] == [] and run["complete"] is True  # no device scale-out
+    assert {(r["model"], r["batch"]) for r in run["rows"]} == {("mlp", 16)}
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Makefile")) as f:
+        assert "jaxdp bench --accelerator" in f.read()

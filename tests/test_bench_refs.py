@@ -51,6 +51,11 @@ def test_missing_package_is_a_clear_import_error(monkeypatch, name):
         refs.REFERENCES[name]("mnist_cnn", 4, 1)
 
 
+def test_an_unknown_opacus_mode_is_named():
+    with pytest.raises(ValueError, match="mode='ew'.*'hooks' or 'ghost'"):
+        refs.build_opacus("mnist_cnn", 4, mode="ew")
+
+
 def test_unknown_and_pending_models_are_named():
     with pytest.raises(ValueError, match="model_name='resnet50'.*mnist_cnn"):
         refs.REFERENCES["optax"]("resnet50", 4, 1)
@@ -89,11 +94,13 @@ def test_jax_privacy_clipped_sum_equals_jaxdp(model_name):
     _assert_trees_close(theirs, _jaxdp_sum(loss_fn, params, x, y))
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("model_name", ["mnist_cnn", "tiny_wrn"])
 @pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning")
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
-def test_opacus_twin_clipped_sum_equals_jaxdp(model_name):
-    """Opacus on the PyTorch twin, σ = 0 and lr = 1: the parameter change is -(clipped sum) / batch."""
+def test_opacus_twin_clipped_sum_equals_jaxdp(model_name, mode):
+    """Opacus on the PyTorch twin (hook or ghost mode), σ = 0 and lr = 1: the parameter change is
+    -(clipped sum) / batch."""
     torch = pytest.importorskip("torch")
     opacus = pytest.importorskip("opacus")
     from jaxdp.bench import torch_ref
@@ -109,15 +116,19 @@ def test_opacus_twin_clipped_sum_equals_jaxdp(model_name):
     yt = torch.from_numpy(np.asarray(y).astype(np.int64))
     before = {k: v.detach().clone() for k, v in twin.named_parameters()}
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xt, yt), batch_size=len(xt))
-    model, optimizer, _ = opacus.PrivacyEngine().make_private(
+    made = opacus.PrivacyEngine().make_private(
         module=twin,
         optimizer=torch.optim.SGD(twin.parameters(), lr=1.0),
         data_loader=loader,
+        criterion=torch.nn.CrossEntropyLoss(),
         noise_multiplier=0.0,
         max_grad_norm=CLIP,
         poisson_sampling=False,
+        grad_sample_mode=mode,
     )
-    torch.nn.functional.cross_entropy(model(xt), yt).backward()
+    model, optimizer = made[0], made[1]
+    criterion = made[2] if mode == "ghost" else torch.nn.CrossEntropyLoss()
+    criterion(model(xt), yt).backward()
     optimizer.step()
     after = dict(twin.named_parameters())
     theirs = {k: ((before[k] - after[k].detach()) * len(xt)).numpy() for k in before}

@@ -19,10 +19,11 @@ line and the scripts in ``benchmarks/`` do). Its modules:
 from jaxdp.bench.measure import measure_config, references
 from jaxdp.bench.models import DEFAULT_MODELS, MODELS, ModelSpec
 from jaxdp.bench.report import flat_rows, render_markdown
-from jaxdp.bench.suite import DEFAULT_EPSILONS, BenchError, calibrate, run_bench
+from jaxdp.bench.suite import ACCELERATOR_SUITE, DEFAULT_EPSILONS, BenchError, calibrate, run_bench
 from jaxdp.bench.timing import Timing, time_interleaved, time_per_call
 
 __all__ = [
+    "ACCELERATOR_SUITE",
     "DEFAULT_EPSILONS",
     "DEFAULT_MODELS",
     "MODELS",

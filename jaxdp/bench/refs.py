@@ -13,6 +13,8 @@ inputs as jaxdp: per-example gradients, clipping to C = 1, one Gaussian noise dr
   layers, shapes and parameter count; GroupNorm, weight-standardised convs) made
   private with Opacus's ``PrivacyEngine`` (hooks mode, flat clipping),
   ``torch.set_num_threads`` set to the cores JAX uses.
+* ``opacus_ghost``: the same with ``grad_sample_mode="ghost"`` (Opacus's fast gradient
+  clipping: norms from hooks, then a second backward pass of the rescaled loss).
 
 The models are those of :data:`REFERENCE_MODELS` in :data:`jaxdp.bench.models.MODELS`
 (the ones with a PyTorch twin), on :func:`jaxdp.bench.models.random_batch` inputs.
@@ -212,8 +214,17 @@ def build_optax(model_name: str, batch: int, *, seed: int = 0) -> Runner:
     return _optax_runner("optax", p_step, params, tx, x, y, notes)
 
 
-def build_opacus(model_name: str, batch: int, *, seed: int = 0, threads: int | None = None) -> Runner:
-    """The PyTorch twin of the model made private by Opacus's ``PrivacyEngine`` (hooks, flat clipping)."""
+def build_opacus(
+    model_name: str, batch: int, *, seed: int = 0, threads: int | None = None, mode: str = "hooks"
+) -> Runner:
+    """The PyTorch twin of the model made private by Opacus's ``PrivacyEngine`` (flat clipping).
+
+    ``mode``: Opacus's ``grad_sample_mode``: ``"hooks"`` (per-sample gradients from hooks) or
+    ``"ghost"`` (its fast gradient clipping: per-sample norms from hooks, then a second backward
+    pass of the rescaled loss).
+    """
+    if mode not in ("hooks", "ghost"):
+        raise ValueError(f"mode={mode!r}: Opacus's grad_sample_mode here is 'hooks' or 'ghost'.")
     torch = _require("torch", "torch")
     opacus = _require("opacus", "opacus")
     from jaxdp.bench import torch_ref
@@ -229,19 +240,24 @@ def build_opacus(model_name: str, batch: int, *, seed: int = 0, threads: int | N
     y = torch.from_numpy(y_np.astype(np.int64))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    criterion = torch.nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         # secure_mode=False (Opacus's default, its fast path) warns once at construction.
         warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
         engine = opacus.PrivacyEngine()
-        model, optimizer, _ = engine.make_private(
+        made = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
+            criterion=criterion,
             noise_multiplier=NOISE_MULTIPLIER,
             max_grad_norm=L2_CLIP,
             poisson_sampling=False,  # we feed the same fixed batch; the step's work is unchanged
+            grad_sample_mode=mode,
         )
-    criterion = torch.nn.CrossEntropyLoss()
+    model, optimizer = made[0], made[1]
+    if mode == "ghost":  # its criterion wraps the two backward passes
+        criterion = made[2]
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -255,13 +271,18 @@ def build_opacus(model_name: str, batch: int, *, seed: int = 0, threads: int | N
 
     compile_s = _first_call(step)
     return Runner(
-        "opacus",
+        "opacus" if mode == "hooks" else "opacus_ghost",
         step,
         batch,
         sum(p.numel() for p in model.parameters()),
         compile_s,
-        f"opacus {opacus.__version__}, torch {torch.__version__}, {threads} threads",
+        f"opacus {opacus.__version__} ({mode}), torch {torch.__version__}, {threads} threads",
     )
+
+
+def build_opacus_ghost(model_name: str, batch: int, *, seed: int = 0, threads: int | None = None) -> Runner:
+    """Opacus with ``grad_sample_mode="ghost"`` (its fast gradient clipping), else as :func:`build_opacus`."""
+    return build_opacus(model_name, batch, seed=seed, threads=threads, mode="ghost")
 
 
 BUILDERS: dict[str, Callable[..., Runner]] = {
@@ -269,6 +290,7 @@ BUILDERS: dict[str, Callable[..., Runner]] = {
     "jax_privacy": build_jax_privacy,
     "optax": build_optax,
     "opacus": build_opacus,
+    "opacus_ghost": build_opacus_ghost,
 }
 
 
@@ -302,4 +324,5 @@ REFERENCES: dict[str, Callable[[str, int, int], dict]] = {
     "jax_privacy": _measure(build_jax_privacy),
     "optax": _measure(build_optax),
     "opacus": _measure(build_opacus),
+    "opacus_ghost": _measure(build_opacus_ghost),
 }

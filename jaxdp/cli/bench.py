@@ -9,7 +9,7 @@ def run(args) -> int:
     """``jaxdp bench``: run the grid of parsed arguments; bad arguments are one line, exit 2."""
     import os
 
-    from jaxdp.bench import DEFAULT_MODELS, MODELS, BenchError, run_bench
+    from jaxdp.bench import ACCELERATOR_SUITE, DEFAULT_EPSILONS, DEFAULT_MODELS, MODELS, BenchError, run_bench
 
     if args.data_dir:  # read by jaxdp.bench.models here and in every measuring subprocess
         os.environ["TFDS_DATA_DIR"] = os.path.abspath(os.path.expanduser(args.data_dir))
@@ -24,18 +24,38 @@ def run(args) -> int:
             return fail(f"--models {' '.join(unknown)}: not a benchmarked model; choose from {', '.join(MODELS)}.")
         print(explain_markdown(args.models or DEFAULT_MODELS, args.batch_sizes, full=args.full))
         return 0
+    # Options left out take the grid's defaults: the accelerator suite's with --accelerator.
+    suite = ACCELERATOR_SUITE if args.accelerator else {}
+    given = {
+        "models": args.models,
+        "batch_sizes": args.batch_sizes,
+        "epsilons": args.epsilons,
+        "devices": args.devices,
+        "epochs": args.epochs,
+        "out_dir": args.out,
+    }
+    grid = {k: (v if v is not None else suite.get(k)) for k, v in given.items()}
+    if args.accelerator:
+        import jax
+
+        if jax.default_backend() == "cpu" and args.models is None:
+            print(
+                "jaxdp bench --accelerator: no GPU or TPU here (backend cpu); WRN-16-4 at batch 1024 takes very "
+                "long on a CPU. A tiny grid: --models mlp --batch-sizes 16",
+                flush=True,
+            )
     try:
         run_bench(
-            models=args.models or DEFAULT_MODELS,
-            batch_sizes=args.batch_sizes,
-            epsilons=args.epsilons,
+            models=grid["models"] or DEFAULT_MODELS,
+            batch_sizes=grid["batch_sizes"],
+            epsilons=grid["epsilons"] or DEFAULT_EPSILONS,
             delta=args.delta,
             accountant=args.accountant,
             clipping_impl=args.clipping_impl,
-            devices=args.devices,
-            out_dir=args.out,
+            devices=grid["devices"] if grid["devices"] is not None else (1, 2, 4, 8),
+            out_dir=grid["out_dir"] or "benchmarks/out",
             full=args.full,
-            epochs=args.epochs,
+            epochs=grid["epochs"],
             repeats=args.repeats,
             isolate=not args.in_process,
             progress=not args.no_progress,

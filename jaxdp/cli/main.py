@@ -133,11 +133,18 @@ def _parser() -> argparse.ArgumentParser:
         "(7 stages, one line each as it starts and ends); the mlp-only grid took 74 s on 2 busy CPU cores",
     )
     size.add_argument("--full", action="store_true", help="more batch sizes, epochs and timing repeats")
+    size.add_argument(
+        "--accelerator",
+        action="store_true",
+        help="the accelerator suite (make bench-gpu): WRN-16-4 and the transformer at batch 1024, epsilon 1 and 8, "
+        "auto beside vmap, no accuracy runs or scale-out, to benchmarks/out/accelerator; any option given "
+        "overrides it (a tiny grid: --models mlp --batch-sizes 16)",
+    )
     bench.add_argument(
         "--models", nargs="+", default=None, help="mnist_cnn, wrn16_4, transformer (default) and/or mlp (tiny)"
     )
     bench.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: per model, quick or full")
-    bench.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 2.0, 4.0, 8.0])
+    bench.add_argument("--epsilons", nargs="+", type=float, default=None, help="default: 1 2 4 8")
     bench.add_argument("--delta", type=float, default=1e-5)
     bench.add_argument("--accountant", default="rdp", help="accountant used to calibrate sigma (default rdp)")
     bench.add_argument(
@@ -147,11 +154,11 @@ def _parser() -> argparse.ArgumentParser:
         help="clipping implementations timed side by side (default: auto vmap; the first trains the accuracy runs)",
     )
     bench.add_argument(
-        "--devices", nargs="*", type=int, default=[1, 2, 4, 8], help="forced CPU device counts (none: skip)"
+        "--devices", nargs="*", type=int, default=None, help="forced CPU device counts (default 1 2 4 8; none: skip)"
     )
     bench.add_argument("--epochs", type=int, default=None, help="epochs of each accuracy run (0: no accuracy runs)")
     bench.add_argument("--repeats", type=int, default=None, help="interleaved timing blocks (default 5, --full 9)")
-    bench.add_argument("--out", default="benchmarks/out", help="output folder (default benchmarks/out)")
+    bench.add_argument("--out", default=None, help="output folder (default benchmarks/out)")
     bench.add_argument(
         "--data_dir",
         "--data-dir",
