@@ -46,8 +46,9 @@ def explain_markdown(models: Sequence[str], batch_sizes: Sequence[int] | None, f
                 f"### {name}, batch {batch}: ghost path (`auto` takes it)",
                 "",
                 "Costs: multiply-adds for the batch, B·T²·(d_in + d_out) for the Gram form and B·T·d_in·d_out for "
-                "the direct form; the cheaper is taken (Gram only when strictly cheaper). An embedding's d_in is its "
-                "vocabulary V; its token-match formula is taken when T² < 8·V.",
+                "the direct form; the Gram form is taken when twice its cost is below the direct one's (its "
+                "rounding bound and scaling cost about as much again). An embedding's d_in is its vocabulary V; its "
+                "token-match formula is taken when T² < 8·V.",
                 "",
                 "| parameter | op | form | T | d_in | d_out | Gram cost | direct cost |",
                 "|---|---|---|---:|---:|---:|---:|---:|",

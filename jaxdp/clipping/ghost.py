@@ -582,13 +582,21 @@ def _layout_of(site: _Site):
     return _dense_layout if site.eqn.primitive.name == "dot_general" else _conv_layout
 
 
+# The Gram form also scales X and G, forms Q and the rounding bound and carries the fallback: counted
+# twice against the direct form. Measured (benchmarks/profile_ghost.py's timer, 2 CPU cores, side by side):
+# a factor of 2 instead of 1 took the transformer (batch 256) from 0.68 to 0.76 of the non-private
+# gradient's speed and the DP MNIST CNN from 0.71 to 0.77 (their T = 25-32 Gram sites go direct); WRN-16-4
+# (batch 32) stayed at 0.74; 1.5 measured as 2, 4 and 0.5 worse.
+_GRAM_OVERHEAD = 2
+
+
 def _choose_form(site: _Site, operands, g):
     """How a site's per-example norms are taken: ``(form, layout, (T, d_in, d_out) or None)``.
 
-    ``form``, from the shapes (Bu et al.'s rule: the T x T Gram matrices, 2 T^2 numbers per
-    example against the d_in x d_out gradient):
+    ``form``, from the shapes (Bu et al.'s rule, the Gram form's B T^2 (d_in + d_out) multiply-adds
+    against the direct form's B T d_in d_out, with the Gram side counted :data:`_GRAM_OVERHEAD` times):
 
-    * ``"gram"``: a dense or conv kernel, ``T (d_in + d_out) < d_in d_out``: ``<X X^T, G G^T>``;
+    * ``"gram"``: a dense or conv kernel, ``2 T (d_in + d_out) < d_in d_out``: ``<X X^T, G G^T>``;
     * ``"ws_gram"``: the same for a weight-standardised kernel (:func:`_ws_gram_norms`);
     * ``"direct"``: a dense or conv kernel otherwise (or standardised with channels not last):
       each example's X^T G, formed and kept for the sum;
@@ -607,7 +615,7 @@ def _choose_form(site: _Site, operands, g):
             pieces, gm = layout
             dims = (gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2])
             t, d_in, d_out = dims
-            if t * (d_in + d_out) < d_in * d_out:
+            if _GRAM_OVERHEAD * t * (d_in + d_out) < d_in * d_out:
                 if ws is None:
                     return "gram", layout, dims
                 if _ws_channels_match(site, d_in, d_out):
