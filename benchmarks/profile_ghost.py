@@ -40,7 +40,7 @@ def constant_norms(forms):
     original = ghost.site_norms
 
     def stub(site, leaf_value, operands, g, mask=None):
-        ops = operands[:-1] if ghost._reparam_index(site.chain) is not None else operands
+        ops = operands[:-1] if site.keeps_output else operands
         if ghost._choose_form(site, ops, g)[0] in forms:
             ones = jnp.ones((g.shape[0],), jnp.float32)
             return ones, ones, None, None

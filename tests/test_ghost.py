@@ -640,6 +640,28 @@ def test_ghost_products_run_at_highest_precision_whatever_the_default(t):
     np.testing.assert_allclose(g_ghost, g_vmap, rtol=2e-4, atol=1e-6)
 
 
+def test_a_standardised_kernels_recorded_output_and_gram_products_run_at_highest_precision():
+    """The Gram form through weight standardisation takes <g', w'> from the layer's own output Z = X W': that
+    product (and the per-channel Gram products) run at HIGHEST under a low default matmul precision."""
+    d_in, d_out, n, t = 48, 40, 4, 3
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(d_in, d_out)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(n, t, d_in)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(n, t, d_out)), jnp.float32)
+
+    def loss(w, x, y):
+        return jnp.mean((x @ weight_standardize(w) - y) ** 2)
+
+    with jax.default_matmul_precision("bfloat16"):
+        fn = jaxdp.clipped_grad(loss, l2_clip_norm=0.1, clipping_impl="ghost")
+        dots = _dot_precisions(jax.make_jaxpr(fn)(w, x, y).jaxpr, [])
+        g_ghost, _ = jax.jit(fn)(w, x, y)
+    outputs = [p for shape, p in dots if shape[-2:] == (t, d_out)]  # Z = X W' (the probed forward) and K G
+    assert len(outputs) >= 2 and all(p == (jax.lax.Precision.HIGHEST,) * 2 for p in outputs), dots
+    g_vmap, _ = jaxdp.clipped_grad(loss, l2_clip_norm=0.1, clipping_impl="vmap")(w, x, y)
+    np.testing.assert_allclose(g_ghost, g_vmap, rtol=WS_RTOL, atol=1e-6)
+
+
 def test_tiny_inputs_against_huge_output_gradients_stay_within_the_bound():
     """x ~ 1.3e-20 against output gradients ~ 1.5e18 (finite loss): unscaled, every square flushed to zero
     and the bound was 0, so one example contributed 20 C (review II). Each example's X and G are now scaled by

@@ -172,6 +172,9 @@ class _Site:
     out_shape: tuple
     out_dtype: Any
     literals: dict = field(default_factory=dict)  # operand position -> literal value (or _Zeros)
+    # The consumer's output is recorded too (last among the operands): a standardised kernel on the
+    # Gram form needs it (see _ws_gram_norms); decided from the shapes when the site is found.
+    keeps_output: bool = False
 
 
 def _inner(eqn):
@@ -322,22 +325,28 @@ class _Interpreter:
         if tag.leaf in self.used:
             self._refuse(tag, f"used twice (by `{self.used[tag.leaf]}` and `{eqn.primitive.name}`: shared weights)")
         self.used[tag.leaf] = eqn.primitive.name
-        standardised = _reparam_index(tag.chain) is not None
-        # A standardised kernel's norm formula uses this output (exactly X W'): computed at HIGHEST, so
-        # that its rounding is that of its operands' dtype (see _ws_gram_norms).
-        (out,) = _bind(eqn, vals, precise=standardised)
         k = len(self.operands)
         # A sum's gradient does not depend on the other addend: keep its shape, not its value.
         shape_only = eqn.primitive.name in ("add", "sub")
+        recorded = (
+            () if shape_only else [i for i, v in enumerate(eqn.invars) if i != pos and not isinstance(v, jcore.Literal)]
+        )
         if self.probes is None:
             literals = {i: v.val for i, v in enumerate(eqn.invars) if isinstance(v, jcore.Literal)}
             if shape_only:
                 literals.update({i: _Zeros(v.aval.shape, v.aval.dtype) for i, v in enumerate(eqn.invars) if i != pos})
-            self.sites.append(_Site(tag.leaf, tag.chain, eqn, pos, tuple(out.shape), out.dtype, literals))
-        recorded = (
-            () if shape_only else [i for i, v in enumerate(eqn.invars) if i != pos and not isinstance(v, jcore.Literal)]
-        )
-        self.operands.append([vals[i] for i in recorded] + ([out] if standardised else []))
+            aval = eqn.outvars[0].aval
+            site = _Site(tag.leaf, tag.chain, eqn, pos, tuple(aval.shape), aval.dtype, literals)
+            if _reparam_index(tag.chain) is not None:  # the form from the shapes (one example stands for all)
+                ops = [jnp.expand_dims(vals[i], 0) for i in recorded]
+                form = _choose_form(site, ops, jnp.zeros((1, *aval.shape), aval.dtype))[0]
+                site.keeps_output = form == "ws_gram"
+            self.sites.append(site)
+        keep = self.sites[k].keeps_output
+        # That output (exactly X W') is then computed at HIGHEST, so that its rounding is that of its
+        # operands' dtype whatever matmul precision is in force (see _ws_gram_norms).
+        (out,) = _bind(eqn, vals, precise=keep)
+        self.operands.append([vals[i] for i in recorded] + ([out] if keep else []))
         if self.probes is not None:
             out = out + self.probes[k]
         return [out]
@@ -649,8 +658,7 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
     equals the vmap path's. Where the gradient is materialised (a kernel's direct X^T G, or
     the general path), it is returned and summed as is, like the vmap path: no slack needed.
     """
-    ws = _reparam_index(site.chain)
-    if ws is not None:  # a standardised kernel: its consumer's output was recorded last (see _Interpreter._site)
+    if site.keeps_output:  # a standardised kernel on the Gram form: its consumer's output was recorded last
         operands, z = operands[:-1], operands[-1]
     form, layout, _ = _choose_form(site, operands, g)
     if form in ("gram", "ws_gram", "direct"):
@@ -660,6 +668,8 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
         if form == "gram":
             return _gram_norms(site, leaf_value, pieces, gm, u, mask)
         if form == "ws_gram":
+            if not site.keeps_output:  # decided from the same shapes when the site was found
+                raise AssertionError("ghost clipping: a standardised Gram site without its recorded output")
             zm = _f32(_layout_of(site)(site, operands[0], z)[1])
             return _ws_gram_norms(site, leaf_value, pieces, gm, zm, u, mask)
         # Direct: the example's gradient X^T G itself, no larger than its X and G (see _choose_form).
