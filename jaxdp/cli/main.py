@@ -4,7 +4,8 @@ jaxdp train --config configs/NAME.py[:arg] [key=value ...] [--resume | --overwri
 jaxdp account --sampling-rate Q (--noise-multiplier S | --target-epsilon E | --target-tpr T) --steps N
 jaxdp audit --config configs/NAME.py[:arg] [key=value ...] [--canaries M] [--confidence 0.95] [--test both|epsilon|fdp]
 jaxdp data prepare NAME --data_dir DIR [--source FILES_DIR] [--no_verify]
-jaxdp bench [--quick | --full] [--models ...] [--batch-sizes ...] [--epsilons 1 2 4 8] [--devices 1 2 4 8] [--out DIR]
+jaxdp bench [--quick | --full | --accelerator] [--models ...] [--batch-sizes ...] [--epsilons 1 2 4 8] [--devices 1 2 4 8]
+            [--out DIR] [--explain]
 """
 
 from __future__ import annotations
