@@ -39,7 +39,7 @@ where the per-example gradient was formed for its norm, the weighted sum of thos
 Soundness is checked, not assumed: each parameter leaf must reach exactly one such
 operation through shape-only steps (reshape, transpose, broadcast, dtype casts,
 nested ``jit``) and at most once through jaxdp's weight standardisation (recognised by
-its source, with a constant eps), with the other operand free of parameters. Any other
+its source and its body, with a constant eps > 0), with the other operand free of parameters. Any other
 use (shared weights, a standardisation written inline, a parameter in a nonlinearity or
 in the loss itself, control flow) makes the model *not covered*: ``"ghost"`` raises
 :class:`GhostUnsupported` naming the parameter and the operation, and ``"auto"``
@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdp.clipping.core import ChunkSum, clip_factors, scaled_sum
+from jaxdp.clipping.reparam import standardize_kernel
 
 PyTree = Any
 
@@ -108,9 +109,9 @@ _EXACT_RULES = {
     (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "_conv.py"), "conv_same"),
 }
 # Reparametrisations of a parameter that ghost clipping verifies and takes norms through (its own
-# formula below, :func:`_ws_gram_norms`): the project's weight standardisation, identified by source.
+# formula below, :func:`_ws_gram_norms`): weight standardisation, identified by source and by body.
 _REPARAMS = {
-    (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "_nets.py"), "_standardize"),
+    (os.path.join(os.path.dirname(os.path.abspath(__file__)), "reparam.py"), "standardize_kernel"),
 }
 _CALLS = {
     "jit",
@@ -204,8 +205,23 @@ def _exact_rule(eqn) -> bool:
 
 
 def _is_reparam(eqn) -> bool:
-    """Whether a ``jit`` call is the verified weight standardisation (:data:`_REPARAMS`)."""
-    return eqn.primitive.name in ("jit", "pjit") and _source(eqn) in _REPARAMS
+    """Whether a ``jit`` call is the verified weight standardisation (:data:`_REPARAMS`): its source, and a body
+    equal to a fresh trace of :func:`jaxdp.clipping.reparam.standardize_kernel` on the call's input. A
+    batched call (under ``jax.vmap``: statistics per slice, not over every axis but the last) differs and
+    is then analysed as any other call (its reductions are refused)."""
+    if eqn.primitive.name not in ("jit", "pjit") or _source(eqn) not in _REPARAMS or len(eqn.invars) != 2:
+        return False
+    k, eps = (v.aval for v in eqn.invars)
+    body = _standardize_program(tuple(k.shape), k.dtype, eps.dtype, bool(getattr(eps, "weak_type", False)))
+    return str(_inner(eqn)[0]) == body
+
+
+@functools.lru_cache(maxsize=64)
+def _standardize_program(shape, dtype, eps_dtype, eps_weak) -> str:
+    traced = jax.make_jaxpr(standardize_kernel.__wrapped__)(
+        jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((), eps_dtype, weak_type=eps_weak)
+    )
+    return str(traced.jaxpr)
 
 
 def _bind(eqn, invals, precise: bool = False):
@@ -315,8 +331,12 @@ class _Interpreter:
         if not all(e.primitive.name in _NORM_KEEPING and not isinstance(e, _Reparam) for e in t.chain):
             self._refuse(t, "weight-standardised after a step other than a relayout (or standardised twice)")
         eps_value = float(eps.val)
-        if not (math.isfinite(eps_value) and eps_value >= 0):
-            self._refuse(t, f"weight-standardised with eps={eps_value}; use a finite eps >= 0")
+        if not (math.isfinite(eps_value) and eps_value > 0):
+            self._refuse(
+                t,
+                f"weight-standardised with eps={eps_value}; ghost clipping needs a finite eps > 0 (with eps = 0 a "
+                "constant channel's derivative is not finite, and the clipped sum would carry its NaN)",
+            )
         outs = _bind(eqn, vals)
         return outs, [_Tag(t.leaf, (*t.chain, _Reparam(eqn, eps.val)))]
 
@@ -783,7 +803,7 @@ def _trusted_or_direct(site: _Site, leaf_value, pieces, gm, sq, bound, finite, m
 
     def direct_norms():
         exact = jax.lax.map(lambda i: jnp.sum(jnp.square(_f32(gradient(i)))), jnp.arange(gm.shape[0]))
-        return exact, exact
+        return exact.astype(sq.dtype), exact.astype(bound.dtype)
 
     sq, bound = jax.lax.cond(use, direct_norms, lambda: (sq, bound))
 
@@ -1171,7 +1191,11 @@ def chunk(
             # The weighted backward runs outside the cond, and is discarded when fb.use: inside a cond
             # branch XLA's CPU backend ran WRN-16-4's weight-gradient convolutions ~4x slower.
             backward = weighted_backward(k, site, w)
-            total_k = jax.lax.cond(fb.use, functools.partial(fb.weighted_sum, w, keep), lambda b=backward: b)
+            total_k = jax.lax.cond(
+                fb.use,
+                lambda b=backward, fb=fb, w=w: fb.weighted_sum(w, keep).astype(b.dtype),
+                lambda b=backward: b,
+            )
         else:
             total_k = weighted_backward(k, site, jnp.where(keep, factors[site.leaf], 0.0))
         summed[site.leaf] = total_k.astype(summed[site.leaf].dtype)

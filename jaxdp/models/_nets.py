@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdp.clipping.reparam import standardize_kernel
 from jaxdp.models._conv import DPConv, conv_same
 
 
@@ -31,18 +32,12 @@ def weight_standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
     """(k − mean) / sqrt(var + eps) per output channel (last axis), statistics over all other axes.
 
     Ghost clipping (:mod:`jaxdp.clipping.ghost`) recognises this function, called with a constant
-    ``eps``, as a verified reparametrisation of the kernel it standardises, and takes per-example
+    ``eps > 0`` on one kernel (not under ``jax.vmap``), as a verified reparametrisation of the kernel it standardises, and takes per-example
     norms through it without per-example gradients; the same formula written inline is refused
-    there (and ``auto`` uses the vmap path).
+    there (and ``auto`` uses the vmap path), and so is ``eps = 0`` (a constant channel's derivative is
+    not finite). The body is :func:`jaxdp.clipping.reparam.standardize_kernel`.
     """
-    return _standardize(kernel, eps)
-
-
-@jax.jit
-def _standardize(kernel: jax.Array, eps) -> jax.Array:
-    """The body of :func:`weight_standardize`, one ``jit`` call that ghost clipping identifies by its source."""
-    axes = tuple(range(kernel.ndim - 1))
-    return (kernel - kernel.mean(axis=axes, keepdims=True)) / jnp.sqrt(kernel.var(axis=axes, keepdims=True) + eps)
+    return standardize_kernel(kernel, eps)
 
 
 class MLP(nnx.Module):
