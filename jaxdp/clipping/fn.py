@@ -223,8 +223,12 @@ class ClippedGradFn:
 
         Only traces (abstractly); nothing is computed.
         """
+        return self._coverage(params, batch)[1]
+
+    def _coverage(self, params: PyTree, batch) -> tuple[GhostPlan | None, str | None]:
+        """(the analysed plan, None) when the ghost path covers this loss, else (None, why not)."""
         if self.example_grad is not None:
-            return "a custom example_grad estimator is set"
+            return None, "a custom example_grad estimator is set"
         batched_nums = batch_argnums(self.batch_argnums, len(batch))
         try:
             plan = ghost.analyse_loss(self._example_loss(batched_nums), params, batched_nums, batch)
@@ -232,17 +236,16 @@ class ClippedGradFn:
                 plan, params, batched_nums, batch, l2_clip_norm=self.l2_clip_norm, per_layer=self.per_layer
             )
         except GhostUnsupported as e:
-            return str(e)
-        return None
+            return None, str(e)
+        return plan, None
 
     def explain_ghost(self, params: PyTree, *batch: Any) -> list[dict] | str:
         """Per parameter use, how the ghost path takes its norms (:func:`jaxdp.clipping.ghost.explain`), or why
         the ghost path does not cover this loss (what ``"auto"`` logs before it uses vmap). Only traces."""
-        why = self.ghost_coverage(params, *batch)
+        plan, why = self._coverage(params, batch)
         if why is not None:
             return why
         batched_nums = batch_argnums(self.batch_argnums, len(batch))
-        plan = ghost.analyse_loss(self._example_loss(batched_nums), params, batched_nums, batch)
         size = jax.tree_util.tree_leaves(batch[batched_nums[0] - 1])[0].shape[0]
         return ghost.explain(plan, params, min(size, self.microbatch_size or size))  # one chunk's costs
 

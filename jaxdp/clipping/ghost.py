@@ -140,10 +140,15 @@ class _Tag:
 
 @dataclass(frozen=True)
 class _Reparam:
-    """A step of a tag's chain: the verified weight standardisation ``eqn`` (a ``jit`` call) with constant ``eps``."""
+    """A step of a tag's chain: the verified weight standardisation ``eqn`` (a ``jit`` call; its eps a literal)."""
 
     eqn: Any
-    eps: Any
+
+    @property
+    def eps(self):
+        """The eps literal, (value, dtype)."""
+        v = self.eqn.invars[1]
+        return v.val, v.aval.dtype
 
     @property
     def primitive(self):
@@ -325,10 +330,11 @@ class _Interpreter:
     def _reparam(self, eqn, vals, intags, tagged):
         """The verified weight standardisation of one parameter leaf, ``eps`` a constant: a step of its chain."""
         t = intags[tagged[0]]
-        eps = eqn.invars[1] if len(eqn.invars) == 2 else None
+        eps = eqn.invars[1]  # _is_reparam checked there are two inputs
         if tagged != [0] or not isinstance(eps, jcore.Literal):
             self._refuse(t, "weight-standardised with a non-constant eps or together with another parameter")
-        if not all(e.primitive.name in _NORM_KEEPING and not isinstance(e, _Reparam) for e in t.chain):
+        # (A _Reparam step is a `jit`, never a relayout: a second standardisation fails here too.)
+        if not all(e.primitive.name in _NORM_KEEPING for e in t.chain):
             self._refuse(t, "weight-standardised after a step other than a relayout (or standardised twice)")
         eps_value = float(eps.val)
         if not (math.isfinite(eps_value) and eps_value > 0):
@@ -338,7 +344,7 @@ class _Interpreter:
                 "constant channel's derivative is not finite, and the clipped sum would carry its NaN)",
             )
         outs = _bind(eqn, vals)
-        return outs, [_Tag(t.leaf, (*t.chain, _Reparam(eqn, eps.val)))]
+        return outs, [_Tag(t.leaf, (*t.chain, _Reparam(eqn)))]
 
     def _site(self, eqn, vals, intags, pos):
         tag = intags[pos]
@@ -346,11 +352,8 @@ class _Interpreter:
             self._refuse(tag, f"used twice (by `{self.used[tag.leaf]}` and `{eqn.primitive.name}`: shared weights)")
         self.used[tag.leaf] = eqn.primitive.name
         k = len(self.operands)
-        # A sum's gradient does not depend on the other addend: keep its shape, not its value.
         shape_only = eqn.primitive.name in ("add", "sub")
-        recorded = (
-            () if shape_only else [i for i, v in enumerate(eqn.invars) if i != pos and not isinstance(v, jcore.Literal)]
-        )
+        recorded = _recorded(eqn, pos)
         if self.probes is None:
             literals = {i: v.val for i, v in enumerate(eqn.invars) if isinstance(v, jcore.Literal)}
             if shape_only:
@@ -372,6 +375,14 @@ class _Interpreter:
         return [out]
 
 
+def _recorded(eqn, pos: int) -> list[int]:
+    """Operand positions a site records (its other, non-literal operands). A sum's gradient does not depend on
+    the other addend: its shape is kept (as a literal :class:`_Zeros`), not its value."""
+    if eqn.primitive.name in ("add", "sub"):
+        return []
+    return [i for i, v in enumerate(eqn.invars) if i != pos and not isinstance(v, jcore.Literal)]
+
+
 def _reparam_index(chain) -> int | None:
     """Position of the weight standardisation in a chain, or None."""
     return next((i for i, e in enumerate(chain) if isinstance(e, _Reparam)), None)
@@ -380,7 +391,7 @@ def _reparam_index(chain) -> int | None:
 def _apply_steps(steps, w):
     for e in steps:
         if isinstance(e, _Reparam):
-            (w,) = _bind(e.eqn, [w, jnp.asarray(e.eps, e.eqn.invars[1].aval.dtype)])
+            (w,) = _bind(e.eqn, [w, jnp.asarray(*e.eps)])
         else:
             (w,) = _bind(e, [w])
     return w
@@ -843,11 +854,12 @@ def _ws_stats(site: _Site, leaf_value):
     ``w' = (k - mean_c) / s_c`` with ``s_c = sqrt(var_c + eps)``, statistics per output channel.
     """
     i = _reparam_index(site.chain)
-    k = _f32(_apply_steps(site.chain[:i], leaf_value))
-    w = _f32(_apply_chain(site, leaf_value))
+    kernel = _apply_steps(site.chain[:i], leaf_value)
+    w = _f32(_apply_steps(site.chain[i:], kernel))
+    k = _f32(kernel)
     axes = tuple(range(k.ndim - 1))
     a = k - jnp.mean(k, axis=axes, keepdims=True)
-    s = jnp.sqrt(jnp.mean(jnp.square(a), axis=axes) + float(site.chain[i].eps))
+    s = jnp.sqrt(jnp.mean(jnp.square(a), axis=axes) + float(site.chain[i].eps[0]))
     return w.reshape(-1, k.shape[-1]), 1.0 / s
 
 
@@ -1035,11 +1047,8 @@ def explain(plan: GhostPlan, params: PyTree, batch: int) -> list[dict]:
     names = leaf_names(params)
     rows = []
     for site in plan.sites:
-        ops = [
-            jax.ShapeDtypeStruct((batch, *v.aval.shape), v.aval.dtype)
-            for i, v in enumerate(site.eqn.invars)
-            if i != site.pos and not isinstance(v, jcore.Literal) and site.eqn.primitive.name not in ("add", "sub")
-        ]
+        avals = [site.eqn.invars[i].aval for i in _recorded(site.eqn, site.pos)]
+        ops = [jax.ShapeDtypeStruct((batch, *a.shape), a.dtype) for a in avals]
         g = jax.ShapeDtypeStruct((batch, *site.out_shape), site.out_dtype)
         found = {}
 
