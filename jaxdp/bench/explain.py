@@ -7,6 +7,7 @@ not cover the model (``auto`` then uses the vmap path).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -59,9 +60,7 @@ def explain_markdown(models: Sequence[str], batch_sizes: Sequence[int] | None, f
                     f"{_count(r['d_in'])} | {_count(r['d_out'])} | {_count(r['gram_cost'])} | "
                     f"{_count(r['direct_cost'])} |"
                 )
-            counts = {}
-            for r in rows:
-                counts[r["form"]] = counts.get(r["form"], 0) + 1
+            counts = collections.Counter(r["form"] for r in rows)
             lines += ["", "Forms: " + ", ".join(f"{_FORMS[k]} × {v}" for k, v in counts.items()), ""]
             out.append("\n".join(lines))
     return "\n".join(out)

@@ -9,7 +9,7 @@ def run(args) -> int:
     """``jaxdp bench``: run the grid of parsed arguments; bad arguments are one line, exit 2."""
     import os
 
-    from jaxdp.bench import ACCELERATOR_SUITE, DEFAULT_EPSILONS, DEFAULT_MODELS, MODELS, BenchError, run_bench
+    from jaxdp.bench import ACCELERATOR_SUITE, DEFAULT_MODELS, MODELS, BenchError, run_bench
 
     if args.data_dir:  # read by jaxdp.bench.models here and in every measuring subprocess
         os.environ["TFDS_DATA_DIR"] = os.path.abspath(os.path.expanduser(args.data_dir))
@@ -34,7 +34,8 @@ def run(args) -> int:
         "epochs": args.epochs,
         "out_dir": args.out,
     }
-    grid = {k: (v if v is not None else suite.get(k)) for k, v in given.items()}
+    # What neither gives is left to run_bench's own defaults.
+    grid = {**suite, **{k: v for k, v in given.items() if v is not None}}
     if args.accelerator:
         import jax
 
@@ -46,16 +47,11 @@ def run(args) -> int:
             )
     try:
         run_bench(
-            models=grid["models"] or DEFAULT_MODELS,
-            batch_sizes=grid["batch_sizes"],
-            epsilons=grid["epsilons"] or DEFAULT_EPSILONS,
+            **grid,
             delta=args.delta,
             accountant=args.accountant,
             clipping_impl=args.clipping_impl,
-            devices=grid["devices"] if grid["devices"] is not None else (1, 2, 4, 8),
-            out_dir=grid["out_dir"] or "benchmarks/out",
             full=args.full,
-            epochs=grid["epochs"],
             repeats=args.repeats,
             isolate=not args.in_process,
             progress=not args.no_progress,
