@@ -7,6 +7,7 @@ parameter use the analysis cannot bound is refused, never approximated.
 """
 
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -248,14 +249,11 @@ def test_parameter_in_the_loss_itself_is_refused():
         _run(regularised, params, x, y, jnp.ones((x.shape[0],)), "ghost")
 
 
-def test_low_precision_and_complex_are_refused():
+def test_eight_bit_floats_and_complex_are_refused():
     loss_fn, params, x, y = problem("mlp")
 
-    def bf16(p, x, y):
-        return loss_fn(jax.tree_util.tree_map(lambda v: v.astype(jnp.bfloat16), p), x.astype(jnp.bfloat16), y)
-
-    with pytest.raises(GhostUnsupported, match="bfloat16"):
-        _run(bf16, params, x, y, jnp.ones((x.shape[0],)), "ghost")
+    with pytest.raises(GhostUnsupported, match="float8_e4m3fn"):
+        _run(_in(jnp.float8_e4m3fn, loss_fn), params, x, y, jnp.ones((x.shape[0],)), "ghost")
 
     def complex_loss(w, x):
         return jnp.mean(jnp.abs(x @ w) ** 2)
@@ -413,10 +411,16 @@ def test_ghost_coverage_says_why_without_computing():
 
 
 def _contributions(fn, *args, n):
-    """Each example's clipped contribution alone (one-hot mask), as the sum's norm."""
+    """Each example's clipped contribution alone (one-hot mask), as the sum's norm (taken in float64: a float32
+    norm of the sum is itself off by ~1e-7 of it)."""
     call = jax.jit(lambda m: fn(*args, example_mask=m)[0])
     return [
-        float(jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree_util.tree_leaves(call(jnp.zeros((n,)).at[i].set(1.0))))))
+        math.sqrt(
+            sum(
+                float(np.sum(np.square(np.asarray(v, np.float64))))
+                for v in jax.tree_util.tree_leaves(call(jnp.zeros((n,)).at[i].set(1.0)))
+            )
+        )
         for i in range(n)
     ]
 
@@ -456,7 +460,7 @@ def test_cancelling_embedding_gradients_stay_within_the_bound():
     assert max(_contributions(fn, jnp.zeros((50, 16)), idx, jnp.asarray(a), b, n=n)) <= 1.0 + 1e-6
 
 
-def test_complex_promotion_and_mixed_precision_are_refused():
+def test_complex_promotion_is_refused_and_a_bfloat16_matmul_with_a_float32_result_equals_vmap():
     w = jnp.ones((8, 4))
     x = jnp.ones((3, 8)) * (1 + 1j)
     with pytest.raises(GhostUnsupported, match="complex64"):
@@ -466,8 +470,13 @@ def test_complex_promotion_and_mixed_precision_are_refused():
         y = jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
         return jnp.mean(y**2)
 
-    with pytest.raises(GhostUnsupported, match="bfloat16"):
-        jaxdp.clipped_grad(mixed, l2_clip_norm=1.0, clipping_impl="ghost")(w, jnp.ones((3, 8)))
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 8)), jnp.float32)
+    (g_v, a_v), (g_g, a_g) = (
+        jaxdp.clipped_grad(mixed, l2_clip_norm=1.0, clipping_impl=impl)(w, x) for impl in ("vmap", "ghost")
+    )
+    assert int(a_g.num_clipped) == int(a_v.num_clipped) > 0
+    np.testing.assert_allclose(np.asarray(g_g), np.asarray(g_v), rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(g_v))))
 
 
 def test_a_custom_derivative_rule_on_a_parameter_is_refused_and_auto_uses_it_via_vmap():
@@ -980,3 +989,144 @@ def test_a_standardised_embedding_table_is_not_given_the_token_match_formula():
     rows = jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).explain_ghost(params, x, y)
     assert next(r for r in rows if "table" in r["parameter"])["form"] == "parameter"
     _assert_ghost_equals_vmap(loss_fn, params, x, y, jnp.ones((6,)).at[3].set(0.0))
+
+
+# -- mixed precision: a model computed in bfloat16 / float16 from float32 parameters ----------------
+
+
+def _in(dtype, loss_fn):
+    """``loss_fn`` computed in ``dtype`` from float32 parameters and inputs (each cast on the way in), its loss in
+    float32: mixed precision as a config's ``model.dtype`` sets it up."""
+
+    def cast(v):
+        return v.astype(dtype) if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v
+
+    def loss(p, *args):
+        args = [jax.tree_util.tree_map(cast, a) for a in args]
+        return loss_fn(jax.tree_util.tree_map(cast, p), *args).astype(jnp.float32)
+
+    return loss
+
+
+def _problem_in(dtype, name):
+    loss_fn, params, x, y = _ws_problem(name) if name in ("wrn", "gn_cnn", "dense") else problem(name)
+    return _in(dtype, loss_fn), params, x, y
+
+
+# The vmap path's per-example gradients are the model's own low-precision products (rounded to bfloat16 or
+# float16); ghost's are formed from the same recorded values in float32: they agree to the low precision.
+MIXED_TOL = {jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
+
+
+@pytest.mark.parametrize(
+    "dtype,name",
+    [(jnp.bfloat16, n) for n in [*PROBLEMS, "wrn", "gn_cnn", "dense"]]
+    + [(jnp.float16, n) for n in ["mlp", "dp_mnist_cnn", "transformer", "dense"]],
+)
+def test_mixed_precision_on_ghost_equals_vmap_with_masks(dtype, name):
+    """bfloat16 / float16 models: ghost covers them, and its clipped sum and norms equal the vmap path's to
+    that precision; a masked example (NaN input) contributes nothing."""
+    loss_fn, params, x, y = _problem_in(dtype, name)
+    n = x.shape[0]
+    mask = jnp.ones((n,)).at[1].set(0.0)
+    x = x.at[1].set(jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    assert jaxdp.clipped_grad(loss_fn, l2_clip_norm=0.5).ghost_coverage(params, x, y) is None
+    g_vmap, a_vmap = _run(loss_fn, params, x, y, mask, "vmap")
+    g_ghost, a_ghost = _run(loss_fn, params, x, y, mask, "ghost")
+    tol = MIXED_TOL[dtype]
+    # Relative to the largest entry anywhere: a bias before a normalisation has a zero gradient, and both
+    # paths give it rounding noise.
+    scale = max(float(jnp.max(jnp.abs(v))) for v in jax.tree_util.tree_leaves(g_vmap))
+    tree_allclose(g_ghost, g_vmap, rtol=tol, atol=tol * scale)
+    keep = np.asarray(mask) > 0
+    np.testing.assert_allclose(np.asarray(a_ghost.norms)[keep], np.asarray(a_vmap.norms)[keep], rtol=tol / 4)
+    assert int(a_ghost.num_clipped) == int(a_vmap.num_clipped) > 0
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(g_ghost))
+
+
+def _mixed_dense_reference(w, b, x, t, dtype, clip):
+    """The clipped sum, one example at a time in float64, of each example's gradient formed from the values the
+    low-precision model records: its input X and output gradient G (both in ``dtype``), X^T G and sum_t G."""
+    total_w, total_b, norms = np.zeros(w.shape), np.zeros(b.shape), []
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1].astype(dtype)
+
+        def loss_of_y(y, i=i):
+            return jnp.sum((y.astype(jnp.float32) - t[i : i + 1]) ** 2)
+
+        y = xi @ w.astype(dtype) + b.astype(dtype)
+        g = np.asarray(jax.grad(loss_of_y)(y)[0], np.float64)  # (T, d_out), in dtype
+        gw, gb = np.asarray(xi[0], np.float64).T @ g, g.sum(0)
+        norm = math.sqrt(float(np.sum(gw**2) + np.sum(gb**2)))
+        norms.append(norm)
+        f = min(1.0, clip / norm)
+        total_w, total_b = total_w + f * gw, total_b + f * gb
+    return total_w, total_b, np.asarray(norms)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("width", [32, 4])  # T = 3 positions: 32 -> the Gram form, 4 -> the direct one
+def test_mixed_precision_ghost_equals_the_float32_products_of_its_recorded_values(dtype, width):
+    """Ghost's clipped sum is formed in float32 from the low-precision values (not rounded to bfloat16 again,
+    as a bfloat16 weighted backward or sum would be): it equals a float64 loop over examples to float32
+    rounding, 100x closer than the low precision's own rounding."""
+    rng = np.random.default_rng(3)
+    # Small integers and quarters: the low-precision forward is exact however XLA sums it, so the loop sees
+    # the very output gradients the model records (random floats gave outputs 1 ulp apart in another order).
+    w = jnp.asarray(rng.integers(-1, 2, size=(width, width)) / 4, jnp.float32)
+    b = jnp.asarray(rng.integers(-2, 3, size=(width,)) / 4, jnp.float32)
+    x = jnp.asarray(rng.integers(-2, 3, size=(8, 3, width)), jnp.float32)
+    t = jnp.asarray(rng.normal(size=(8, 3, width)) * 4, jnp.float32)
+
+    def loss(p, x, t):
+        y = x.astype(dtype) @ p["w"].astype(dtype) + p["b"].astype(dtype)
+        return jnp.sum((y.astype(jnp.float32) - t) ** 2)
+
+    want_w, want_b, norms = _mixed_dense_reference(w, b, x, t, dtype, clip=1.0)
+    assert sum(norms > 1.0) > 0
+    fn = jaxdp.clipped_grad(loss, l2_clip_norm=1.0, clipping_impl="ghost", return_norms=True)
+    got, aux = jax.jit(fn)({"w": w, "b": b}, x, t)
+    np.testing.assert_allclose(np.asarray(aux.norms), norms, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got["w"]), want_w, rtol=1e-4, atol=1e-5 * np.max(np.abs(want_w)))
+    np.testing.assert_allclose(np.asarray(got["b"]), want_b, rtol=1e-4, atol=1e-5 * np.max(np.abs(want_b)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("width", [32, 4])
+@pytest.mark.parametrize("impl", ["ghost", "vmap"])
+def test_mixed_precision_contributions_stay_within_the_bound_under_cancellation(dtype, width, impl):
+    """The float32 cancellation case computed in bfloat16 / float16: the Gram terms cancel, the chunk takes each
+    example's own gradient, and no example contributes more than C on either path (measured in float64)."""
+    loss, w, x, t = _cancelling_dense(1e4 if dtype == jnp.bfloat16 else 1e2, n=16, width=width)
+    fn = jaxdp.clipped_grad(_in(dtype, loss), l2_clip_norm=1.0, clipping_impl=impl)
+    got = _contributions(fn, w, x, t, n=16)
+    assert 0.99 < max(got) <= 1.0 + 1e-7  # clipped examples, none above C
+    assert int(jax.jit(fn)(w, x, t)[1].num_nonfinite) == 0  # nothing dropped
+
+
+@pytest.mark.parametrize("direction", ["ones", "kernel"])
+def test_mixed_precision_standardised_gradients_stay_within_the_bound(direction):
+    """The standardisation's Jacobian removes a huge gradient along 1 or w'_0, in a bfloat16 model: ghost takes the
+    Jacobian of the float32 standardisation (the output it needs formed from the float32 kernel, not the
+    model's bfloat16 one) and no example contributes more than C."""
+    n_in, d_out, t, n = 48, 40, 2, 8
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.normal(size=(n_in, d_out)), jnp.float32)
+    base = np.ones(n_in) if direction == "ones" else np.asarray(weight_standardize(w))[:, 0]
+    x = base[None, None, :] * rng.uniform(0.5, 2, size=(n, t, 1)) + rng.normal(size=(n, t, n_in)) * 1e-3
+    g = np.zeros((n, t, d_out))
+    g[:, :, 0] = rng.normal(size=(n, t)) * 1e4
+    g[:, :, 1:] = rng.normal(size=(n, t, d_out - 1)) * 1e-2
+    args = (w, jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32))
+    for impl in ("ghost", "vmap"):
+        fn = jaxdp.clipped_grad(_in(jnp.bfloat16, _standardised_dense_loss()), l2_clip_norm=1.0, clipping_impl=impl)
+        assert max(_contributions(fn, *args, n=n)) <= 1.0 + 1e-7, impl
+
+
+def test_a_mixed_precision_site_is_bounded_at_float32():
+    """The values are bfloat16, but every product ghost forms from them runs in float32: its rounding is float32's."""
+    loss, w, x, t = _cancelling_dense(1.0, n=2)
+    _, sites, _ = ghost.analyse(_in(jnp.bfloat16, loss), w, (jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t[0]))
+    (site,) = sites
+    assert site.out_dtype == jnp.bfloat16 and ghost._narrow(site)
+    assert ghost.site_roundoff(site, w) == float(jnp.finfo(jnp.float32).eps) / 2

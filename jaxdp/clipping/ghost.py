@@ -155,6 +155,10 @@ class _Reparam:
         return self.eqn.primitive
 
     @property
+    def invars(self):
+        return self.eqn.invars
+
+    @property
     def outvars(self):
         return self.eqn.outvars
 
@@ -229,17 +233,21 @@ def _standardize_program(shape, dtype, eps_dtype, eps_weak) -> str:
     return str(traced.jaxpr)
 
 
-def _bind(eqn, invals, precise: bool = False):
-    """Bind ``eqn`` on ``invals``; ``precise``: a matmul or convolution at ``Precision.HIGHEST``.
+def _bind(eqn, invals, precise: bool = False, wide: bool = False):
+    """Bind ``eqn`` on ``invals``; ``precise``: a matmul or convolution at ``Precision.HIGHEST``;
+    ``wide``: its result type (``preferred_element_type``) at least float32, as :func:`_wide`.
 
     Ghost's own products (the weighted sum and the per-example gradients it forms) run
-    precise, so their rounding is that of their operands' dtype whatever matmul precision is
-    in force (``jax.default_matmul_precision``, TF32 on GPUs, bfloat16 passes on TPUs): the
-    rounding bounds below assume exactly that.
+    precise and wide, on operands widened to float32 or more, so their rounding is that of
+    float32 (or float64) whatever matmul precision is in force (``jax.default_matmul_precision``,
+    TF32 on GPUs, bfloat16 passes on TPUs) and whatever dtype the model computes in
+    (mixed precision): the rounding bounds below assume exactly that.
     """
     bind_params = eqn.primitive.get_bind_params(eqn.params)
     if precise and "precision" in bind_params:
         bind_params = {**bind_params, "precision": (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)}
+    if wide and bind_params.get("preferred_element_type") is not None:
+        bind_params = {**bind_params, "preferred_element_type": _wide(bind_params["preferred_element_type"])}
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **bind_params)
     return list(out) if eqn.primitive.multiple_results else [out]
@@ -363,7 +371,8 @@ class _Interpreter:
             if _reparam_index(tag.chain) is not None:  # the form from the shapes (one example stands for all)
                 ops = [jnp.expand_dims(vals[i], 0) for i in recorded]
                 form = _choose_form(site, ops, jnp.zeros((1, *aval.shape), aval.dtype))[0]
-                site.keeps_output = form == "ws_gram"
+                # Mixed precision: the recorded output used the rounded kernel; site_norms forms X W' instead.
+                site.keeps_output = form == "ws_gram" and not _narrow(site)
             self.sites.append(site)
         keep = self.sites[k].keeps_output
         # That output (exactly X W') is then computed at HIGHEST, so that its rounding is that of its
@@ -388,36 +397,63 @@ def _reparam_index(chain) -> int | None:
     return next((i for i, e in enumerate(chain) if isinstance(e, _Reparam)), None)
 
 
-def _apply_steps(steps, w):
+def _apply_steps(steps, w, wide: bool = False):
+    """``steps`` applied to ``w``; ``wide``: every floating value at least float32 (a cast to bfloat16 or
+    float16 keeps float32, a standardisation runs on the widened kernel), see :func:`_apply_site`."""
     for e in steps:
-        if isinstance(e, _Reparam):
+        if isinstance(e, _Reparam) and wide:
+            # The verified body (_is_reparam), traced afresh for the widened kernel.
+            w = standardize_kernel(w, jnp.asarray(e.eps[0], _wide(e.eps[1])))
+        elif isinstance(e, _Reparam):
             (w,) = _bind(e.eqn, [w, jnp.asarray(*e.eps)])
+        elif wide and e.primitive.name == "convert_element_type":
+            w = w.astype(_wide(e.params["new_dtype"]))
         else:
             (w,) = _bind(e, [w])
     return w
 
 
-def _apply_chain(site: _Site, w):
+def _apply_chain(site: _Site, w, wide: bool = False):
     """The leaf as its one consumer sees it: ``chain(leaf)``."""
-    return _apply_steps(site.chain, w)
+    return _apply_steps(site.chain, w, wide)
 
 
-def _apply_site(site: _Site, leaf_value, operands):
-    """``consumer(..., chain(leaf), ...)`` with the recorded non-parameter operands."""
-    w = _apply_chain(site, leaf_value)
+def _apply_site(site: _Site, leaf_value, operands, wide: bool = True):
+    """``consumer(..., chain(leaf), ...)`` with the recorded non-parameter operands.
+
+    ``wide`` (ghost's own products: the weighted sum, per-example gradients, a standardised
+    kernel's output): every floating operand, the chain and the result at least float32
+    (:func:`_wide`). Under mixed precision (a bfloat16 or float16 model, float32 parameters)
+    the site's gradient is then that of its recorded low-precision input and output gradient,
+    formed and summed in float32: the precision :func:`site_roundoff` bounds. Values in
+    float32 or wider are unchanged.
+    """
+    w = _apply_chain(site, leaf_value, wide)
+    cast = _wide_value if wide else (lambda v: v)
     it = iter(operands)
     vals = []
     for i in range(len(site.eqn.invars)):
         if i == site.pos:
             vals.append(w)
         elif isinstance(site.literals.get(i), _Zeros):
-            vals.append(jnp.zeros(site.literals[i].shape, site.literals[i].dtype))
+            z = site.literals[i]
+            vals.append(jnp.zeros(z.shape, _wide(z.dtype) if wide else z.dtype))
         elif i in site.literals:
-            vals.append(site.literals[i])
+            vals.append(cast(jnp.asarray(site.literals[i])))
         else:
-            vals.append(next(it))
-    (out,) = _bind(site.eqn, vals, precise=True)
+            vals.append(cast(next(it)))
+    (out,) = _bind(site.eqn, vals, precise=True, wide=wide)
     return out
+
+
+def _wide(dtype):
+    """A floating dtype widened to at least float32 (bfloat16, float16 -> float32); others unchanged."""
+    dtype = jnp.dtype(dtype)
+    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
+def _wide_value(x):
+    return x.astype(_wide(jnp.result_type(x)))
 
 
 def _f32(x):
@@ -548,8 +584,9 @@ def _to_leaf(site: _Site, leaf_value, blocks):
         order = [*rhs_spec[2:], rhs_spec[1], rhs_spec[0]]  # window offset, input channel, output channel
     canon = blocks.reshape((b, *(operand.shape[d] for d in order)))
     per_op = jnp.transpose(canon, [0] + [1 + order.index(d) for d in range(len(order))])
-    _, back = jax.vjp(lambda w: _apply_chain(site, w), leaf_value)
-    return jax.vmap(lambda y: back(y.astype(operand.dtype))[0])(per_op)
+    # Through the widened chain: a cast to bfloat16 on the way is not a rounding of the gradient.
+    chained, back = jax.vjp(lambda w: _apply_chain(site, w, wide=True), leaf_value)
+    return jax.vmap(lambda y: back(y.astype(chained.dtype))[0])(per_op)
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -569,16 +606,32 @@ def _unit_roundoff(*dtypes) -> float:
 
 def site_roundoff(site: _Site, leaf_value, *arrays) -> float:
     """The unit roundoff a site's norm and sum computations run at: that of the lowest precision of the
-    parameter, every operand, the consumer's output and the arrays given (the layouts' X and G).
+    parameter, every operand, the consumer's output and the arrays given (the layouts' X and G),
+    each widened to float32 (:func:`_wide`).
 
     Ghost's own products run at ``Precision.HIGHEST`` (:func:`_bind`, the matmuls below), so
     no lower matmul precision in force enters; a float32 product whose result is float64
-    (``preferred_element_type``) rounds like float32 here, not float64.
+    (``preferred_element_type``) rounds like float32 here, not float64. Values in bfloat16 or
+    float16 (mixed precision) are exact in float32, and every product ghost forms from them, for
+    the norms and for the sum, runs on them widened to float32 (:func:`_apply_site`): float32
+    rounding, not theirs.
     """
-    dtypes = [jnp.result_type(leaf_value), site.out_dtype]
+    return _unit_roundoff(*(_wide(getattr(d, "dtype", d)) for d in (*_site_dtypes(site, leaf_value), *arrays)))
+
+
+def _site_dtypes(site: _Site, leaf_value=None) -> list:
+    """The dtypes of a site's values: the leaf, each step of its chain, each operand (not a gather's
+    indices) and the consumer's output."""
+    first = site.chain[0].invars[0] if site.chain else site.eqn.invars[site.pos]
+    dtypes = [jnp.result_type(leaf_value) if leaf_value is not None else first.aval.dtype, site.out_dtype]
     dtypes += [v.aval.dtype for i, v in enumerate(site.eqn.invars) if not _is_index(site, i)]
     dtypes += [v.aval.dtype for e in site.chain for v in e.outvars]
-    return _unit_roundoff(*dtypes, *arrays)
+    return dtypes
+
+
+def _narrow(site: _Site) -> bool:
+    """Whether a site holds a value below float32 (mixed precision)."""
+    return any(jnp.dtype(d) != _wide(d) for d in _site_dtypes(site))
 
 
 def _position_weight(pieces, gm, u) -> jax.Array:
@@ -699,18 +752,22 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
         if form == "gram":
             return _gram_norms(site, leaf_value, pieces, gm, u, mask)
         if form == "ws_gram":
-            if not site.keeps_output:  # decided from the same shapes when the site was found
-                raise AssertionError("ghost clipping: a standardised Gram site without its recorded output")
+            if not site.keeps_output:
+                if not _narrow(site):  # decided from the same shapes when the site was found
+                    raise AssertionError("ghost clipping: a standardised Gram site without its recorded output")
+                # Mixed precision: the output the model computed used the kernel rounded to bfloat16 / float16;
+                # the norm needs X W' with the float32 kernel whose Jacobian it takes (_ws_stats): formed here.
+                z = jax.vmap(lambda ops: _apply_site(site, leaf_value, ops))(operands)
             zm = _f32(_layout_of(site)(site, operands[0], z)[1])
             return _ws_gram_norms(site, leaf_value, pieces, gm, zm, u, mask)
         # Direct: the example's gradient X^T G itself, no larger than its X and G (see _choose_form).
         # It is kept, mapped to the leaf's layout (through the standardisation's Jacobian, if any) and
-        # summed as normed (book-keeping without a second weight-gradient pass): no rounding slack
-        # needed, as on the vmap path.
+        # summed as normed (book-keeping without a second weight-gradient pass): the only slack is the
+        # rounding of its own sum of squares.
         pieces, gm = jax.lax.optimization_barrier((pieces, gm))
         per_ex = _f32(_to_leaf(site, leaf_value, _example_blocks(pieces, gm)))
-        sq = jnp.sum(jnp.square(per_ex), axis=tuple(range(1, per_ex.ndim)))
-        return sq, sq, per_ex, None
+        sq = _sum_of_squares(per_ex)
+        return sq, sq * _sum_of_squares_slack(per_ex, u), per_ex, None
     if form == "embedding":
         i, valid, gm = layout
         t = i.shape[1]
@@ -731,13 +788,31 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
     # General linear use: this one leaf's per-example gradient (a bias, a scale, a conv kernel).
 
     def one(ops, gi):
-        _, vjp = jax.vjp(lambda w: _apply_site(site, w, ops), leaf_value)
-        (gw,) = vjp(gi)
+        out, vjp = jax.vjp(lambda w: _apply_site(site, w, ops), leaf_value)
+        (gw,) = vjp(gi.astype(out.dtype))
         return gw
 
     per_ex = _f32(jax.vmap(one)(operands, g))
-    sq = jnp.sum(jnp.square(per_ex), axis=tuple(range(1, per_ex.ndim)))
-    return sq, sq, per_ex, None
+    sq = _sum_of_squares(per_ex)
+    return sq, sq * _sum_of_squares_slack(per_ex, site_roundoff(site, leaf_value)), per_ex, None
+
+
+def _sum_of_squares(per_example):
+    """Per example, the sum of squares of a gradient (B, ...) in two stages (:func:`_two_stage_sum`): rows of
+    its last axis, then those; :func:`_sum_of_squares_slack` bounds its rounding."""
+    x = per_example.reshape(per_example.shape[0], -1, per_example.shape[-1] if per_example.ndim > 1 else 1)
+    return _two_stage_sum(jnp.square(x))
+
+
+def _sum_of_squares_slack(per_example, u: float) -> float:
+    """The factor :func:`_sum_of_squares` may round low by, for the clip factor: a sum of r rows of c squares
+    (each square and each sum rounded) is off by at most (gamma_c + gamma_r + u) of it (nonnegative terms),
+    and twice that covers the gamma denominators. Without it an example whose gradient was formed exactly
+    (the direct form, the fallback) contributed up to 1.000001 C: 32 x 32 squares summed in sequence on
+    XLA's CPU backend came out 2e-6 low, and the sum of the gradient itself was exact."""
+    c = per_example.shape[-1] if len(per_example.shape) > 1 else 1
+    r = math.prod(per_example.shape[1:]) // c
+    return 1 + 2 * (r + c + 2) * u
 
 
 def _two_stage_sum(terms):
@@ -813,8 +888,10 @@ def _trusted_or_direct(site: _Site, leaf_value, pieces, gm, sq, bound, finite, m
         return _to_leaf(site, leaf_value, block[None])[0] if per_example else block
 
     def direct_norms():
-        exact = jax.lax.map(lambda i: jnp.sum(jnp.square(_f32(gradient(i)))), jnp.arange(gm.shape[0]))
-        return exact.astype(sq.dtype), exact.astype(bound.dtype)
+        exact = jax.lax.map(lambda i: _sum_of_squares(_f32(gradient(i))[None])[0], jnp.arange(gm.shape[0]))
+        shape = jnp.shape(leaf_value) if per_example else (d_in, d_out)
+        slack = _sum_of_squares_slack(jax.ShapeDtypeStruct((1, *shape), jnp.float32), site_roundoff(site, leaf_value))
+        return exact.astype(sq.dtype), (exact * slack).astype(bound.dtype)
 
     sq, bound = jax.lax.cond(use, direct_norms, lambda: (sq, bound))
 
@@ -854,8 +931,8 @@ def _ws_stats(site: _Site, leaf_value):
     ``w' = (k - mean_c) / s_c`` with ``s_c = sqrt(var_c + eps)``, statistics per output channel.
     """
     i = _reparam_index(site.chain)
-    kernel = _apply_steps(site.chain[:i], leaf_value)
-    w = _f32(_apply_steps(site.chain[i:], kernel))
+    kernel = _apply_steps(site.chain[:i], leaf_value, wide=True)
+    w = _f32(_apply_steps(site.chain[i:], kernel, wide=True))
     k = _f32(kernel)
     axes = tuple(range(k.ndim - 1))
     a = k - jnp.mean(k, axis=axes, keepdims=True)
@@ -947,8 +1024,10 @@ def site_weighted_sum(site: _Site, leaf_value, operands, g_weighted):
     def batched(w):
         return jax.vmap(lambda ops: _apply_site(site, w, ops), axis_size=g_weighted.shape[0])(operands)
 
-    _, vjp = jax.vjp(batched, leaf_value)
-    (gw,) = vjp(g_weighted.astype(site.out_dtype))
+    # Widened (_apply_site): under mixed precision the weighted cotangent is not rounded to bfloat16, and the
+    # sum over the chunk is not formed in it (a bfloat16 sum would be off by ~2^-8 of all examples together).
+    out, vjp = jax.vjp(batched, leaf_value)
+    (gw,) = vjp(g_weighted.astype(out.dtype))
     return gw
 
 
@@ -999,12 +1078,8 @@ def analyse(fun, params, example_args) -> GhostPlan:
     in_avals = [v.aval for v in closed.jaxpr.invars]
     jax.eval_shape(evaluate, *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in in_avals])
     for site in interp.sites:
-        # Every value on the way, not only the result: a bfloat16 cast of the weight or of the
-        # input (mixed precision) rounds the gradient after its norm was taken.
-        dtypes = [v.aval.dtype for e in site.chain for v in e.outvars]
-        dtypes += [v.aval.dtype for i, v in enumerate(site.eqn.invars) if not _is_index(site, i)]
-        dtypes += [site.out_dtype]
-        for dtype in dtypes:
+        # Every value on the way, not only the result: a complex or 8-bit value anywhere on the site.
+        for dtype in _site_dtypes(site)[1:]:
             _check_dtype(
                 dtype,
                 f"parameter {_describe(site.leaf, interp.names)} meets a {jnp.dtype(dtype).name} value in "
@@ -1027,10 +1102,10 @@ def _check_dtype(dtype, what: str) -> None:
         )
     if not jnp.issubdtype(dtype, jnp.floating):
         raise GhostUnsupported(f"{what} {dtype.name}, not floating point; use clipping_impl='vmap'.")
-    if jnp.finfo(dtype).bits < 32:
+    if jnp.finfo(dtype).bits < 16:
         raise GhostUnsupported(
-            f"{what} {dtype.name}; ghost clipping computes norms and the clipped sum in float32 or wider only, so "
-            "that rounding cannot push a clipped gradient above C. Use clipping_impl='vmap' for low precision."
+            f"{what} {dtype.name}; ghost clipping takes float16, bfloat16 and wider (it forms norms and the clipped "
+            "sum from them in float32). Use clipping_impl='vmap' for 8-bit floats."
         )
 
 
