@@ -25,7 +25,7 @@ def test_tiny_grid_writes_csv_json_markdown_png(tmp_path, capsys):
     out = tmp_path / "out"
     result = _in_process(out, batch_sizes=[32], epsilons=[4.0], clipping_impl="vmap", epochs=1)
     printed = capsys.readouterr().out
-    assert "| mlp | 2,410 | 32 | vmap |" in printed and "does not depend on epsilon" in printed
+    assert "| mlp | 2,410 | 32 | float32 | vmap |" in printed and "does not depend on epsilon" in printed
     for key in ("csv", "json", "md", "png"):
         assert os.path.getsize(result["files"][key]) > 0, key
     with open(result["files"]["png"], "rb") as f:
@@ -88,7 +88,8 @@ def test_clipping_impls_are_timed_side_by_side(tmp_path, capsys):
     """Each implementation gets its own line; auto says which path it took; the CSV has a record per impl."""
     result = _in_process(tmp_path, batch_sizes=[16], epsilons=[8.0], clipping_impl=["auto", "vmap"], epochs=0)
     printed = capsys.readouterr().out
-    assert "| mlp | 2,410 | 16 | auto (ghost) |" in printed and "| mlp | 2,410 | 16 | vmap |" in printed
+    assert "| mlp | 2,410 | 16 | float32 | auto (ghost) |" in printed
+    assert "| mlp | 2,410 | 16 | float32 | vmap |" in printed
     (row,) = result["rows"]
     assert [p["clipping_impl"] for p in row["private"]] == ["auto", "vmap"]
     assert row["private"][0]["path"] == "ghost" and row["private"][0]["ghost_refused_because"] is None
@@ -244,25 +245,34 @@ def test_redirected_bench_prints_lines_not_a_bar(tmp_path):
     lines = stderr.splitlines()
     assert any(line.startswith("jaxdp bench: [1/1] mlp, batch 16: compiling, then timing") for line in lines), stderr
     assert any(line.startswith("jaxdp bench: [1/1] mlp, batch 16: done in ") for line in lines), stderr
-    assert "| mlp | 2,410 | 16 | vmap |" in stdout
+    assert "| mlp | 2,410 | 16 | float32 | vmap |" in stdout
 
 
 def test_the_accelerator_suite_runs_its_grid_here_on_a_tiny_model(tmp_path, capsys):
-    """`make bench-gpu` = `jaxdp bench --accelerator`: on a GPU, WRN-16-4 and the transformer at batch 1024, epsilon
-    1 and 8, auto beside vmap, no accuracy or scale-out. Here the same suite on a tiny grid (CPU)."""
+    """`make bench-gpu` = `jaxdp bench --accelerator`: on a GPU, WRN-16-4 and the transformer at batch 1024 in float32
+    and bfloat16, epsilon 1 and 8, auto beside vmap, no accuracy or scale-out. Here the same suite on a tiny grid
+    (CPU): the bfloat16 row takes the ghost path too."""
     from jaxdp.bench import ACCELERATOR_SUITE
     from jaxdp.cli import main
 
     assert ACCELERATOR_SUITE["models"] == ("wrn16_4", "transformer") and ACCELERATOR_SUITE["batch_sizes"] == (1024,)
+    assert ACCELERATOR_SUITE["dtypes"] == ("float32", "bfloat16")
     argv = ["bench", "--accelerator", "--models", "mlp", "--batch-sizes", "16", "--repeats", "1", "--in-process"]
     assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "| mlp | 2,410 | 16 | auto (ghost) |" in out and "| mlp | 2,410 | 16 | vmap |" in out, out
+    for dtype in ("float32", "bfloat16"):
+        assert f"| mlp | 2,410 | 16 | {dtype} | auto (ghost) |" in out, out
+        assert f"| mlp | 2,410 | 16 | {dtype} | vmap |" in out, out
     assert "| 1 | " in out and "| 8 | " in out and "| 2 | " not in out  # epsilon 1 and 8 only
     assert "not run" in out  # no accuracy runs
     with open(tmp_path / "bench.json") as f:
         run = json.load(f)
     assert run["scale"] == [] and run["complete"] is True  # no device scale-out
-    assert {(r["model"], r["batch"]) for r in run["rows"]} == {("mlp", 16)}
+    assert [(r["model"], r["batch"], r["dtype"]) for r in run["rows"]] == [
+        ("mlp", 16, "float32"),
+        ("mlp", 16, "bfloat16"),
+    ]
+    bf16 = run["rows"][1]
+    assert bf16["references"] == {}  # the peers run in float32: no ratio against them
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Makefile")) as f:
         assert "jaxdp bench --accelerator" in f.read()

@@ -227,6 +227,7 @@ def test_audit_bad_input_is_one_line_exit_2(args, message, capsys):
         (["--models", "mlp", "--delta", "0.01", "--devices"], r"mlp: --delta=0.01 is larger than 1/N = 1/"),
         (["--repeats", "0"], r"--repeats 0 is invalid"),
         (["--epochs", "-1"], r"--epochs -1 is invalid"),
+        (["--dtypes", "fp8"], r"--dtypes 'fp8' is not known; choose from float32, bfloat16, float16"),
     ],
 )
 def test_bench_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):

@@ -159,6 +159,7 @@ def test_validation_size_trains_on_the_rest_and_evaluates_on_the_held_out_part(t
         ("validation_size=-3", "validation_size=-3 is invalid: need an int >= 0"),
         ("data_memory_mb=-1.0", "data_memory_mb=-1.0 is invalid"),
         ("data_prefetch=-1", "data_prefetch=-1 is invalid"),
+        ("model.dtype=float8", "model.dtype='float8' is invalid: need one of float32, bfloat16, float16"),
     ],
 )
 def test_bad_data_keys_are_config_errors_naming_the_key(tmp_path, override, message):
@@ -200,3 +201,33 @@ def test_nadam_is_optax_nadam_and_unknown_names_list_the_choices():
         np.testing.assert_array_equal(u1, u2)
     with pytest.raises(ConfigError, match="'sgd', 'adam' or 'nadam'"):
         make_optimizer("adamw", 0.1)
+
+
+@pytest.mark.parametrize("impl", ["ghost", "vmap"])
+def test_mixed_precision_trains_in_bfloat16_with_float32_parameters(tmp_path, impl):
+    """model.dtype=bfloat16: the model's products run in bfloat16, the parameters and the update stay float32, and
+    the smoke recipe still learns (with the same privacy accounting: the dtype does not touch it)."""
+    config = apply_overrides(
+        load_config(f"{DIGITS}:smoke"),
+        [f"workdir={tmp_path}", "model.dtype=bfloat16", f"clipping_impl={impl}", "privacy.noise_seed=0"],
+    )
+    run = setup_run(config)
+    x, y = run.dataset.x_train[:4], run.dataset.y_train[:4]
+    params = run.state.params
+    from jaxdp.train import classification_loss
+
+    jaxpr = jax.make_jaxpr(classification_loss(run.graphdef, run.rest, "bfloat16"))(params, x, y)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in dots)
+    summary = train(config, progress=False)
+    assert summary["model_dtype"] == "bfloat16" and summary["clipping_impl"] == impl
+    assert summary["test_accuracy"] > 0.5 and summary["nonfinite_dropped"] == 0, summary
+    float32 = apply_overrides(load_config(f"{DIGITS}:smoke"), [f"workdir={tmp_path}/f32", "privacy.noise_seed=0"])
+    assert summary["epsilon"] == train(float32, progress=False)["epsilon"]
+    from jaxdp.step import run_private_step
+
+    mask = np.ones((4,), np.float32)
+    state, _ = run_private_step(run.step, run.state, [(x, y, mask)])
+    assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(state.params))
+    clipped, _ = run.step.clipped_sum(params, [(x, y, mask)])
+    assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(clipped))

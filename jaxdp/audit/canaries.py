@@ -422,7 +422,7 @@ def audit_config(
         raise ConfigError(str(e)) from e
     result = audit_training_run(
         plan,
-        classification_loss(graphdef, rest),
+        classification_loss(graphdef, rest, config.model.get("dtype")),
         params,
         dataset.x_train,
         dataset.y_train,

@@ -109,9 +109,9 @@ def measure_config(job: dict) -> dict:
     delta, accountant, seed.
     """
     spec = MODELS[job["model"]]
-    batch, impls, seed = job["batch"], job["clipping_impls"], job["seed"]
+    batch, impls, seed, dtype = job["batch"], job["clipping_impls"], job["seed"], job.get("dtype", "float32")
     dataset = spec.data()
-    _, params, _, loss_fn = split_model(job["model"], seed)
+    _, params, _, loss_fn = split_model(job["model"], seed, dtype)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(dataset.x_train), batch)
     x, y = jnp.asarray(dataset.x_train[idx]), jnp.asarray(dataset.y_train[idx])
@@ -171,6 +171,7 @@ def measure_config(job: dict) -> dict:
         "data": spec.data_label(),
         "params": param_count(params),
         "batch": batch,
+        "dtype": dtype,
         "clipping_impl": impls[0],
         "dataset_size": len(dataset.x_train),
         "compile_s_nonprivate": compile_np,
@@ -188,7 +189,10 @@ def measure_config(job: dict) -> dict:
         "timing": "median of {} interleaved blocks ({} steps)".format(
             job["repeats"], " / ".join(str(t[k].iters) for k in runners)
         ),
-        "references": _reference_ratios(job["model"], batch, job["repeats"], first["ex_per_s"]),
+        # The peers run in float32: a ratio against them only means something for a float32 row.
+        "references": _reference_ratios(job["model"], batch, job["repeats"], first["ex_per_s"])
+        if dtype == "float32"
+        else {},
         "epochs": job["epochs"],
         "accuracy": [],
     }
@@ -215,7 +219,7 @@ def train_accuracy(job: dict, cal: dict | None) -> float:
     """
     spec, batch, seed = MODELS[job["model"]], job["batch"], job["seed"]
     dataset = spec.data()
-    graphdef, params, rest, loss_fn = split_model(job["model"], seed)
+    graphdef, params, rest, loss_fn = split_model(job["model"], seed, job.get("dtype"))
     n = len(dataset.x_train)
     steps = job["epochs"] * steps_per_epoch(n, batch)
     opt = _optimizer(spec)

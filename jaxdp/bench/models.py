@@ -171,16 +171,19 @@ MODELS: dict[str, ModelSpec] = {
 DEFAULT_MODELS = ("mnist_cnn", "wrn16_4", "transformer")
 
 
-def split_model(name: str, seed: int = 0) -> tuple[nnx.GraphDef, Any, Any, Callable[..., jax.Array]]:
+def split_model(
+    name: str, seed: int = 0, dtype: str | None = None
+) -> tuple[nnx.GraphDef, Any, Any, Callable[..., jax.Array]]:
     """``(graphdef, params, rest, loss_fn)`` of the model ``name`` built from ``seed``.
 
-    ``params`` is its ``nnx.Param`` state and ``loss_fn(params, x, y)`` the mean
-    cross-entropy (:func:`jaxdp.train.classification_loss`).
+    ``params`` is its ``nnx.Param`` state (float32) and ``loss_fn(params, x, y)`` the mean
+    cross-entropy (:func:`jaxdp.train.classification_loss`), computed in ``dtype`` (a config's
+    ``model.dtype``; None: float32).
     """
     if name not in MODELS:
         raise ValueError(f"model {name!r} is not a benchmarked model; choose from {', '.join(MODELS)}.")
     graphdef, params, rest = nnx.split(MODELS[name].build(seed), nnx.Param, ...)
-    return graphdef, params, rest, classification_loss(graphdef, rest)
+    return graphdef, params, rest, classification_loss(graphdef, rest, dtype)
 
 
 def random_batch(

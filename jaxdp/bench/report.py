@@ -21,7 +21,7 @@ OUTPUT_FILES = {
 
 # The per-(model, batch) columns of a CSV record, in order; the private ones are then overwritten per implementation.
 _ROW_KEYS = (
-    "model data params batch clipping_impl sampling_rate epochs compile_s_nonprivate compile_s_private "
+    "model data params batch dtype clipping_impl sampling_rate epochs compile_s_nonprivate compile_s_private "
     "nonprivate_ex_per_s private_ex_per_s private_over_nonprivate xla_mb_nonprivate xla_mb_private peak_kind "
     "peak_mb_after_nonprivate peak_mb_after_private"
 ).split()
@@ -34,7 +34,7 @@ def flat_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         acc_by_eps = {a["epsilon_target"]: a["test_accuracy"] for a in r["accuracy"]}
         for p, cal in ((p, cal) for p in r["private"] for cal in r["calibration"]):
-            rec = {k: r[k] for k in _ROW_KEYS}
+            rec = {k: _dtype(r) if k == "dtype" else r[k] for k in _ROW_KEYS}
             rec.update(
                 clipping_impl=p["clipping_impl"],
                 clipping_path=p["path"],
@@ -52,6 +52,11 @@ def flat_rows(rows: list[dict]) -> list[dict]:
                 rec[f"jaxdp/{name}"] = ref.get("jaxdp_over_ref", math.nan)
             out.append(rec)
     return out
+
+
+def _dtype(row: dict) -> str:
+    """What the row's model computed in (rows written before mixed precision have no key: float32)."""
+    return row.get("dtype", "float32")
 
 
 def _fmt(v, spec=",.0f"):
@@ -72,6 +77,7 @@ def render_markdown(header: str, rows: list[dict], scale: list[dict], elapsed: f
         "model",
         "params",
         "batch",
+        "dtype",
         "clipping_impl",
         "compile s (np / p)",
         "non-private ex/s",
@@ -90,7 +96,7 @@ def render_markdown(header: str, rows: list[dict], scale: list[dict], elapsed: f
         for i, p in enumerate(r["private"]):
             impl = p["clipping_impl"] + (f" ({p['path']})" if p["clipping_impl"] == "auto" else "")
             lines.append(
-                f"| {r['model']} | {r['params']:,} | {r['batch']} | {impl} "
+                f"| {r['model']} | {r['params']:,} | {r['batch']} | {_dtype(r)} | {impl} "
                 f"| {r['compile_s_nonprivate']:.1f} / {p['compile_s']:.1f} "
                 f"| {_fmt(r['nonprivate_ex_per_s'])} | {_fmt(p['ex_per_s'])} "
                 f"| {p['over_nonprivate']:.2f} "
@@ -108,7 +114,19 @@ def render_markdown(header: str, rows: list[dict], scale: list[dict], elapsed: f
         + ("; each (model, batch) ran in a fresh process)." if all(r["isolated_process"] for r in rows) else ").")
     )
     lines += ["", "Accuracy after the fixed budget (test split)", ""]
-    cols = ["model", "data", "batch", "q", "epochs", "eps target", "sigma", "eps spent", "test acc", "non-private acc"]
+    cols = [
+        "model",
+        "data",
+        "batch",
+        "dtype",
+        "q",
+        "epochs",
+        "eps target",
+        "sigma",
+        "eps spent",
+        "test acc",
+        "non-private acc",
+    ]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         acc_by_eps = {a["epsilon_target"]: a["test_accuracy"] for a in r["accuracy"]}
@@ -116,7 +134,8 @@ def render_markdown(header: str, rows: list[dict], scale: list[dict], elapsed: f
             e = cal["epsilon_target"]
             acc = acc_by_eps.get(e)
             lines.append(
-                f"| {r['model']} | {r['data']} | {r['batch']} | {r['sampling_rate']:.4f} | {r['epochs'] or '–'} "
+                f"| {r['model']} | {r['data']} | {r['batch']} | {_dtype(r)} | {r['sampling_rate']:.4f} "
+                f"| {r['epochs'] or '–'} "
                 f"| {e:g} | {cal['sigma']:.3f} | {cal['epsilon_spent']:.3f} "
                 f"| {_fmt(acc, '.3f') if acc is not None else 'not run'} "
                 f"| {_fmt(r.get('accuracy_nonprivate'), '.3f') if 'accuracy_nonprivate' in r else 'not run'} |"
@@ -226,7 +245,7 @@ def _plot(path: str, rows: list[dict]) -> None:
     for i, r in enumerate(rows):
         color = f"C{i % 10}"
         eps = [c["epsilon_target"] for c in r["calibration"]]
-        label = f"{r['model']} B={r['batch']}"
+        label = f"{r['model']} B={r['batch']}" + (f" {_dtype(r)}" if _dtype(r) != "float32" else "")
         for j, p in enumerate(r["private"]):
             ax_t.plot(
                 eps,

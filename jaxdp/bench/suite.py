@@ -32,15 +32,17 @@ from jaxdp.bench.measure import measure_config, run_isolated, scale_out
 from jaxdp.bench.models import DEFAULT_MODELS, MODELS
 from jaxdp.bench.report import clear_outputs, render_markdown, write_outputs
 from jaxdp.plan import PrivacyPlan, steps_per_epoch
+from jaxdp.train.setup import COMPUTE_DTYPES
 
 __all__ = ["DEFAULT_EPSILONS", "BenchError", "calibrate", "run_bench"]
 
 DEFAULT_EPSILONS = (1.0, 2.0, 4.0, 8.0)
 # `jaxdp bench --accelerator` (`make bench-gpu`): the grid for one GPU or TPU, meant to finish in <= 8 minutes
-# there. float32 only: ghost clipping refuses bfloat16 until mixed precision is bounded (#23, item 2).
+# there; each model in float32 and in bfloat16 (mixed precision: float32 parameters, the model in bfloat16).
 ACCELERATOR_SUITE = {
     "models": ("wrn16_4", "transformer"),
     "batch_sizes": (1024,),
+    "dtypes": ("float32", "bfloat16"),
     "epsilons": (1.0, 8.0),
     "devices": (),
     "epochs": 0,
@@ -56,9 +58,17 @@ def _impls(clipping_impl: str | Sequence[str]) -> list[str]:
     return list(clipping_impl) if isinstance(clipping_impl, list | tuple) else [clipping_impl]
 
 
-def _check_options(models, batch_sizes, epsilons, delta, accountant, clipping_impl, devices, epochs) -> None:
+def _check_options(models, batch_sizes, epsilons, delta, accountant, clipping_impl, devices, epochs, dtypes) -> None:
     if not models:
         raise BenchError(f"--models is empty; choose from {', '.join(MODELS)}.")
+    if not dtypes:
+        raise BenchError(f"--dtypes is empty; give one or more of {', '.join(COMPUTE_DTYPES)}.")
+    for d in dtypes:
+        if d not in COMPUTE_DTYPES:
+            raise BenchError(
+                f"--dtypes {d!r} is not known; choose from {', '.join(COMPUTE_DTYPES)} (the dtype the model computes "
+                "in; parameters stay float32)."
+            )
     for m in models:
         if m not in MODELS:
             raise BenchError(f"--models {m!r} is not a benchmarked model; choose from {', '.join(MODELS)}.")
@@ -138,6 +148,7 @@ def run_bench(
     *,
     models: Sequence[str] = DEFAULT_MODELS,
     batch_sizes: Sequence[int] | None = None,
+    dtypes: Sequence[str] = ("float32",),
     epsilons: Sequence[float] = DEFAULT_EPSILONS,
     delta: float = 1e-5,
     accountant: str = "rdp",
@@ -159,6 +170,9 @@ def run_bench(
       models: names in :data:`jaxdp.bench.MODELS` (default: mnist_cnn, wrn16_4, transformer).
       batch_sizes: the same batch sizes for every model; default each model's quick
         (or ``full``) batches.
+      dtypes: what each model computes in, one row per dtype (:func:`jaxdp.train.classification_loss`:
+        "float32", or mixed precision "bfloat16" / "float16" with float32 parameters); the private and
+        non-private steps of a row compute in the same dtype.
       epsilons: target ε values; σ is calibrated for each at ``delta`` with ``accountant``.
       clipping_impl: one or more of "vmap" (per-example gradients), "ghost" (norms from layer
         inputs and output gradients) and "auto" (ghost where the model is covered, else vmap);
@@ -183,7 +197,8 @@ def run_bench(
     """
     models, devices = list(models), list(devices)
     batch_sizes = list(batch_sizes) if batch_sizes else None
-    _check_options(models, batch_sizes, epsilons, delta, accountant, clipping_impl, devices, epochs)
+    dtypes = list(dtypes)
+    _check_options(models, batch_sizes, epsilons, delta, accountant, clipping_impl, devices, epochs, dtypes)
     impls = _impls(clipping_impl)
     scale_model = scale_model or models[0]
     if scale_model not in MODELS:
@@ -194,8 +209,9 @@ def run_bench(
     for m in models:
         spec = MODELS[m]
         for b in batch_sizes or (spec.full_batches if full else spec.quick_batches):
-            grid.append((m, b, epochs if epochs is not None else spec.epochs(full)))
-    for m, b, _ in grid:  # every configuration's data rules, before anything is measured or written
+            for d in dtypes:
+                grid.append((m, b, epochs if epochs is not None else spec.epochs(full), d))
+    for m, b, _, _ in grid:  # every configuration's data rules, before anything is measured or written
         n_train = len(MODELS[m].data().x_train)
         if b > n_train:
             raise BenchError(f"--batch-sizes {b} is larger than {m}'s training set ({n_train}); use <= {n_train}.")
@@ -203,7 +219,7 @@ def run_bench(
             rules.check_delta(delta, dataset_size=n_train, name="--delta")
         except ValueError as err:
             raise BenchError(f"{m}: {err}") from None
-    scale_batch = max(b for m, b, _ in grid if m == scale_model) if scale_model in models else grid[0][1]
+    scale_batch = max(b for m, b, _, _ in grid if m == scale_model) if scale_model in models else grid[0][1]
     if devices and scale_batch % math.lcm(*devices):
         raise BenchError(
             f"the scale-out table splits a global batch of {scale_batch} over --devices {devices}, which does not "
@@ -232,13 +248,14 @@ def run_bench(
         file=sys.stderr,
         dynamic_ncols=True,
     ) as bar:
-        for i, (m, b, e) in enumerate(grid, 1):
-            bar.set_postfix(model=m, batch=b)
+        for i, (m, b, e, d) in enumerate(grid, 1):
+            bar.set_postfix(model=m, batch=b, dtype=d)
             n_train = len(MODELS[m].data().x_train)
             cal = calibrate(epsilons, delta, n_train, b, e, accountant)
             job = {
                 "model": m,
                 "batch": b,
+                "dtype": d,
                 "repeats": repeats,
                 "block_s": block_s,
                 "epochs": e,
@@ -248,7 +265,8 @@ def run_bench(
                 "accountant": accountant,
                 "seed": seed,
             }
-            _say(f"[{i}/{total}] {m}, batch {b}: {_what(job, isolate)} ...")
+            name = f"{m}, batch {b}" + (f", {d}" if d != "float32" else "")
+            _say(f"[{i}/{total}] {name}: {_what(job, isolate)} ...")
             t0 = time.perf_counter()
             row = run_isolated("config", job) if isolate else measure_config(job)
             row.update(
@@ -258,7 +276,7 @@ def run_bench(
             files = write_outputs(out_dir, header, rows, [], time.perf_counter() - t_start, complete=False)
             speeds = ", ".join(f"{p['ex_per_s']:,.0f} ({p['clipping_impl']})" for p in row["private"])
             _say(
-                f"[{i}/{total}] {m}, batch {b}: done in {row['wall_s']:.0f} s: private {speeds}, non-private "
+                f"[{i}/{total}] {name}: done in {row['wall_s']:.0f} s: private {speeds}, non-private "
                 f"{row['nonprivate_ex_per_s']:,.0f} examples/s; row written to {files['csv']}"
             )
             bar.update(1)

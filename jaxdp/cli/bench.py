@@ -29,6 +29,7 @@ def run(args) -> int:
     given = {
         "models": args.models,
         "batch_sizes": args.batch_sizes,
+        "dtypes": args.dtypes,
         "epsilons": args.epsilons,
         "devices": args.devices,
         "epochs": args.epochs,

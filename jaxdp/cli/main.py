@@ -137,14 +137,21 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--accelerator",
         action="store_true",
-        help="the accelerator suite (make bench-gpu): WRN-16-4 and the transformer at batch 1024, epsilon 1 and 8, "
-        "auto beside vmap, no accuracy runs or scale-out, to benchmarks/out/accelerator; any option given "
+        help="the accelerator suite (make bench-gpu): WRN-16-4 and the transformer at batch 1024 in float32 and "
+        "bfloat16, epsilon 1 and 8, auto beside vmap, no accuracy runs or scale-out, to benchmarks/out/accelerator; any option given "
         "overrides it (a tiny grid: --models mlp --batch-sizes 16)",
     )
     bench.add_argument(
         "--models", nargs="+", default=None, help="mnist_cnn, wrn16_4, transformer (default) and/or mlp (tiny)"
     )
     bench.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: per model, quick or full")
+    bench.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=None,
+        help="what the models compute in, a row each: float32 (default; --accelerator: float32 bfloat16), bfloat16, "
+        "float16 (mixed precision: parameters, clipped sum and noise stay float32)",
+    )
     bench.add_argument("--epsilons", nargs="+", type=float, default=None, help="default: 1 2 4 8")
     bench.add_argument("--delta", type=float, default=1e-5)
     bench.add_argument("--accountant", default="rdp", help="accountant used to calibrate sigma (default rdp)")

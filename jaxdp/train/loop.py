@@ -441,6 +441,7 @@ def _summary(config, loop: _Loop, extra: dict, wall_time_s: float) -> dict:
         "accountant": plan.accountant,
         "mechanism": plan.mechanism,
         "clipping_impl": clipping_impl(config),
+        "model_dtype": config.model.get("dtype", "float32"),
         "bands": plan.bands,
         "noise_multiplier": plan.noise_multiplier,
         "l2_clip_norm": plan.l2_clip_norm,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -44,12 +45,32 @@ __all__ = [
 ]
 
 
-def classification_loss(graphdef: nnx.GraphDef, rest: Any) -> Callable[..., jax.Array]:
-    """``loss(params, x, y)``: mean softmax cross-entropy of an NNX model's logits."""
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def classification_loss(graphdef: nnx.GraphDef, rest: Any, dtype: str | None = None) -> Callable[..., jax.Array]:
+    """``loss(params, x, y)``: mean softmax cross-entropy of an NNX model's logits.
+
+    ``dtype`` (a config's ``model.dtype``; None or ``"float32"``: as the parameters are): mixed precision. The
+    model computes in ``"bfloat16"`` or ``"float16"``: its floating parameters, state and inputs are cast to it
+    on the way in, and the logits back to float32 for the loss. The parameters, their per-example
+    gradients' norms, the clipped sum, the noise and the optimizer stay float32 (both clipping paths form
+    them in float32: see :mod:`jaxdp.clipping.ghost`, "mixed precision").
+    """
+    if dtype not in (None, *COMPUTE_DTYPES):
+        raise ConfigError(f"model.dtype={dtype!r} is invalid: need one of {', '.join(COMPUTE_DTYPES)}.")
+    low = None if dtype in (None, "float32") else jnp.dtype(dtype)
+
+    def cast(v):
+        return v.astype(low) if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v
 
     def loss_fn(params, x, y):
-        logits = nnx.merge(graphdef, params, rest)(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        if low is not None:
+            params, state, x = jax.tree_util.tree_map(cast, (params, rest, x))
+        else:
+            state = rest
+        logits = nnx.merge(graphdef, params, state)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
 
     return loss_fn
 
@@ -206,6 +227,14 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
     need(isinstance(vs, int) and vs >= 0, "validation_size", vs, "need an int >= 0 (0 = evaluate on the test set)")
     impl = clipping_impl(config)
     need(impl in CLIPPING_IMPLS, "clipping_impl", impl, f"need one of {CLIPPING_IMPLS} (performance only)")
+    dtype = config.model.get("dtype", "float32")
+    need(
+        dtype in COMPUTE_DTYPES,
+        "model.dtype",
+        dtype,
+        f"need one of {', '.join(COMPUTE_DTYPES)} (the dtype the model computes in; parameters, the clipped sum "
+        "and the noise stay float32)",
+    )
 
 
 def run_steps_per_epoch(config: ml_collections.ConfigDict, dataset_size: int) -> int:
@@ -327,7 +356,7 @@ def setup_run(
     plan = make_plan(config, n_train, epoch_steps)
     graphdef, params, rest = build_model(config, dataset)
     _check_model_takes_data(config, dataset, params)
-    loss_fn = classification_loss(graphdef, rest)
+    loss_fn = classification_loss(graphdef, rest, config.model.get("dtype"))
     k = config.augment.multiplicity
     if k:
         # Augmentation multiplicity: each example's gradient averages K augmented copies before clipping.
