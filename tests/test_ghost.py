@@ -1020,7 +1020,8 @@ MIXED_TOL = {jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
 
 @pytest.mark.parametrize(
     "dtype,name",
-    [(jnp.bfloat16, n) for n in [*PROBLEMS, "wrn", "gn_cnn", "dense"]]
+    [(jnp.bfloat16, n) for n in [*PROBLEMS, "gn_cnn", "dense"]]
+    + [pytest.param(jnp.bfloat16, "wrn", marks=pytest.mark.slow)]
     + [(jnp.float16, n) for n in ["mlp", "dp_mnist_cnn", "transformer", "dense"]],
 )
 def test_mixed_precision_on_ghost_equals_vmap_with_masks(dtype, name):

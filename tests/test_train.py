@@ -203,10 +203,10 @@ def test_nadam_is_optax_nadam_and_unknown_names_list_the_choices():
         make_optimizer("adamw", 0.1)
 
 
-@pytest.mark.parametrize("impl", ["ghost", "vmap"])
+@pytest.mark.parametrize("impl", ["ghost", pytest.param("vmap", marks=pytest.mark.slow)])
 def test_mixed_precision_trains_in_bfloat16_with_float32_parameters(tmp_path, impl):
     """model.dtype=bfloat16: the model's products run in bfloat16, the parameters and the update stay float32, and
-    the smoke recipe still learns (with the same privacy accounting: the dtype does not touch it)."""
+    the smoke recipe still learns, spending the budget as in float32."""
     config = apply_overrides(
         load_config(f"{DIGITS}:smoke"),
         [f"workdir={tmp_path}", "model.dtype=bfloat16", f"clipping_impl={impl}", "privacy.noise_seed=0"],
@@ -222,8 +222,8 @@ def test_mixed_precision_trains_in_bfloat16_with_float32_parameters(tmp_path, im
     summary = train(config, progress=False)
     assert summary["model_dtype"] == "bfloat16" and summary["clipping_impl"] == impl
     assert summary["test_accuracy"] > 0.5 and summary["nonfinite_dropped"] == 0, summary
-    float32 = apply_overrides(load_config(f"{DIGITS}:smoke"), [f"workdir={tmp_path}/f32", "privacy.noise_seed=0"])
-    assert summary["epsilon"] == train(float32, progress=False)["epsilon"]
+    assert summary["epsilon"] == pytest.approx(run.plan.epsilon(config.privacy.delta))
+    assert summary["epsilon"] <= 3.0
     from jaxdp.step import run_private_step
 
     mask = np.ones((4,), np.float32)
