@@ -1,10 +1,12 @@
 """DP-compatible models, and the refusal of BatchNorm."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
-from jaxdp.models import CNN, MLP, check_dp_compatible, make_model
+from jaxdp.models import CNN, MLP, check_dp_compatible, make_model, max_pool
 
 
 class WithBatchNorm(nnx.Module):
@@ -134,3 +136,16 @@ def test_transformer_shapes_registry_and_no_example_mixing():
         model(jnp.zeros((2, 9), jnp.int32))
     with pytest.raises(ValueError, match="heads=3"):
         TransformerClassifier(50, 3, max_len=8, dim=16, heads=3, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("window,strides,shape", [((2, 2), (1, 1), (3, 14, 14, 5)), ((3, 2), (2, 1), (2, 9, 8, 3))])
+def test_max_pool_equals_nnx_max_pool_with_its_gradient(window, strides, shape):
+    """jaxdp.models.max_pool (strided slices; the DP MNIST CNN's pooling) has nnx.max_pool's values, and its gradient
+    on inputs without ties."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+    want = nnx.max_pool(x, window, strides=strides)
+    np.testing.assert_array_equal(np.asarray(max_pool(x, window, strides)), np.asarray(want))
+    g = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
+    got_dx = jax.vjp(lambda x: max_pool(x, window, strides), x)[1](g)[0]
+    want_dx = jax.vjp(lambda x: nnx.max_pool(x, window, strides=strides), x)[1](g)[0]
+    np.testing.assert_allclose(np.asarray(got_dx), np.asarray(want_dx), rtol=1e-6, atol=1e-6)

@@ -17,7 +17,7 @@ from jaxdp.models._complex import (
 )
 from jaxdp.models._conv import DPConv, conv_same
 from jaxdp.models._nets import CNN, MLP, GroupNormCNN, make_model, weight_standardize
-from jaxdp.models._recipes import DPMnistCNN, WideResNet, WSConv
+from jaxdp.models._recipes import DPMnistCNN, WideResNet, WSConv, max_pool
 from jaxdp.models._transformer import TransformerClassifier
 from jaxdp.models._validate import check_dp_compatible
 
@@ -47,4 +47,5 @@ __all__ = [
     "check_dp_compatible",
     "weight_standardize",
     "make_model",
+    "max_pool",
 ]
