@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxdp.models import CNN, MLP, check_dp_compatible, make_model, max_pool
+from jaxdp.models import CNN, MLP, avg_pool, check_dp_compatible, make_model, max_pool
 
 
 class WithBatchNorm(nnx.Module):
@@ -149,3 +149,14 @@ def test_max_pool_equals_nnx_max_pool_with_its_gradient(window, strides, shape):
     got_dx = jax.vjp(lambda x: max_pool(x, window, strides), x)[1](g)[0]
     want_dx = jax.vjp(lambda x: nnx.max_pool(x, window, strides=strides), x)[1](g)[0]
     np.testing.assert_allclose(np.asarray(got_dx), np.asarray(want_dx), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 4), (2, 7, 9, 3)])  # 7 x 9: the partial edge window is dropped
+def test_avg_pool_equals_nnx_avg_pool_with_its_gradient(shape):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+    want = nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    np.testing.assert_allclose(np.asarray(avg_pool(x, (2, 2))), np.asarray(want), rtol=1e-6, atol=1e-7)
+    g = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
+    got_dx = jax.vjp(lambda x: avg_pool(x, (2, 2)), x)[1](g)[0]
+    want_dx = jax.vjp(lambda x: nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2)), x)[1](g)[0]
+    np.testing.assert_allclose(np.asarray(got_dx), np.asarray(want_dx), rtol=1e-6, atol=1e-7)

@@ -16,7 +16,7 @@ from jaxdp.models._complex import (
     split_mish,
 )
 from jaxdp.models._conv import DPConv, conv_same
-from jaxdp.models._nets import CNN, MLP, GroupNormCNN, make_model, weight_standardize
+from jaxdp.models._nets import CNN, MLP, GroupNormCNN, avg_pool, make_model, weight_standardize
 from jaxdp.models._recipes import DPMnistCNN, WideResNet, WSConv, max_pool
 from jaxdp.models._transformer import TransformerClassifier
 from jaxdp.models._validate import check_dp_compatible
@@ -43,6 +43,7 @@ __all__ = [
     "mod_relu",
     "split_mish",
     "MLP",
+    "avg_pool",
     "conv_same",
     "check_dp_compatible",
     "weight_standardize",

@@ -40,6 +40,18 @@ def weight_standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
     return standardize_kernel(kernel, eps)
 
 
+def avg_pool(x: jax.Array, window: Sequence[int] = (2, 2)) -> jax.Array:
+    """``nnx.avg_pool(x, window, strides=window)`` ('VALID', NHWC: non-overlapping windows) as a reshape and a mean.
+
+    Same values; its gradient is a broadcast, where XLA's CPU backend lowers ``reduce_window``'s to a padded
+    window reduction: 1.16 vs 0.18 ms at 256 x 16 x 16 x 32.
+    """
+    kh, kw = window
+    n, h, w, c = x.shape
+    x = x[:, : h // kh * kh, : w // kw * kw]  # VALID: a partial window at the edge is dropped
+    return x.reshape(n, h // kh, kh, w // kw, kw, c).mean(axis=(2, 4))
+
+
 class MLP(nnx.Module):
     """Flatten, ``len(hidden)`` tanh layers, then a linear classifier.
 
@@ -102,7 +114,7 @@ class CNN(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for conv in self.convs:
             x = jnp.tanh(conv(x))
-            x = nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+            x = avg_pool(x, (2, 2))
         return self.head(x.reshape((x.shape[0], -1)))
 
 
@@ -159,7 +171,7 @@ class GroupNormCNN(nnx.Module):
             if self.weight_standardization:
                 kernel = weight_standardize(kernel)
             x = act(norm(conv_same(x, kernel) + conv.bias[...]))
-            x = nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+            x = avg_pool(x, (2, 2))
         return self.head(x.reshape((x.shape[0], -1)))
 
 
