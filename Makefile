@@ -44,7 +44,7 @@ bench: $(STAMP)
 	$(VENV)/bin/jaxdp bench --quick
 
 ## The accelerator suite, on a machine with a GPU or TPU: WRN-16-4 and the transformer at batch 1024, private /
-## non-private, memory and examples/s per epsilon (jaxdp bench --accelerator; float32 only for now).
+## non-private, memory and examples/s per epsilon, in float32 and bfloat16 (jaxdp bench --accelerator).
 bench-gpu: $(STAMP)
 	$(VENV)/bin/jaxdp bench --accelerator --no-progress
 
