@@ -808,13 +808,9 @@ def _standardised_dense_loss(eps=1e-5):
     return loss
 
 
-@pytest.mark.parametrize("direction", ["ones", "kernel"])
-@pytest.mark.parametrize("scale", [1e2, 1e5])
-def test_standardised_gradients_the_projection_removes_stay_within_the_bound(direction, scale):
-    """Each example's gradient with respect to W' is huge and (nearly) along the all-ones vector or along
-    w'_0, both of which the standardisation's Jacobian removes: ||g'||^2, S^2/n and beta^2/n are huge
-    and cancel. No example may contribute more than C, nothing finite is dropped, and the sum = vmap's."""
-    n_in, d_out, t, n = 48, 40, 2, 16
+def _projected_away(direction, scale, n, n_in=48, d_out=40, t=2):
+    """(w, x, targets) of a standardised dense layer whose examples' gradients with respect to W' are huge
+    (``scale``) and nearly along the all-ones vector or along w'_0: what the standardisation removes."""
     rng = np.random.default_rng(2)
     w = jnp.asarray(rng.normal(size=(n_in, d_out)), jnp.float32)
     base = np.ones(n_in) if direction == "ones" else np.asarray(weight_standardize(w))[:, 0]
@@ -822,7 +818,17 @@ def test_standardised_gradients_the_projection_removes_stay_within_the_bound(dir
     g = np.zeros((n, t, d_out))
     g[:, :, 0] = rng.normal(size=(n, t)) * scale
     g[:, :, 1:] = rng.normal(size=(n, t, d_out - 1)) * 1e-2
-    args = (w, jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32))
+    return w, jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32)
+
+
+@pytest.mark.parametrize("direction", ["ones", "kernel"])
+@pytest.mark.parametrize("scale", [1e2, 1e5])
+def test_standardised_gradients_the_projection_removes_stay_within_the_bound(direction, scale):
+    """Each example's gradient with respect to W' is huge and (nearly) along the all-ones vector or along
+    w'_0, both of which the standardisation's Jacobian removes: ||g'||^2, S^2/n and beta^2/n are huge
+    and cancel. No example may contribute more than C, nothing finite is dropped, and the sum = vmap's."""
+    n = 16
+    args = _projected_away(direction, scale, n)
     loss = _standardised_dense_loss()
     (g_v, a_v), (g_g, a_g) = (
         jax.jit(jaxdp.clipped_grad(loss, l2_clip_norm=1.0, clipping_impl=impl))(*args) for impl in ("vmap", "ghost")
@@ -1110,15 +1116,8 @@ def test_mixed_precision_standardised_gradients_stay_within_the_bound(direction)
     """The standardisation's Jacobian removes a huge gradient along 1 or w'_0, in a bfloat16 model: ghost takes the
     Jacobian of the float32 standardisation (the output it needs formed from the float32 kernel, not the
     model's bfloat16 one) and no example contributes more than C."""
-    n_in, d_out, t, n = 48, 40, 2, 8
-    rng = np.random.default_rng(2)
-    w = jnp.asarray(rng.normal(size=(n_in, d_out)), jnp.float32)
-    base = np.ones(n_in) if direction == "ones" else np.asarray(weight_standardize(w))[:, 0]
-    x = base[None, None, :] * rng.uniform(0.5, 2, size=(n, t, 1)) + rng.normal(size=(n, t, n_in)) * 1e-3
-    g = np.zeros((n, t, d_out))
-    g[:, :, 0] = rng.normal(size=(n, t)) * 1e4
-    g[:, :, 1:] = rng.normal(size=(n, t, d_out - 1)) * 1e-2
-    args = (w, jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32))
+    n = 8
+    args = _projected_away(direction, 1e4, n)
     for impl in ("ghost", "vmap"):
         fn = jaxdp.clipped_grad(_in(jnp.bfloat16, _standardised_dense_loss()), l2_clip_norm=1.0, clipping_impl=impl)
         assert max(_contributions(fn, *args, n=n)) <= 1.0 + 1e-7, impl
