@@ -1130,3 +1130,84 @@ def test_a_mixed_precision_site_is_bounded_at_float32():
     (site,) = sites
     assert site.out_dtype == jnp.bfloat16 and ghost._narrow(site)
     assert ghost.site_roundoff(site, w) == float(jnp.finfo(jnp.float32).eps) / 2
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_mixed_precision_norm_and_sum_read_the_same_recorded_values(per_layer):
+    """Review: XLA (excess precision allowed, its default) fed the weighted backward an unrounded float32 input
+    where the Gram norm read the bfloat16-rounded one: a bfloat16 embedding -> dense -> gelu -> dense model
+    contributed 1.00015 C (per layer: 1.00096 of the leaf's budget). Both now read one widened copy."""
+    rng = np.random.default_rng(0)
+    n, t, v, d = 8, 6, 50, 16
+    params = {
+        "emb": jnp.full((v, d), 1.0039, jnp.float32),  # rounds to 1.0 in bfloat16
+        "w1": jnp.asarray(rng.normal(size=(d, 64)) / 4, jnp.float32),
+        "b1": jnp.asarray(rng.normal(size=(64,)), jnp.float32),
+        "w2": jnp.asarray(rng.normal(size=(64, 10)) / 8, jnp.float32),
+    }
+    idx = jnp.asarray(rng.integers(0, v, size=(n, t)), jnp.int32)
+    target = jnp.asarray(rng.normal(size=(n, t, 10)) * 50, jnp.float32)
+
+    def loss(p, i, target):
+        h = jax.nn.gelu(p["emb"][i] @ p["w1"] + p["b1"])
+        return jnp.sum(((h @ p["w2"]).astype(jnp.float32) - target) ** 2)
+
+    fn = jaxdp.clipped_grad(_in(jnp.bfloat16, loss), l2_clip_norm=1.0, clipping_impl="ghost", per_layer=per_layer)
+    if not per_layer:
+        assert max(_contributions(fn, params, idx, target, n=n)) <= 1.0 + 1e-7
+        return
+    call = jax.jit(lambda m: fn(params, idx, target, example_mask=m)[0])
+    budget = 1.0 / math.sqrt(len(params))
+    for i in range(n):
+        for name, g in call(jnp.zeros((n,)).at[i].set(1.0)).items():
+            assert float(np.linalg.norm(np.asarray(g, np.float64))) <= budget * (1 + 1e-7), (i, name)
+
+
+@pytest.mark.parametrize("dtype,clip", [(jnp.bfloat16, 1.0041), (jnp.float16, 1.0005)])
+def test_parameters_stored_in_low_precision_are_summed_in_float32(dtype, clip):
+    """Review: a bfloat16 / float16 parameter (no float32 copy) had its clipped sum rounded back to its dtype after
+    the factor was set: 1.0037 C (Gram form), 1.0013 C (embedding table); a bfloat16 bias crashed ghost. C is not
+    a number of that dtype, so a rounded contribution would land above it."""
+    n, d = 4, 32
+    x = jnp.zeros((n, 1, d), dtype).at[:, 0, 0].set(1.0)  # T = 1: the Gram form
+    t = jnp.zeros((n, 1, d), jnp.float32).at[:, 0, 0].set(jnp.asarray([3.0, 7.0, 11.0, 50.0]))
+
+    def dense(p, x, t):
+        return 0.5 * jnp.sum(((x @ p["w"] + p["b"]).astype(jnp.float32) - t) ** 2)
+
+    idx = jnp.zeros((n, 2), jnp.int32).at[:, 1].set(5)
+
+    def embedding(table, i, t):
+        return 0.5 * jnp.sum((table[i].astype(jnp.float32) - t[:, :, :8]) ** 2)
+
+    params = {"w": jnp.zeros((d, d), dtype), "b": jnp.zeros((d,), dtype)}
+    for loss, p, a in ((dense, params, x), (embedding, jnp.zeros((64, 8), dtype), idx)):
+        (g_v, a_v), (g_g, a_g) = (
+            jax.jit(jaxdp.clipped_grad(loss, l2_clip_norm=clip, clipping_impl=impl))(p, a, t)
+            for impl in ("vmap", "ghost")
+        )
+        assert int(a_g.num_clipped) == int(a_v.num_clipped) > 0
+        scale = max(float(jnp.max(jnp.abs(v))) for v in jax.tree_util.tree_leaves(g_v))
+        tree_allclose(g_g, g_v, rtol=1e-2, atol=1e-2 * scale)
+        fn = jaxdp.clipped_grad(loss, l2_clip_norm=clip, clipping_impl="ghost")
+        assert max(_contributions(fn, p, a, t, n=n)) <= clip * (1 + 1e-7)
+
+
+def test_a_standardised_kernel_is_differentiated_at_the_models_rounded_point():
+    """Review: kernel 1000 + 0.05 noise in a bfloat16 model. Rounding flattens it, and the model standardises the
+    flattened kernel; ghost standardised the unrounded one, and its sum differed from vmap's by 93% of the largest
+    entry (both within C). The wide chain now takes the rounded value with the identity's derivative."""
+    rng = np.random.default_rng(1)
+    n = 8
+    w = jnp.asarray(1000 + rng.normal(size=(48, 40)) * 0.05, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(n, 2, 48)), jnp.float32)
+    t = jnp.asarray(rng.normal(size=(n, 2, 40)), jnp.float32)
+
+    def loss(w, x, t):
+        return jnp.sum((x @ weight_standardize(w)).astype(jnp.float32) * t)
+
+    g_v, g_g = (
+        jax.jit(jaxdp.clipped_grad(_in(jnp.bfloat16, loss), l2_clip_norm=1e6, clipping_impl=impl))(w, x, t)[0]
+        for impl in ("vmap", "ghost")
+    )
+    np.testing.assert_allclose(np.asarray(g_g), np.asarray(g_v), atol=1e-2 * float(jnp.max(jnp.abs(g_v))))

@@ -398,8 +398,12 @@ def _reparam_index(chain) -> int | None:
 
 
 def _apply_steps(steps, w, wide: bool = False):
-    """``steps`` applied to ``w``; ``wide``: every floating value at least float32 (a cast to bfloat16 or
-    float16 keeps float32, a standardisation runs on the widened kernel), see :func:`_apply_site`."""
+    """``steps`` applied to ``w``; ``wide``: every floating value at least float32, see :func:`_apply_site`. A
+    cast to bfloat16 or float16 then gives the rounded value, as the model sees it, held in float32 and with
+    the derivative of the identity (the gradient is not rounded); a standardisation runs on the widened
+    kernel, at the model's rounded point."""
+    if wide:
+        w = _wide_value(w)
     for e in steps:
         if isinstance(e, _Reparam) and wide:
             # The verified body (_is_reparam), traced afresh for the widened kernel.
@@ -407,7 +411,10 @@ def _apply_steps(steps, w, wide: bool = False):
         elif isinstance(e, _Reparam):
             (w,) = _bind(e.eqn, [w, jnp.asarray(*e.eps)])
         elif wide and e.primitive.name == "convert_element_type":
-            w = w.astype(_wide(e.params["new_dtype"]))
+            wide_dtype = _wide(e.params["new_dtype"])
+            rounded = w.astype(e.params["new_dtype"]).astype(wide_dtype)
+            w = w.astype(wide_dtype)
+            w = w + jax.lax.stop_gradient(rounded - w)  # exact: rounded - w is exact (Sterbenz), and so is the sum
         else:
             (w,) = _bind(e, [w])
     return w
@@ -585,7 +592,7 @@ def _to_leaf(site: _Site, leaf_value, blocks):
     canon = blocks.reshape((b, *(operand.shape[d] for d in order)))
     per_op = jnp.transpose(canon, [0] + [1 + order.index(d) for d in range(len(order))])
     # Through the widened chain: a cast to bfloat16 on the way is not a rounding of the gradient.
-    chained, back = jax.vjp(lambda w: _apply_chain(site, w, wide=True), leaf_value)
+    chained, back = jax.vjp(lambda w: _apply_chain(site, w, wide=True), _wide_value(leaf_value))
     return jax.vmap(lambda y: back(y.astype(chained.dtype))[0])(per_op)
 
 
@@ -788,7 +795,7 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
     # General linear use: this one leaf's per-example gradient (a bias, a scale, a conv kernel).
 
     def one(ops, gi):
-        out, vjp = jax.vjp(lambda w: _apply_site(site, w, ops), leaf_value)
+        out, vjp = jax.vjp(lambda w: _apply_site(site, w, ops), _wide_value(leaf_value))
         (gw,) = vjp(gi.astype(out.dtype))
         return gw
 
@@ -1026,7 +1033,7 @@ def site_weighted_sum(site: _Site, leaf_value, operands, g_weighted):
 
     # Widened (_apply_site): under mixed precision the weighted cotangent is not rounded to bfloat16, and the
     # sum over the chunk is not formed in it (a bfloat16 sum would be off by ~2^-8 of all examples together).
-    out, vjp = jax.vjp(batched, leaf_value)
+    out, vjp = jax.vjp(batched, _wide_value(leaf_value))  # a bfloat16 leaf: its sum is not rounded to it
     (gw,) = vjp(g_weighted.astype(out.dtype))
     return gw
 
@@ -1242,6 +1249,15 @@ def chunk(
     probes = [jnp.zeros((size, *s.out_shape), s.out_dtype) for s in sites]
     _, vjp_fn, (loss, aux, operands) = jax.vjp(total, probes, has_aux=True)
     (cotangents,) = vjp_fn(jnp.ones((), jnp.float32))
+    operands, cotangents = list(operands), list(cotangents)
+    for k, site in enumerate(sites):
+        if _narrow(site):
+            # One float32 copy of the recorded low-precision values, behind a barrier, read by the norms and by
+            # the sum alike. Without it XLA (whose default allows excess precision) fed the weighted backward an
+            # unrounded float32 X or G where the norm read the bfloat16-rounded one: up to 1.001 C per example.
+            operands[k], cotangents[k] = jax.lax.optimization_barrier(
+                ([_wide_value(o) for o in operands[k]], _wide_value(cotangents[k]))
+            )
 
     leaf_sq = [jnp.zeros((size,), jnp.float32) for _ in leaves]
     leaf_bound = list(leaf_sq)
