@@ -1211,3 +1211,38 @@ def test_a_standardised_kernel_is_differentiated_at_the_models_rounded_point():
         for impl in ("vmap", "ghost")
     )
     np.testing.assert_allclose(np.asarray(g_g), np.asarray(g_v), atol=1e-2 * float(jnp.max(jnp.abs(g_v))))
+
+
+@pytest.mark.parametrize("impl", ["vmap", "ghost"])
+def test_the_sum_of_many_leaves_norms_is_bounded(impl):
+    """Review, both paths: the leaves' squared norms were added in float32 with no slack. One leaf with norm 1 and
+    300 scalar leaves whose squares fall just under half an ulp of 1 each rounded away: 1.000009 C (1.00006 C at
+    2,000 leaves). The total now carries gamma_K."""
+    k, n = 300, 2
+    names = ["a"] + [f"b{i:05d}" for i in range(k)]
+    params = {name: jnp.zeros((), jnp.float32) for name in names}
+    row = np.full((k + 1,), np.float32(2.0**-12 * (1 - 2.0**-20)), np.float32)
+    row[0] = 1.0
+    x = jnp.asarray(np.stack([row] * n))
+
+    def loss(p, x):
+        return sum(p[name] * x[:, j] for j, name in enumerate(names)).sum()
+
+    fn = jaxdp.clipped_grad(loss, l2_clip_norm=0.5, clipping_impl=impl)
+    assert max(_contributions(fn, params, x, n=n)) <= 0.5 * (1 + 1e-7)
+
+
+def test_the_vmap_paths_own_sum_of_squares_is_bounded():
+    """Review: vmap's per-example norm (one float32 reduction) had no slack: 1.00000096 C on a bfloat16 embedding and
+    dense layer. It is now summed in two stages with its rounding in the bound, as ghost's direct form is."""
+    n, t, v, d, o = 4, 2, 10, 16, 64
+    params = {"emb": jnp.full((v, d), 1.0039, jnp.float32), "w": jnp.zeros((d, o), jnp.float32)}
+    idx = jnp.asarray(np.arange(n * t).reshape(n, t) % v, jnp.int32)
+    target = jnp.asarray(np.random.default_rng(0).normal(size=(n, t, o)) * 100, jnp.float32)
+
+    def loss(p, i, target):
+        y = p["emb"].astype(jnp.bfloat16)[i] @ p["w"].astype(jnp.bfloat16)
+        return jnp.sum((y.astype(jnp.float32) - target) ** 2)
+
+    fn = jaxdp.clipped_grad(loss, l2_clip_norm=1.0, clipping_impl="vmap")
+    assert max(_contributions(fn, params, idx, target, n=n)) <= 1.0 + 1e-7

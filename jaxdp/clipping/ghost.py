@@ -61,7 +61,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdp.clipping.core import ChunkSum, clip_factors, scaled_sum
+from jaxdp.clipping.core import ChunkSum, clip_factors, scaled_sum, sq_norm_per_example, sum_of_squares_slack
 from jaxdp.clipping.reparam import standardize_kernel
 
 PyTree = Any
@@ -773,8 +773,8 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
         # rounding of its own sum of squares.
         pieces, gm = jax.lax.optimization_barrier((pieces, gm))
         per_ex = _f32(_to_leaf(site, leaf_value, _example_blocks(pieces, gm)))
-        sq = _sum_of_squares(per_ex)
-        return sq, sq * _sum_of_squares_slack(per_ex, u), per_ex, None
+        sq = sq_norm_per_example(per_ex)
+        return sq, sq * sum_of_squares_slack(per_ex.shape, per_ex.dtype), per_ex, None
     if form == "embedding":
         i, valid, gm = layout
         t = i.shape[1]
@@ -800,26 +800,8 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
         return gw
 
     per_ex = _f32(jax.vmap(one)(operands, g))
-    sq = _sum_of_squares(per_ex)
-    return sq, sq * _sum_of_squares_slack(per_ex, site_roundoff(site, leaf_value)), per_ex, None
-
-
-def _sum_of_squares(per_example):
-    """Per example, the sum of squares of a gradient (B, ...) in two stages (:func:`_two_stage_sum`): rows of
-    its last axis, then those; :func:`_sum_of_squares_slack` bounds its rounding."""
-    x = per_example.reshape(per_example.shape[0], -1, per_example.shape[-1] if per_example.ndim > 1 else 1)
-    return _two_stage_sum(jnp.square(x))
-
-
-def _sum_of_squares_slack(per_example, u: float) -> float:
-    """The factor :func:`_sum_of_squares` may round low by, for the clip factor: a sum of r rows of c squares
-    (each square and each sum rounded) is off by at most (gamma_c + gamma_r + u) of it (nonnegative terms),
-    and twice that covers the gamma denominators. Without it an example whose gradient was formed exactly
-    (the direct form, the fallback) contributed up to 1.000001 C: 32 x 32 squares summed in sequence on
-    XLA's CPU backend came out 2e-6 low, and the sum of the gradient itself was exact."""
-    c = per_example.shape[-1] if len(per_example.shape) > 1 else 1
-    r = math.prod(per_example.shape[1:]) // c
-    return 1 + 2 * (r + c + 2) * u
+    sq = sq_norm_per_example(per_ex)
+    return sq, sq * sum_of_squares_slack(per_ex.shape, per_ex.dtype), per_ex, None
 
 
 def _two_stage_sum(terms):
@@ -895,9 +877,9 @@ def _trusted_or_direct(site: _Site, leaf_value, pieces, gm, sq, bound, finite, m
         return _to_leaf(site, leaf_value, block[None])[0] if per_example else block
 
     def direct_norms():
-        exact = jax.lax.map(lambda i: _sum_of_squares(_f32(gradient(i))[None])[0], jnp.arange(gm.shape[0]))
+        exact = jax.lax.map(lambda i: sq_norm_per_example(_f32(gradient(i))[None])[0], jnp.arange(gm.shape[0]))
         shape = jnp.shape(leaf_value) if per_example else (d_in, d_out)
-        slack = _sum_of_squares_slack(jax.ShapeDtypeStruct((1, *shape), jnp.float32), site_roundoff(site, leaf_value))
+        slack = sum_of_squares_slack((1, *shape), gm.dtype)
         return exact.astype(sq.dtype), (exact * slack).astype(bound.dtype)
 
     sq, bound = jax.lax.cond(use, direct_norms, lambda: (sq, bound))

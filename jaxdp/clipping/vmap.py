@@ -13,7 +13,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdp.clipping.core import ChunkSum, clip_factors, rounding_slack, scaled_sum, sq_norm_per_example
+from jaxdp.clipping.core import (
+    ChunkSum,
+    clip_factors,
+    rounding_slack,
+    scaled_sum,
+    sq_norm_per_example,
+    sum_of_squares_slack,
+)
 
 PyTree = Any
 
@@ -124,8 +131,12 @@ def chunk(
     loss, aux, grads = example_grads(loss_fn, params, batched_nums, args, has_aux=has_aux, example_grad=example_grad)
     leaves, treedef = jax.tree_util.tree_flatten(grads)
     leaf_sq = [sq_norm_per_example(leaf) for leaf in leaves]
-    # Low-precision gradients: the factor allows for the norm and the sum seeing different roundings.
-    leaf_bound = [sq * rounding_slack(leaf.dtype) for sq, leaf in zip(leaf_sq, leaves, strict=True)]
+    # Low-precision gradients: the factor allows for the norm and the sum seeing different roundings; every
+    # gradient: for the rounding of its own sum of squares.
+    leaf_bound = [
+        sq * (rounding_slack(leaf.dtype) * sum_of_squares_slack(leaf.shape, leaf.dtype))
+        for sq, leaf in zip(leaf_sq, leaves, strict=True)
+    ]
     factors, keep, norms, stats = clip_factors(
         leaf_sq, mask, l2_clip_norm=l2_clip_norm, per_layer=per_layer, leaf_bound=leaf_bound
     )
