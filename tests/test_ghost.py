@@ -1114,8 +1114,8 @@ def test_mixed_precision_contributions_stay_within_the_bound_under_cancellation(
 @pytest.mark.parametrize("direction", ["ones", "kernel"])
 def test_mixed_precision_standardised_gradients_stay_within_the_bound(direction):
     """The standardisation's Jacobian removes a huge gradient along 1 or w'_0, in a bfloat16 model: ghost takes the
-    Jacobian of the float32 standardisation (the output it needs formed from the float32 kernel, not the
-    model's bfloat16 one) and no example contributes more than C."""
+    Jacobian of the standardisation computed in float32 (the output it needs formed from that float32 W', not
+    the model's bfloat16 output) and no example contributes more than C."""
     n = 8
     args = _projected_away(direction, 1e4, n)
     for impl in ("ghost", "vmap"):

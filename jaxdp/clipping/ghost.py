@@ -762,8 +762,8 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
             if not site.keeps_output:
                 if not _narrow(site):  # decided from the same shapes when the site was found
                     raise AssertionError("ghost clipping: a standardised Gram site without its recorded output")
-                # Mixed precision: the output the model computed used the kernel rounded to bfloat16 / float16;
-                # the norm needs X W' with the float32 kernel whose Jacobian it takes (_ws_stats): formed here.
+                # Mixed precision: the model's output is a bfloat16 / float16 rounding of X W'; the norm needs X W'
+                # with the float32 W' whose Jacobian it takes (_ws_stats, the wide chain): formed here.
                 z = jax.vmap(lambda ops: _apply_site(site, leaf_value, ops))(operands)
             zm = _f32(_layout_of(site)(site, operands[0], z)[1])
             return _ws_gram_norms(site, leaf_value, pieces, gm, zm, u, mask)
