@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdp.models._conv import conv_same
-from jaxdp.models._nets import pooled_size
+from jaxdp.models._nets import avg_pool, pooled_size
 
 __all__ = [
     "ComplexCNN",
@@ -236,11 +236,8 @@ def magnitude(z: jax.Array) -> jax.Array:
 
 
 def complex_avg_pool(z: jax.Array, window: int = 2) -> jax.Array:
-    """Mean of complex values over non-overlapping ``window × window`` patches (NHWC)."""
-    n, h, w, c = z.shape
-    h2, w2 = h // window, w // window
-    z = z[:, : h2 * window, : w2 * window]
-    return z.reshape(n, h2, window, w2, window, c).mean(axis=(2, 4))
+    """Mean of complex values over non-overlapping ``window × window`` patches (NHWC): :func:`avg_pool`."""
+    return avg_pool(z, (window, window))
 
 
 _ACTIVATIONS: dict[str, Callable] = {
