@@ -27,6 +27,7 @@ __all__ = [
     "rounding_slack",
     "sum_of_squares_slack",
     "scaled_sum",
+    "sq_norm_and_bound",
     "sq_norm_per_example",
 ]
 
@@ -72,6 +73,15 @@ def sq_norm_per_example(leaf: jax.Array) -> jax.Array:
     # The barrier keeps XLA from fusing the two stages into one reduction (whose rounding grows with r c).
     rows = jax.lax.optimization_barrier(jnp.sum(jnp.square(x.reshape(b, r, c)), axis=2))
     return jnp.sum(rows, axis=1)
+
+
+def sq_norm_and_bound(per_example: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(:func:`sq_norm_per_example`, an upper bound of it under rounding for the clip factor) of per-example
+    gradients ``(B, ...)``: the rounding of its own sum of squares (:func:`sum_of_squares_slack`) and, below
+    float32, of the gradient held in its dtype (:func:`rounding_slack`)."""
+    sq = sq_norm_per_example(per_example)
+    dtype = per_example.dtype
+    return sq, sq * (rounding_slack(dtype) * sum_of_squares_slack(per_example.shape, dtype))
 
 
 def _rows(n: int) -> tuple[int, int]:

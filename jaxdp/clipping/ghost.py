@@ -61,7 +61,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdp.clipping.core import ChunkSum, clip_factors, scaled_sum, sq_norm_per_example, sum_of_squares_slack
+from jaxdp.clipping.core import ChunkSum, clip_factors, scaled_sum, sq_norm_and_bound
 from jaxdp.clipping.reparam import standardize_kernel
 
 PyTree = Any
@@ -463,10 +463,6 @@ def _wide_value(x):
     return x.astype(_wide(jnp.result_type(x)))
 
 
-def _f32(x):
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def _dense_layout(site: _Site, x, g):
     """([X], G) as [(B, T, d_in)], (B, T, d_out) for a plain dense ``dot_general``, or None."""
     (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
@@ -747,14 +743,15 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
     for the chunk are those of each example's own X^T G, formed one example at a time, and
     ``fallback`` tells the caller to sum those products (:class:`Fallback`), so the result
     equals the vmap path's. Where the gradient is materialised (a kernel's direct X^T G, or
-    the general path), it is returned and summed as is, like the vmap path: no slack needed.
+    the general path), it is returned and summed as is, like the vmap path: the only slack is the
+    rounding of its own sum of squares.
     """
     if site.keeps_output:  # a standardised kernel on the Gram form: its consumer's output was recorded last
         operands, z = operands[:-1], operands[-1]
     form, layout, _ = _choose_form(site, operands, g)
     if form in ("gram", "ws_gram", "direct"):
         pieces, gm = layout
-        pieces, gm = [_f32(x) for x in pieces], _f32(gm)
+        pieces, gm = [_wide_value(x) for x in pieces], _wide_value(gm)
         u = site_roundoff(site, leaf_value, gm, *pieces)
         if form == "gram":
             return _gram_norms(site, leaf_value, pieces, gm, u, mask)
@@ -765,20 +762,19 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
                 # Mixed precision: the model's output is a bfloat16 / float16 rounding of X W'; the norm needs X W'
                 # with the float32 W' whose Jacobian it takes (_ws_stats, the wide chain): formed here.
                 z = jax.vmap(lambda ops: _apply_site(site, leaf_value, ops))(operands)
-            zm = _f32(_layout_of(site)(site, operands[0], z)[1])
+            zm = _wide_value(_layout_of(site)(site, operands[0], z)[1])
             return _ws_gram_norms(site, leaf_value, pieces, gm, zm, u, mask)
         # Direct: the example's gradient X^T G itself, no larger than its X and G (see _choose_form).
         # It is kept, mapped to the leaf's layout (through the standardisation's Jacobian, if any) and
         # summed as normed (book-keeping without a second weight-gradient pass): the only slack is the
         # rounding of its own sum of squares.
         pieces, gm = jax.lax.optimization_barrier((pieces, gm))
-        per_ex = _f32(_to_leaf(site, leaf_value, _example_blocks(pieces, gm)))
-        sq = sq_norm_per_example(per_ex)
-        return sq, sq * sum_of_squares_slack(per_ex.shape, per_ex.dtype), per_ex, None
+        per_ex = _wide_value(_to_leaf(site, leaf_value, _example_blocks(pieces, gm)))
+        return *sq_norm_and_bound(per_ex), per_ex, None
     if form == "embedding":
         i, valid, gm = layout
         t = i.shape[1]
-        gm = jnp.where(valid[..., None], _f32(gm), 0.0)  # dropped rows: their cotangent may be NaN
+        gm = jnp.where(valid[..., None], _wide_value(gm), 0.0)  # dropped rows: their cotangent may be NaN
         u = site_roundoff(site, leaf_value, gm)
         same = (i[:, :, None] == i[:, None, :]).astype(gm.dtype)
         g_gram = jnp.matmul(gm, jnp.swapaxes(gm, 1, 2), precision=_HIGHEST)
@@ -799,9 +795,8 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
         (gw,) = vjp(gi.astype(out.dtype))
         return gw
 
-    per_ex = _f32(jax.vmap(one)(operands, g))
-    sq = sq_norm_per_example(per_ex)
-    return sq, sq * sum_of_squares_slack(per_ex.shape, per_ex.dtype), per_ex, None
+    per_ex = _wide_value(jax.vmap(one)(operands, g))
+    return *sq_norm_and_bound(per_ex), per_ex, None
 
 
 def _two_stage_sum(terms):
@@ -877,10 +872,10 @@ def _trusted_or_direct(site: _Site, leaf_value, pieces, gm, sq, bound, finite, m
         return _to_leaf(site, leaf_value, block[None])[0] if per_example else block
 
     def direct_norms():
-        exact = jax.lax.map(lambda i: sq_norm_per_example(_f32(gradient(i))[None])[0], jnp.arange(gm.shape[0]))
-        shape = jnp.shape(leaf_value) if per_example else (d_in, d_out)
-        slack = sum_of_squares_slack((1, *shape), gm.dtype)
-        return exact.astype(sq.dtype), (exact * slack).astype(bound.dtype)
+        exact, exact_bound = jax.lax.map(
+            lambda i: sq_norm_and_bound(_wide_value(gradient(i))[None]), jnp.arange(gm.shape[0])
+        )
+        return exact[:, 0].astype(sq.dtype), exact_bound[:, 0].astype(bound.dtype)
 
     sq, bound = jax.lax.cond(use, direct_norms, lambda: (sq, bound))
 
@@ -920,9 +915,8 @@ def _ws_stats(site: _Site, leaf_value):
     ``w' = (k - mean_c) / s_c`` with ``s_c = sqrt(var_c + eps)``, statistics per output channel.
     """
     i = _reparam_index(site.chain)
-    kernel = _apply_steps(site.chain[:i], leaf_value, wide=True)
-    w = _f32(_apply_steps(site.chain[i:], kernel, wide=True))
-    k = _f32(kernel)
+    k = _apply_steps(site.chain[:i], leaf_value, wide=True)  # widened: float32 or wider
+    w = _apply_steps(site.chain[i:], k, wide=True)
     axes = tuple(range(k.ndim - 1))
     a = k - jnp.mean(k, axis=axes, keepdims=True)
     s = jnp.sqrt(jnp.mean(jnp.square(a), axis=axes) + float(site.chain[i].eps[0]))

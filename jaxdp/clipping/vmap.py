@@ -13,14 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdp.clipping.core import (
-    ChunkSum,
-    clip_factors,
-    rounding_slack,
-    scaled_sum,
-    sq_norm_per_example,
-    sum_of_squares_slack,
-)
+from jaxdp.clipping.core import ChunkSum, clip_factors, scaled_sum, sq_norm_and_bound
 
 PyTree = Any
 
@@ -130,13 +123,9 @@ def chunk(
     """One chunk of examples on the vmap path: their gradients, clipped (:func:`.core.clip_factors`) and summed."""
     loss, aux, grads = example_grads(loss_fn, params, batched_nums, args, has_aux=has_aux, example_grad=example_grad)
     leaves, treedef = jax.tree_util.tree_flatten(grads)
-    leaf_sq = [sq_norm_per_example(leaf) for leaf in leaves]
-    # Low-precision gradients: the factor allows for the norm and the sum seeing different roundings; every
-    # gradient: for the rounding of its own sum of squares.
-    leaf_bound = [
-        sq * (rounding_slack(leaf.dtype) * sum_of_squares_slack(leaf.shape, leaf.dtype))
-        for sq, leaf in zip(leaf_sq, leaves, strict=True)
-    ]
+    # The factor allows for the rounding of each norm's own sum of squares and, for low-precision gradients,
+    # for the norm and the sum seeing different roundings.
+    leaf_sq, leaf_bound = (list(v) for v in zip(*(sq_norm_and_bound(leaf) for leaf in leaves), strict=True))
     factors, keep, norms, stats = clip_factors(
         leaf_sq, mask, l2_clip_norm=l2_clip_norm, per_layer=per_layer, leaf_bound=leaf_bound
     )
