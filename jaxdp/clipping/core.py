@@ -29,6 +29,7 @@ __all__ = [
     "scaled_sum",
     "sq_norm_and_bound",
     "sq_norm_per_example",
+    "two_stage_sum",
 ]
 
 
@@ -70,8 +71,13 @@ def sq_norm_per_example(leaf: jax.Array) -> jax.Array:
     x = leaf.reshape(b, n)
     if r * c > n:  # no divisor near sqrt(n): zeros (exact) to a balanced shape
         x = jnp.pad(x, ((0, 0), (0, r * c - n)))
-    # The barrier keeps XLA from fusing the two stages into one reduction (whose rounding grows with r c).
-    rows = jax.lax.optimization_barrier(jnp.sum(jnp.square(x.reshape(b, r, c)), axis=2))
+    return two_stage_sum(jnp.square(x.reshape(b, r, c)))
+
+
+def two_stage_sum(terms: jax.Array) -> jax.Array:
+    """``sum_{i,j} terms[b, i, j]`` per example as r sums of c terms, then one sum of r: the barrier keeps XLA
+    from fusing them into one reduction of r c terms, whose rounding bound grows with r c instead of r + c."""
+    rows = jax.lax.optimization_barrier(jnp.sum(terms, axis=2))
     return jnp.sum(rows, axis=1)
 
 

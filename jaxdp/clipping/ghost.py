@@ -61,7 +61,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdp.clipping.core import ChunkSum, clip_factors, scaled_sum, sq_norm_and_bound
+from jaxdp.clipping.core import ChunkSum, clip_factors, scaled_sum, sq_norm_and_bound, two_stage_sum
 from jaxdp.clipping.reparam import standardize_kernel
 
 PyTree = Any
@@ -778,7 +778,7 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
         u = site_roundoff(site, leaf_value, gm)
         same = (i[:, :, None] == i[:, None, :]).astype(gm.dtype)
         g_gram = jnp.matmul(gm, jnp.swapaxes(gm, 1, 2), precision=_HIGHEST)
-        sq = _two_stage_sum(same * g_gram)
+        sq = two_stage_sum(same * g_gram)
         # Only pairs of positions holding the same row carry a term (and its rounding error):
         # the slack is in sum_{t,s same} ||g_t|| ||g_s||, not Q^2 (which over-clipped distinct tokens).
         g_norm = jnp.sqrt(jnp.sum(jnp.square(gm), axis=-1)) * (1 + 2 * (gm.shape[2] + 8) * u)
@@ -797,14 +797,6 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
 
     per_ex = _wide_value(jax.vmap(one)(operands, g))
     return *sq_norm_and_bound(per_ex), per_ex, None
-
-
-def _two_stage_sum(terms):
-    """``sum_{t,s} terms[b, t, s]`` per example as T sums of T terms, then one sum of T: the
-    barrier keeps XLA from fusing them into one reduction of T^2 terms, whose rounding bound
-    grows with T^2 instead of 2T."""
-    rows = jax.lax.optimization_barrier(jnp.sum(terms, axis=2))
-    return jnp.sum(rows, axis=1)
 
 
 # Smallest normal float32: products and squares below it may be flushed to zero (XLA's CPU does).
@@ -834,7 +826,7 @@ def _gram_norms(site: _Site, leaf_value, pieces, gm, u, mask=None):
     sx, sg = [jnp.ldexp(x, -e_x[:, None, None]) for x in pieces], jnp.ldexp(gm, -e_g[:, None, None])
     x_gram = sum(jnp.matmul(x, jnp.swapaxes(x, 1, 2), precision=_HIGHEST) for x in sx)
     g_gram = jnp.matmul(sg, jnp.swapaxes(sg, 1, 2), precision=_HIGHEST)
-    sq = _two_stage_sum(x_gram * g_gram)
+    sq = two_stage_sum(x_gram * g_gram)
     # Q of the scaled values, plus what flushed position norms may have lost (each < 2^-63 sqrt(d)).
     q = _position_weight(sx, sg, u) + t * 2.0**-60 * math.sqrt(d_in * d_out)
     # |computed - exact| <= (gamma_{d_in} + gamma_{d_out} + gamma_{2T} + ...) Q^2; twice that covers the
