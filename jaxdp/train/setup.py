@@ -48,6 +48,14 @@ __all__ = [
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _check_model_dtype(dtype) -> None:
+    if dtype not in COMPUTE_DTYPES:
+        raise ConfigError(
+            f"model.dtype={dtype!r} is invalid: need one of {', '.join(COMPUTE_DTYPES)} (the dtype the model computes "
+            "in; parameters, the clipped sum and the noise stay float32)."
+        )
+
+
 def classification_loss(graphdef: nnx.GraphDef, rest: Any, dtype: str | None = None) -> Callable[..., jax.Array]:
     """``loss(params, x, y)``: mean softmax cross-entropy of an NNX model's logits.
 
@@ -57,8 +65,8 @@ def classification_loss(graphdef: nnx.GraphDef, rest: Any, dtype: str | None = N
     gradients' norms, the clipped sum, the noise and the optimizer stay float32 (both clipping paths form
     them in float32: see :mod:`jaxdp.clipping.ghost`, "mixed precision").
     """
-    if dtype not in (None, *COMPUTE_DTYPES):
-        raise ConfigError(f"model.dtype={dtype!r} is invalid: need one of {', '.join(COMPUTE_DTYPES)}.")
+    if dtype is not None:
+        _check_model_dtype(dtype)
     low = None if dtype in (None, "float32") else jnp.dtype(dtype)
 
     def cast(v):
@@ -227,14 +235,7 @@ def validate_config(config: ml_collections.ConfigDict, dataset_size: int | None 
     need(isinstance(vs, int) and vs >= 0, "validation_size", vs, "need an int >= 0 (0 = evaluate on the test set)")
     impl = clipping_impl(config)
     need(impl in CLIPPING_IMPLS, "clipping_impl", impl, f"need one of {CLIPPING_IMPLS} (performance only)")
-    dtype = config.model.get("dtype", "float32")
-    need(
-        dtype in COMPUTE_DTYPES,
-        "model.dtype",
-        dtype,
-        f"need one of {', '.join(COMPUTE_DTYPES)} (the dtype the model computes in; parameters, the clipped sum "
-        "and the noise stay float32)",
-    )
+    _check_model_dtype(config.model.get("dtype", "float32"))
 
 
 def run_steps_per_epoch(config: ml_collections.ConfigDict, dataset_size: int) -> int:
