@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ import jaxdp
 from jaxdp.bench import MODELS, time_interleaved
 from jaxdp.bench.models import split_model
 from jaxdp.clipping import ghost
+from jaxdp.host import keep_freed_memory, malloc_setting
 
 FORMS = ("gram", "ws_gram", "direct", "embedding", "parameter")
 DEFAULT = (("mnist_cnn", 256), ("transformer", 256), ("wrn16_4", 32))
@@ -60,6 +62,16 @@ def batch_of(name: str, batch: int):
     return jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
 
 
+def host_cost(fn, calls: int = 10) -> tuple[float, float]:
+    """(minor page faults, kernel ms) per call of ``fn``, from the process's resource usage."""
+    fn()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(calls):
+        fn()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return (r1.ru_minflt - r0.ru_minflt) / calls, (r1.ru_stime - r0.ru_stime) * 1e3 / calls
+
+
 def profile(name: str, batch: int, repeats: int) -> None:
     _, params, _, loss_fn = split_model(name)
     x, y = batch_of(name, batch)
@@ -72,12 +84,15 @@ def profile(name: str, batch: int, repeats: int) -> None:
             fn = jax.jit(jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, clipping_impl="ghost"))
             variants[label] = fn.lower(params, x, y).compile()  # compiled while stubbed
     variants["vmap"] = jax.jit(jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, clipping_impl="vmap"))
-    timings = time_interleaved({k: (lambda f=f: f(params, x, y)) for k, f in variants.items()}, repeats)
+    calls = {k: (lambda f=f: jax.block_until_ready(f(params, x, y))) for k, f in variants.items()}
+    timings = time_interleaved(calls, repeats)
     base = timings["non-private"].seconds
-    print(f"\n{name}, batch {batch} ({jax.default_backend()}): ms per call, and non-private / that")
-    print("| part | ms | non-private / this |\n|---|---:|---:|")
+    print(f"\n{name}, batch {batch} ({jax.default_backend()}; {malloc_setting()}): ms per call, non-private / that,")
+    print("and the host's minor page faults and kernel time per call")
+    print("| part | ms | non-private / this | page faults | kernel ms |\n|---|---:|---:|---:|---:|")
     for label, t in timings.items():
-        print(f"| {label} | {t.seconds * 1e3:.1f} | {base / t.seconds:.2f} |")
+        faults, kernel_ms = host_cost(calls[label])
+        print(f"| {label} | {t.seconds * 1e3:.1f} | {base / t.seconds:.2f} | {faults:,.0f} | {kernel_ms:.1f} |")
 
 
 def main() -> None:
@@ -85,7 +100,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None, help="default: mnist_cnn transformer wrn16_4")
     parser.add_argument("--batch", type=int, default=None, help="default: 256, 256, 32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="leave glibc's malloc as it is (default: jaxdp.host.keep_freed_memory)",
+    )
     args = parser.parse_args()
+    if not args.malloc_defaults:
+        keep_freed_memory()
     grid = [(m, args.batch or dict(DEFAULT).get(m, 64)) for m in args.models] if args.models else list(DEFAULT)
     for name, batch in grid:
         profile(name, batch, args.repeats)

@@ -45,6 +45,7 @@ from jaxdp import distributed
 from jaxdp.bench.models import MODELS, ModelSpec, param_count, split_model
 from jaxdp.bench.refs import REFERENCES
 from jaxdp.bench.timing import time_interleaved
+from jaxdp.host import keep_freed_memory
 from jaxdp.keys import key_from_secret
 from jaxdp.plan import PrivacyPlan, steps_per_epoch
 from jaxdp.train import evaluate, make_optimizer
@@ -360,6 +361,7 @@ def scale_out(
 def worker_main(argv: list[str]) -> int:
     """The subprocess: ``python -m jaxdp.bench {config|scale} JOB OUT``."""
     kind, job_path, out_path = argv
+    keep_freed_memory()  # as in the jaxdp command that started this subprocess (see jaxdp.host)
     with open(job_path) as f:
         job = json.load(f)
     result = measure_config(job) if kind == "config" else scale_worker(job)

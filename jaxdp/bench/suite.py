@@ -31,6 +31,7 @@ from jaxdp.accounting import calibrate_noise_multiplier, require_upper_bound
 from jaxdp.bench.measure import measure_config, run_isolated, scale_out
 from jaxdp.bench.models import DEFAULT_MODELS, MODELS
 from jaxdp.bench.report import clear_outputs, render_markdown, write_outputs
+from jaxdp.host import malloc_setting
 from jaxdp.plan import PrivacyPlan, steps_per_epoch
 from jaxdp.train.setup import COMPUTE_DTYPES
 
@@ -229,7 +230,7 @@ def run_bench(
     header = (
         f"jax {jax.__version__}, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"{len(jax.devices())} device(s); {platform.machine()}, {os.cpu_count()} CPU cores; "
-        f"delta={delta:g}, accountant={accountant}, clipping_impl={' / '.join(impls)}, C=1"
+        f"{malloc_setting()}; delta={delta:g}, accountant={accountant}, clipping_impl={' / '.join(impls)}, C=1"
     )
     t_start = time.perf_counter()
     rows = []

@@ -271,6 +271,10 @@ def _main(argv: list[str]) -> int:
         from jaxdp.cli import data
 
         return data.run(args)
+    if args.command in ("train", "bench", "audit"):
+        from jaxdp.host import keep_freed_memory
+
+        keep_freed_memory()  # each step's XLA temporaries reuse the last step's pages (see jaxdp.host)
     if args.command == "bench":
         from jaxdp.cli import bench
 
