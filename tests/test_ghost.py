@@ -400,6 +400,64 @@ def test_direct_per_example_gradients_are_put_back_in_each_layout(monkeypatch):
     assert {names[i] for i in direct} == kernels
 
 
+class DirectConvs(nnx.Module):
+    """Convolutions on the direct path whose im2col matrix (ghost._conv_patches_t, built one spatial dim at a
+    time) is easy to get wrong: channels-first input, a 3-D kernel with stride, dilation and uneven padding,
+    and a convolution that sees two images per example (its own batch dim inside one example)."""
+
+    def __init__(self, rngs):
+        key = rngs.params
+        self.k_nchw = nnx.Param(0.3 * jax.random.normal(key(), (3, 2, 3, 2)))  # OIHW, stride (2, 1)
+        self.k_3d = nnx.Param(0.3 * jax.random.normal(key(), (2, 3, 2, 1, 3)))  # DHWIO
+        self.k_pair = nnx.Param(0.3 * jax.random.normal(key(), (4, 4, 1, 3)))  # HWIO, two images per example
+        self.head = nnx.Linear(3 + 3 + 6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        b = x.shape[0]
+        img = x[:, :72].reshape(b, 2, 6, 6)  # NCHW
+        c = jax.lax.conv_general_dilated(img, self.k_nchw[...], (2, 1), [(1, 0), (0, 2)], rhs_dilation=(1, 2))
+        vol = x[:, 72 : 72 + 64].reshape(b, 4, 4, 4, 1)
+        v = jax.lax.conv_general_dilated(
+            vol,
+            self.k_3d[...],
+            (1, 2, 1),
+            "SAME",
+            rhs_dilation=(2, 1, 1),
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        )
+        pair = x[:, 136:].reshape(b * 2, 8, 8, 1)  # each example holds two 8x8 images
+        q = jax.lax.conv_general_dilated(
+            pair, self.k_pair[...], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        q = jnp.tanh(q).mean((1, 2)).reshape(b, 6)
+        feats = [jnp.tanh(c).mean((2, 3)), jnp.tanh(v).mean((1, 2, 3)), q]
+        return self.head(jnp.tanh(jnp.concatenate(feats, axis=-1)))
+
+
+def test_direct_conv_patches_in_each_layout_equal_vmap(monkeypatch):
+    """Each kernel here is taken on the direct path, from ghost._conv_patches_t; the clipped sum and norms equal
+    vmap's (a wrong row or column of the im2col matrix changes both), and the matrix equals _conv_layout's
+    per-offset pieces side by side."""
+    patched, patches, diffs = set(), ghost._conv_patches_t, []
+
+    def spy(site, x):
+        out = patches(site, x)
+        patched.add(site.leaf)
+        g = jnp.zeros((x.shape[0], *site.out_shape), x.dtype)
+        pieces, _ = ghost._conv_layout(site, x, g)  # the Gram form's blocks: (B, T, C) per window offset
+        diff = jnp.max(jnp.abs(out - jnp.swapaxes(jnp.concatenate(pieces, -1), 1, 2)))
+        jax.debug.callback(lambda d: diffs.append(float(d)), diff)  # traced under jit: compared when it runs
+        return out
+
+    monkeypatch.setattr(ghost, "_conv_patches_t", spy)
+    x = np.random.default_rng(8).normal(size=(5, 72 + 64 + 128)).astype(np.float32)
+    loss_fn, params, x, y = _nnx_problem(DirectConvs(nnx.Rngs(0)), x, 3)
+    _assert_ghost_equals_vmap(loss_fn, params, x, y, jnp.ones((5,)).at[1].set(0.0), clip=0.05)
+    names = ghost.leaf_names(params)
+    assert {names[i] for i in patched} == {n for n in names if n.startswith("params['k_")}
+    assert diffs and max(diffs) == 0.0
+
+
 def test_ghost_coverage_says_why_without_computing():
     loss_fn, params, x, y = problem("transformer")
     assert jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).ghost_coverage(params, x, y) is None

@@ -536,6 +536,38 @@ def _conv_layout(site: _Site, x, g):
     return pieces, g.reshape(b, -1, g.shape[-1])
 
 
+def _conv_patches_t(site: _Site, x) -> jax.Array:
+    """A convolution's per-example im2col matrix, transposed: (B, K C, T), rows in :func:`_conv_layout`'s
+    order (window offset, then input channel), columns the output positions.
+
+    Built one spatial dimension at a time, the k window offsets of each stacked as strided slices,
+    straight into this layout (no transpose after it): a kh x kw kernel takes kh + kw slices, not
+    kh kw. Measured (2 CPU cores, the DP MNIST CNN at batch 256): 64 separate slices of its 8 x 8
+    first layer took longer than its per-example products, and XLA's batched product ran twice as
+    fast with the positions contracted along the last axis of X as along the middle one.
+    """
+    p = site.eqn.params
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    rhs_shape = site.eqn.invars[1].aval.shape
+    window = [rhs_shape[d] for d in rhs_spec[2:]]
+    out_spatial = [site.out_shape[d] for d in out_spec[2:]]
+    b, n = x.shape[0], x.shape[1]  # examples, and the convolution's own batch within one example
+    lhs = jnp.transpose(x.reshape((b * n, *x.shape[2:])), list(lhs_spec))  # (N, C, S_0, ...)
+    lhs = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype), [(0, 0, 0), (0, 0, 0), *((lo, hi, 0) for lo, hi in p["padding"])])
+    # (N, k_0, ..., k_{i-1}, C, o_0, ..., o_{i-1}, S_i, ...): spatial dim i at axis 2 + 2 i.
+    for i, (k, o, st, dil) in enumerate(zip(window, out_spatial, p["window_strides"], p["rhs_dilation"], strict=True)):
+        axis = 2 + 2 * i
+        shifted = [
+            jax.lax.slice_in_dim(lhs, a * dil, a * dil + (o - 1) * st + 1, stride=st, axis=axis) for a in range(k)
+        ]
+        lhs = jnp.stack(shifted, axis=1 + i)
+    t = int(np.prod(out_spatial, dtype=np.int64))
+    lhs = lhs.reshape(b, n, -1, t)
+    if n > 1:
+        lhs = jnp.swapaxes(lhs, 1, 2)
+    return lhs.reshape(b, -1, n * t)
+
+
 def _gather_layout(site: _Site, x, g):
     """(idx, valid, G) as (B, T), (B, T), (B, T, D) for an embedding-row ``gather``, or None."""
     if site.pos != 0:
@@ -768,8 +800,12 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
         # It is kept, mapped to the leaf's layout (through the standardisation's Jacobian, if any) and
         # summed as normed (book-keeping without a second weight-gradient pass): the only slack is the
         # rounding of its own sum of squares.
-        pieces, gm = jax.lax.optimization_barrier((pieces, gm))
-        per_ex = _wide_value(_to_leaf(site, leaf_value, _example_blocks(pieces, gm)))
+        if site.eqn.primitive.name == "conv_general_dilated":
+            x_t = _wide_value(_conv_patches_t(site, operands[0]))
+            blocks = jnp.einsum("bpt,btd->bpd", x_t, gm, precision=_HIGHEST)
+        else:
+            blocks = _example_blocks(pieces, gm)
+        per_ex = _wide_value(_to_leaf(site, leaf_value, blocks))
         return *sq_norm_and_bound(per_ex), per_ex, None
     if form == "embedding":
         i, valid, gm = layout
