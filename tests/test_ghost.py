@@ -458,6 +458,22 @@ def test_direct_conv_patches_in_each_layout_equal_vmap(monkeypatch):
     assert diffs and max(diffs) == 0.0
 
 
+@pytest.mark.parametrize(
+    "w_shape, shape, dims",
+    [((4,), (3, 4), (1,)), ((1, 4), (5, 4), (0, 1)), ((2, 1, 3), (2, 6, 3, 5), (0, 1, 2)), ((3, 1), (2, 3, 4), (1, 2))],
+)
+def test_broadcast_as_product_equals_broadcast_and_its_transpose(w_shape, shape, dims):
+    """ghost._broadcast_as_product (the per-example gradients' broadcast, whose transpose is a dot): the same values
+    as broadcast_in_dim and the same vjp, to float32 rounding of the sum it transposes to."""
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    ref, ref_vjp = jax.vjp(lambda v: jax.lax.broadcast_in_dim(v, shape, dims), w)
+    out, out_vjp = jax.vjp(lambda v: ghost._broadcast_as_product(v, shape, dims), w)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    np.testing.assert_allclose(np.asarray(out_vjp(ct)[0]), np.asarray(ref_vjp(ct)[0]), rtol=1e-6, atol=1e-6)
+
+
 def test_ghost_coverage_says_why_without_computing():
     loss_fn, params, x, y = problem("transformer")
     assert jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).ghost_coverage(params, x, y) is None
