@@ -1,6 +1,7 @@
 """jaxdp.host.keep_freed_memory: a freed large block's pages are reused, not faulted in afresh."""
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -41,7 +42,13 @@ def _probe(mode: str, env=None) -> tuple[bool, int, int, str]:
     return out[0] == "True", int(out[1]), int(out[2]), out[3].strip()
 
 
-linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+_libc, _version = platform.libc_ver()
+linux_glibc = pytest.mark.skipif(
+    not sys.platform.startswith("linux")
+    or _libc != "glibc"
+    or tuple(int(p) for p in _version.split(".")[:2]) < (2, 33),
+    reason="glibc's malloc only (mallinfo2: glibc 2.33 or later)",
+)
 
 
 @linux_glibc
