@@ -458,6 +458,25 @@ def test_direct_conv_patches_in_each_layout_equal_vmap(monkeypatch):
     assert diffs and max(diffs) == 0.0
 
 
+@pytest.mark.parametrize("batch", [7, 8])  # 7: chunks padded with zero examples; 8: a chunk count that divides it
+def test_direct_conv_products_in_chunks_equal_vmap(monkeypatch, batch):
+    """A convolution whose im2col matrix outgrows the layer's input forms its direct products in chunks of examples
+    (ghost._direct_chunk, a loop): clipped sum and norms equal vmap's, with a masked example, for a batch the
+    chunks divide and one they do not."""
+    seen, chunk = [], ghost._direct_chunk
+
+    def spy(site, x):
+        c = chunk(site, x)
+        seen.append((x.shape[0], c))
+        return c
+
+    monkeypatch.setattr(ghost, "_direct_chunk", spy)
+    x = np.random.default_rng(9).normal(size=(batch, 72 + 64 + 128)).astype(np.float32)
+    loss_fn, params, x, y = _nnx_problem(DirectConvs(nnx.Rngs(0)), x, 3)
+    _assert_ghost_equals_vmap(loss_fn, params, x, y, jnp.ones((batch,)).at[3].set(0.0), clip=0.05)
+    assert any(c < b for b, c in seen), seen  # some site was formed in more than one chunk
+
+
 @pytest.mark.parametrize(
     "w_shape, shape, dims",
     [((4,), (3, 4), (1,)), ((1, 4), (5, 4), (0, 1)), ((2, 1, 3), (2, 6, 3, 5), (0, 1, 2)), ((3, 1), (2, 3, 4), (1, 2))],
