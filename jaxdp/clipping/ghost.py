@@ -776,9 +776,10 @@ def _example_blocks(pieces, gm):
     return jnp.concatenate([jnp.einsum("btd,bte->bde", x, gm, precision=_HIGHEST) for x in pieces], axis=1)
 
 
-def _one_block(pieces, gm, i):
-    """Example i's X^T G, (d_in, d_out): :func:`_example_blocks` of that example alone."""
-    return _example_blocks([x[i][None] for x in pieces], gm[i][None])[0]
+def _one_block(example_pieces, gm, i):
+    """Example i's X^T G, (d_in, d_out): :func:`_example_blocks` of that example alone, its pieces from
+    ``example_pieces(i)``."""
+    return _example_blocks(example_pieces(i), gm[i][None])[0]
 
 
 class Fallback(NamedTuple):
@@ -873,8 +874,16 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
         pieces, gm = layout
         pieces, gm = [_wide_value(x) for x in pieces], _wide_value(gm)
         u = site_roundoff(site, leaf_value, gm, *pieces)
+
+        def example_pieces(i):
+            # Example i's pieces laid out again from its own operand, for the fallback: sliced from the batch's,
+            # they (k times X for a convolution) were held from the forward pass to the end of the step for it
+            # (WRN-16-4, batch 32: 112 MB of its peak). The same values: slices and casts are exact.
+            one = [jax.lax.dynamic_slice_in_dim(a, i, 1) for a in (operands[0], g)]
+            return [_wide_value(x) for x in _layout_of(site)(site, *one)[0]]
+
         if form == "gram":
-            return _gram_norms(site, leaf_value, pieces, gm, u, mask)
+            return _gram_norms(site, leaf_value, pieces, gm, u, mask, example_pieces)
         if form == "ws_gram":
             if not site.keeps_output:
                 if not _narrow(site):  # decided from the same shapes when the site was found
@@ -883,7 +892,7 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
                 # with the float32 W' whose Jacobian it takes (_ws_stats, the wide chain): formed here.
                 z = jax.vmap(lambda ops: _apply_site(site, leaf_value, ops))(operands)
             zm = _wide_value(_layout_of(site)(site, operands[0], z)[1])
-            return _ws_gram_norms(site, leaf_value, pieces, gm, zm, u, mask)
+            return _ws_gram_norms(site, leaf_value, pieces, gm, zm, u, mask, example_pieces)
         # Direct: the example's gradient X^T G itself, no larger than its X and G (see _choose_form).
         # It is kept, mapped to the leaf's layout (through the standardisation's Jacobian, if any) and
         # summed as normed (book-keeping without a second weight-gradient pass): the only slack is the
@@ -934,7 +943,7 @@ def _pow2_exponent(arrays) -> jax.Array:
     return e
 
 
-def _gram_norms(site: _Site, leaf_value, pieces, gm, u, mask=None):
+def _gram_norms(site: _Site, leaf_value, pieces, gm, u, mask, example_pieces):
     """The Gram estimate ``<X X^T, G G^T>`` with its rounding bound, and the fallback to each example's own
     X^T G where cancellation makes the bound loose (see :func:`site_norms`).
 
@@ -966,10 +975,12 @@ def _gram_norms(site: _Site, leaf_value, pieces, gm, u, mask=None):
     est = jnp.maximum(sq, 0.0)
     bound = jnp.square(jnp.sqrt(est + slack) + 2 * summing)
     unscale = jnp.ldexp(jnp.ones((), sq.dtype), 2 * (e_x + e_g))  # 4^(e_x + e_g), exact (inf beyond range)
-    return _trusted_or_direct(site, leaf_value, pieces, gm, sq * unscale, bound * unscale, jnp.isfinite(q), mask)
+    return _trusted_or_direct(
+        site, leaf_value, pieces, gm, sq * unscale, bound * unscale, jnp.isfinite(q), mask, example_pieces
+    )
 
 
-def _trusted_or_direct(site: _Site, leaf_value, pieces, gm, sq, bound, finite, mask):
+def _trusted_or_direct(site: _Site, leaf_value, pieces, gm, sq, bound, finite, mask, example_pieces):
     """The Gram norms where their bound is within 2.5% of every example's estimate; otherwise (cancellation)
     the norms of each example's own gradient, formed one example at a time, and a :class:`Fallback`
     that sums exactly those (see :func:`site_norms`)."""
@@ -983,7 +994,7 @@ def _trusted_or_direct(site: _Site, leaf_value, pieces, gm, sq, bound, finite, m
     per_example = _reparam_index(site.chain) is not None
 
     def gradient(i):
-        block = _one_block(pieces, gm, i)
+        block = _one_block(example_pieces, gm, i)
         return _to_leaf(site, leaf_value, block[None])[0] if per_example else block
 
     def direct_norms():
@@ -1038,7 +1049,7 @@ def _ws_stats(site: _Site, leaf_value):
     return w.reshape(-1, k.shape[-1]), 1.0 / s
 
 
-def _ws_gram_norms(site: _Site, leaf_value, pieces, gm, zm, u, mask=None):
+def _ws_gram_norms(site: _Site, leaf_value, pieces, gm, zm, u, mask, example_pieces):
     """Per-example norms of a weight-standardised kernel's gradient without forming it (Gram form).
 
     With the standardised kernel ``w'_c = (k_c - mean) / s_c`` (n entries per output channel c) and
@@ -1113,7 +1124,7 @@ def _ws_gram_norms(site: _Site, leaf_value, pieces, gm, zm, u, mask=None):
     bound = jnp.square(jnp.sqrt(inner) * (1 + 2 * (n + 8) * u) + additive)
     unscale = jnp.ldexp(jnp.ones((), sq.dtype), 2 * (e_x + e_g))
     finite = jnp.all(jnp.isfinite(q_c), axis=-1)
-    return _trusted_or_direct(site, leaf_value, pieces, gm, sq * unscale, bound * unscale, finite, mask)
+    return _trusted_or_direct(site, leaf_value, pieces, gm, sq * unscale, bound * unscale, finite, mask, example_pieces)
 
 
 def site_weighted_sum(site: _Site, leaf_value, operands, g_weighted):
