@@ -461,20 +461,77 @@ def test_direct_conv_patches_in_each_layout_equal_vmap(monkeypatch):
 @pytest.mark.parametrize("batch", [7, 8])  # 7: chunks padded with zero examples; 8: a chunk count that divides it
 def test_direct_conv_products_in_chunks_equal_vmap(monkeypatch, batch):
     """A convolution whose im2col matrix outgrows the layer's input forms its direct products in chunks of examples
-    (ghost._direct_chunk, a loop): clipped sum and norms equal vmap's, with a masked example, for a batch the
+    (ghost._patch_chunk, a loop): clipped sum and norms equal vmap's, with a masked example, for a batch the
     chunks divide and one they do not."""
-    seen, chunk = [], ghost._direct_chunk
+    seen, chunk = [], ghost._patch_chunk
 
     def spy(site, x):
         c = chunk(site, x)
         seen.append((x.shape[0], c))
         return c
 
-    monkeypatch.setattr(ghost, "_direct_chunk", spy)
+    monkeypatch.setattr(ghost, "_patch_chunk", spy)
     x = np.random.default_rng(9).normal(size=(batch, 72 + 64 + 128)).astype(np.float32)
     loss_fn, params, x, y = _nnx_problem(DirectConvs(nnx.Rngs(0)), x, 3)
     _assert_ghost_equals_vmap(loss_fn, params, x, y, jnp.ones((batch,)).at[3].set(0.0), clip=0.05)
     assert any(c < b for b, c in seen), seen  # some site was formed in more than one chunk
+
+
+class GramConvs(nnx.Module):
+    """Convolutions on the Gram forms (4 positions, many channels), whose im2col pieces are 9x their input: one
+    kernel plain, one standardised."""
+
+    def __init__(self, rngs):
+        key = rngs.params
+        self.k = nnx.Param(0.3 * jax.random.normal(key(), (3, 3, 8, 32)))
+        self.k_ws = nnx.Param(jax.random.normal(key(), (3, 3, 32, 32)))
+        self.head = nnx.Linear(32, 3, rngs=rngs)
+
+    def __call__(self, x):
+        dims = ("NHWC", "HWIO", "NHWC")
+        h = jnp.tanh(jax.lax.conv_general_dilated(x, self.k[...], (1, 1), "SAME", dimension_numbers=dims))
+        h = jax.lax.conv_general_dilated(h, weight_standardize(self.k_ws[...]), (1, 1), "SAME", dimension_numbers=dims)
+        return self.head(jnp.tanh(h).mean((1, 2)))
+
+
+@pytest.mark.parametrize("batch", [7, 8])
+def test_gram_statistics_of_x_in_chunks_equal_vmap(monkeypatch, batch):
+    """The Gram forms' statistics of X (ghost._site_x_stats: its Gram matrix, position norms, row sums) are formed
+    from the convolution's input in chunks of examples where the pieces outgrow it: clipped sum and norms equal
+    vmap's, with a masked non-finite example, on both Gram forms."""
+    chunks, x_stats = [], ghost._x_stats
+
+    def spy(pieces):
+        if len(pieces) > 1:  # a convolution's (the dense head has one piece, X itself)
+            chunks.append(pieces[0].shape[0])
+        return x_stats(pieces)
+
+    monkeypatch.setattr(ghost, "_x_stats", spy)
+    forms, choose = set(), ghost._choose_form
+    monkeypatch.setattr(ghost, "_choose_form", lambda *a: forms.add((out := choose(*a))[0]) or out)
+    # The fallback (each example's own X^T G) would hide wrong statistics behind exact norms: it must not be taken.
+    fallbacks, trusted_or_direct = [], ghost._trusted_or_direct
+
+    def spy_fallback(*a):
+        out = trusted_or_direct(*a)
+        jax.debug.callback(lambda use: fallbacks.append(bool(use)), out[3].use)
+        return out
+
+    monkeypatch.setattr(ghost, "_trusted_or_direct", spy_fallback)
+    x = np.random.default_rng(10).normal(size=(batch, 2, 2, 8)).astype(np.float32)
+    loss_fn, params, x, y = _nnx_problem(GramConvs(nnx.Rngs(0)), x, 3)
+    x = x.at[2].set(jnp.nan)
+    keep = np.ones(batch, bool)
+    keep[2] = False
+    for per_layer in (False, True):
+        g_vmap, a_vmap = _run(loss_fn, params, x, y, jnp.asarray(keep, jnp.float32), "vmap", per_layer=per_layer)
+        g_ghost, a_ghost = _run(loss_fn, params, x, y, jnp.asarray(keep, jnp.float32), "ghost", per_layer=per_layer)
+        tree_allclose(g_ghost, g_vmap, rtol=WS_RTOL, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a_ghost.norms)[keep], np.asarray(a_vmap.norms)[keep], rtol=1e-4)
+        assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(g_ghost))
+    assert {"gram", "ws_gram"} <= forms
+    assert chunks and max(chunks) < batch  # every convolution's statistics were formed in chunks
+    assert fallbacks and not any(fallbacks)
 
 
 @pytest.mark.parametrize(

@@ -526,7 +526,8 @@ def _dense_layout(site: _Site, x, g):
 
 
 def _conv_layout(site: _Site, x, g):
-    """(pieces, G) for a convolution, or None: ``pieces[k]`` (B, T, C) is the input seen at window offset k.
+    """(pieces, G) for a convolution, or None: ``pieces[k]`` (B, T, C) is the input seen at window offset k
+    (G None where g is None).
 
     The example's kernel gradient is ``[X_k^T G]_k`` (the im2col product, in blocks);
     its norm does not depend on how the kernel lays those blocks out.
@@ -547,7 +548,7 @@ def _conv_layout(site: _Site, x, g):
     # (kh * kw copies of the input: cheaper on CPU than a patch-extracting convolution).
     lhs = jnp.transpose(lhs, [lhs_spec[0], *lhs_spec[2:], lhs_spec[1]])
     lhs = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in p["padding"]), (0, 0, 0)])
-    out_spatial = [g.shape[1 + d] for d in out_spec[2:]]
+    out_spatial = [site.out_shape[d] for d in out_spec[2:]]
     strides, dil = p["window_strides"], p["rhs_dilation"]
     pieces = []
     for offset in np.ndindex(*window):
@@ -566,6 +567,8 @@ def _conv_layout(site: _Site, x, g):
     group = max(1, -(-16 // lhs.shape[-1]))
     if group > 1:
         pieces = [jnp.concatenate(pieces[i : i + group], axis=-1) for i in range(0, len(pieces), group)]
+    if g is None:
+        return pieces, None
     perm = [out_spec[0], *out_spec[2:], out_spec[1]]  # positions (batch, spatial...) first, features last
     g = g.reshape((b * g.shape[1], *g.shape[2:]))
     g = jnp.transpose(g, perm)
@@ -604,13 +607,14 @@ def _conv_patches_t(site: _Site, x) -> jax.Array:
     return lhs.reshape(b, -1, n * t)
 
 
-def _direct_chunk(site: _Site, x) -> int:
-    """Examples per chunk of a convolution's direct product: its im2col matrix at most the size of the layer's input.
+def _patch_chunk(site: _Site, x) -> int:
+    """Examples per chunk of what is formed from a convolution's im2col matrix (its direct products, the Gram
+    forms' statistics of X): the matrix at most the size of the layer's input.
 
     The matrix is k times the input (k window offsets over the stride). Formed for the whole batch, XLA's CPU
     scheduler (which starts work as early as its inputs allow) built each layer's in the forward pass and held
-    them all to the end: WRN-16-4 at batch 32 planned 639 MB of temporaries against the non-private step's 189 MB
-    (348 MB in chunks). Formed inside a loop over chunks it exists only while its chunk is multiplied.
+    them all to the end: WRN-16-4 at batch 32 planned 639 MB of temporaries against the non-private step's 189 MB.
+    Formed inside a loop over chunks it exists only while its chunk is used.
     """
     b = x.shape[0]
     x_size = math.prod(x.shape[1:])
@@ -624,36 +628,82 @@ def _direct_chunk(site: _Site, x) -> int:
     return max(1, min(b, (b * x_size) // patches))
 
 
-def _conv_example_blocks(site: _Site, x, gm) -> jax.Array:
-    """Each example's X^T G of a convolution, (B, K C, d_out), from :func:`_conv_patches_t`, in chunks of
-    :func:`_direct_chunk` examples."""
+def _by_chunks(fn, arrays, c: int):
+    """``fn(*arrays)`` (a pytree of per-example outputs) formed ``c`` examples at a time in a loop.
 
-    def product(xc, gc):
-        return jnp.einsum("bpt,btd->bpd", _wide_value(_conv_patches_t(site, xc)), gc, precision=_HIGHEST)
-
-    b, c = x.shape[0], _direct_chunk(site, x)
+    As many chunks as ``c`` allows, or a few more where that count divides the batch; otherwise the batch
+    padded with zero examples (a copy of the inputs; their outputs are dropped). The loop reads each chunk in
+    place (a scan over reshaped chunks copied its inputs into its state, in the forward pass) into buffers made
+    from the first chunk's outputs (buffers of zeros, with no inputs, were allocated at the start of the step
+    and held throughout).
+    """
+    b = arrays[0].shape[0]
     if c >= b:
-        return product(x, gm)
+        return fn(*arrays)
     n = -(-b // c)
-    # As many chunks as the size allows, or a few more where that count divides the batch; otherwise the
-    # batch padded with zero examples (a copy of X and G; their products are zero, and dropped).
     n = next((k for k in range(n, 2 * n + 1) if b % k == 0), n)
     c = -(-b // n)
     pad = n * c - b
     if pad:
-        x, gm = (jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (x, gm))
-    # A loop over the chunks that reads them from x and G in place (a scan over reshaped chunks copied both
-    # into its state, in the forward pass), into a buffer made from the first chunk's products: a buffer
-    # of zeros (no inputs) was allocated at the start of the step and held throughout.
-    first = product(x[:c], gm[:c])
-    blocks = jnp.pad(first, [(0, (n - 1) * c), *[(0, 0)] * (first.ndim - 1)])
+        arrays = [jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) for a in arrays]
+    first = fn(*(a[:c] for a in arrays))
+    out = jax.tree_util.tree_map(lambda f: jnp.pad(f, [(0, (n - 1) * c), *[(0, 0)] * (f.ndim - 1)]), first)
 
     def chunk(i, out):
-        part = [jax.lax.dynamic_slice_in_dim(a, i * c, c) for a in (x, gm)]
-        return jax.lax.dynamic_update_slice_in_dim(out, product(*part), i * c, 0)
+        part = fn(*(jax.lax.dynamic_slice_in_dim(a, i * c, c) for a in arrays))
+        return jax.tree_util.tree_map(lambda o, q: jax.lax.dynamic_update_slice_in_dim(o, q, i * c, 0), out, part)
 
-    blocks = jax.lax.fori_loop(1, n, chunk, blocks)
-    return blocks[:b] if pad else blocks
+    out = jax.lax.fori_loop(1, n, chunk, out)
+    return jax.tree_util.tree_map(lambda o: o[:b], out) if pad else out
+
+
+def _conv_example_blocks(site: _Site, x, gm) -> jax.Array:
+    """Each example's X^T G of a convolution, (B, K C, d_out), from :func:`_conv_patches_t`, in chunks of
+    :func:`_patch_chunk` examples."""
+
+    def product(xc, gc):
+        return jnp.einsum("bpt,btd->bpd", _wide_value(_conv_patches_t(site, xc)), gc, precision=_HIGHEST)
+
+    return _by_chunks(product, [x, gm], _patch_chunk(site, x))
+
+
+class _XStats(NamedTuple):
+    """What the Gram forms take from a site's X alone, per example: X scaled by ``2^-e_x`` into [-1, 1]
+    (:func:`_gram_norms`), then its Gram matrix and, per position t, ``||x_t||^2``, the sum of x_t's entries
+    and of their magnitudes; and whether X has a nonzero entry."""
+
+    e_x: jax.Array  # (B,)
+    gram: jax.Array  # (B, T, T)
+    sq: jax.Array  # (B, T)
+    rows: jax.Array  # (B, T)
+    abs: jax.Array  # (B, T)
+    nonzero: jax.Array  # (B,)
+
+
+def _x_stats(pieces) -> _XStats:
+    """:class:`_XStats` of a layout's pieces ((B, T, d) blocks of X)."""
+    e_x = _pow2_exponent(pieces)
+    sx = [jnp.ldexp(x, -e_x[:, None, None]) for x in pieces]
+    return _XStats(
+        e_x,
+        sum(jnp.matmul(x, jnp.swapaxes(x, 1, 2), precision=_HIGHEST) for x in sx),
+        sum(jnp.sum(jnp.square(x), axis=-1) for x in sx),
+        sum(jnp.sum(x, axis=-1) for x in sx),
+        sum(jnp.sum(jnp.abs(x), axis=-1) for x in sx),
+        functools.reduce(jnp.logical_or, [jnp.any(x != 0, axis=(1, 2)) for x in sx]),
+    )
+
+
+def _site_x_stats(site: _Site, x, pieces) -> _XStats:
+    """:func:`_x_stats` of the site's pieces; for a convolution whose pieces outgrow its input, formed from the
+    input in chunks of :func:`_patch_chunk` examples. Formed whole, XLA's CPU backend fused the Gram matrix of X
+    with G's side, so the pieces (k times X, and their scaled copies) were held from the forward pass until G
+    existed (WRN-16-4, batch 32: 112 MB of its peak)."""
+    if site.eqn.primitive.name != "conv_general_dilated" or len(pieces) == 1:
+        return _x_stats(pieces)
+    return _by_chunks(
+        lambda xc: _x_stats([_wide_value(p) for p in _conv_layout(site, xc, None)[0]]), [x], _patch_chunk(site, x)
+    )
 
 
 def _gather_layout(site: _Site, x, g):
@@ -757,17 +807,17 @@ def _narrow(site: _Site) -> bool:
     return any(jnp.dtype(d) != _wide(d) for d in _site_dtypes(site))
 
 
-def _position_weight(pieces, gm, u) -> jax.Array:
+def _position_weight(x_sq, d_in: int, gm, u) -> jax.Array:
     """``Q = sum_t ||x_t|| ||g_t||`` per example (an upper bound, rounding included).
 
     Every term of the closed forms is bounded by products of position norms, and
     ``sum_{t,s} ||x_t|| ||x_s|| ||g_t|| ||g_s|| = Q^2 <= (||X|| ||G||)^2``: rounding errors
     are bounded in terms of Q.
     """
-    x_sq = sum(jnp.sum(jnp.square(x), axis=-1) for x in pieces)  # (B, T): ||x_t||^2 over all blocks
+    # x_sq: (B, T), ||x_t||^2 over all blocks of X (d_in entries)
     g_sq = jnp.sum(jnp.square(gm), axis=-1)
     q = jnp.sum(jnp.sqrt(x_sq) * jnp.sqrt(g_sq), axis=-1)
-    d = sum(x.shape[-1] for x in pieces) + gm.shape[-1] + gm.shape[1]
+    d = d_in + gm.shape[-1] + gm.shape[1]
     return q * (1 + 2 * (d + 8) * u)
 
 
@@ -882,8 +932,10 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
             one = [jax.lax.dynamic_slice_in_dim(a, i, 1) for a in (operands[0], g)]
             return [_wide_value(x) for x in _layout_of(site)(site, *one)[0]]
 
+        d_in = sum(x.shape[2] for x in pieces)
         if form == "gram":
-            return _gram_norms(site, leaf_value, pieces, gm, u, mask, example_pieces)
+            xs = _site_x_stats(site, operands[0], pieces)
+            return _gram_norms(site, leaf_value, xs, d_in, gm, u, mask, example_pieces)
         if form == "ws_gram":
             if not site.keeps_output:
                 if not _narrow(site):  # decided from the same shapes when the site was found
@@ -892,7 +944,8 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
                 # with the float32 W' whose Jacobian it takes (_ws_stats, the wide chain): formed here.
                 z = jax.vmap(lambda ops: _apply_site(site, leaf_value, ops))(operands)
             zm = _wide_value(_layout_of(site)(site, operands[0], z)[1])
-            return _ws_gram_norms(site, leaf_value, pieces, gm, zm, u, mask, example_pieces)
+            xs = _site_x_stats(site, operands[0], pieces)
+            return _ws_gram_norms(site, leaf_value, xs, d_in, gm, zm, u, mask, example_pieces)
         # Direct: the example's gradient X^T G itself, no larger than its X and G (see _choose_form).
         # It is kept, mapped to the leaf's layout (through the standardisation's Jacobian, if any) and
         # summed as normed (book-keeping without a second weight-gradient pass): the only slack is the
@@ -943,7 +996,7 @@ def _pow2_exponent(arrays) -> jax.Array:
     return e
 
 
-def _gram_norms(site: _Site, leaf_value, pieces, gm, u, mask, example_pieces):
+def _gram_norms(site: _Site, leaf_value, xs: _XStats, d_in: int, gm, u, mask, example_pieces):
     """The Gram estimate ``<X X^T, G G^T>`` with its rounding bound, and the fallback to each example's own
     X^T G where cancellation makes the bound loose (see :func:`site_norms`).
 
@@ -953,38 +1006,35 @@ def _gram_norms(site: _Site, leaf_value, pieces, gm, u, mask, example_pieces):
     gradients (x ~ 1e-20, g ~ 1e18) flushed every Gram entry to zero and gave a bound of 0 for
     a gradient far above C.
     """
-    t, d_in, d_out = gm.shape[1], sum(x.shape[2] for x in pieces), gm.shape[2]
-    e_x, e_g = _pow2_exponent(pieces), _pow2_exponent([gm])
-    sx, sg = [jnp.ldexp(x, -e_x[:, None, None]) for x in pieces], jnp.ldexp(gm, -e_g[:, None, None])
-    x_gram = sum(jnp.matmul(x, jnp.swapaxes(x, 1, 2), precision=_HIGHEST) for x in sx)
+    t, d_out = gm.shape[1], gm.shape[2]
+    e_x, e_g = xs.e_x, _pow2_exponent([gm])
+    sg = jnp.ldexp(gm, -e_g[:, None, None])
     g_gram = jnp.matmul(sg, jnp.swapaxes(sg, 1, 2), precision=_HIGHEST)
-    sq = two_stage_sum(x_gram * g_gram)
+    sq = two_stage_sum(xs.gram * g_gram)
     # Q of the scaled values, plus what flushed position norms may have lost (each < 2^-63 sqrt(d)).
-    q = _position_weight(sx, sg, u) + t * 2.0**-60 * math.sqrt(d_in * d_out)
+    q = _position_weight(xs.sq, d_in, sg, u) + t * 2.0**-60 * math.sqrt(d_in * d_out)
     # |computed - exact| <= (gamma_{d_in} + gamma_{d_out} + gamma_{2T} + ...) Q^2; twice that covers the
     # gamma denominators and second-order terms. Underflow: each Gram entry is off by at most
     # 2 d 2^-126 (entries scaled into [-1, 1], so Gram entries <= d), each of the T^2 products by
     # that times the other Gram's d, plus its own flush.
     underflow = 2 * t * t * (4 * d_in * d_out + 1) * _TINY
     # An example whose X or G is all zeros has a zero gradient here: no underflow term (padding rows).
-    nonzero = jnp.any(sg != 0, axis=(1, 2)) & functools.reduce(
-        jnp.logical_or, [jnp.any(x != 0, axis=(1, 2)) for x in sx]
-    )
+    nonzero = jnp.any(sg != 0, axis=(1, 2)) & xs.nonzero
     slack = 2 * (d_in + d_out + 2 * t + 4) * u * jnp.square(q) + jnp.where(nonzero, underflow, 0.0)
     summing = (t + 4) * u * q  # the weighted backward's rounding, per example
     est = jnp.maximum(sq, 0.0)
     bound = jnp.square(jnp.sqrt(est + slack) + 2 * summing)
     unscale = jnp.ldexp(jnp.ones((), sq.dtype), 2 * (e_x + e_g))  # 4^(e_x + e_g), exact (inf beyond range)
     return _trusted_or_direct(
-        site, leaf_value, pieces, gm, sq * unscale, bound * unscale, jnp.isfinite(q), mask, example_pieces
+        site, leaf_value, d_in, gm, sq * unscale, bound * unscale, jnp.isfinite(q), mask, example_pieces
     )
 
 
-def _trusted_or_direct(site: _Site, leaf_value, pieces, gm, sq, bound, finite, mask, example_pieces):
+def _trusted_or_direct(site: _Site, leaf_value, d_in: int, gm, sq, bound, finite, mask, example_pieces):
     """The Gram norms where their bound is within 2.5% of every example's estimate; otherwise (cancellation)
     the norms of each example's own gradient, formed one example at a time, and a :class:`Fallback`
     that sums exactly those (see :func:`site_norms`)."""
-    d_in, d_out = sum(x.shape[2] for x in pieces), gm.shape[2]
+    d_out = gm.shape[2]
     loose = jnp.isfinite(sq) & finite & (bound > _GRAM_TRUST**2 * jnp.maximum(sq, 0.0))
     if mask is not None:  # masked rows (padding, anything) never send the chunk to the slow path
         loose = loose & (mask > 0)
@@ -1049,7 +1099,7 @@ def _ws_stats(site: _Site, leaf_value):
     return w.reshape(-1, k.shape[-1]), 1.0 / s
 
 
-def _ws_gram_norms(site: _Site, leaf_value, pieces, gm, zm, u, mask, example_pieces):
+def _ws_gram_norms(site: _Site, leaf_value, xs: _XStats, n: int, gm, zm, u, mask, example_pieces):
     """Per-example norms of a weight-standardised kernel's gradient without forming it (Gram form).
 
     With the standardised kernel ``w'_c = (k_c - mean) / s_c`` (n entries per output channel c) and
@@ -1070,25 +1120,22 @@ def _ws_gram_norms(site: _Site, leaf_value, pieces, gm, zm, u, mask, example_pie
     the weighted backward's and the Jacobian's own rounding, and 2.5% beyond that sends the chunk to
     each example's own gradient (:func:`_trusted_or_direct`), as for plain kernels.
     """
-    t, n = gm.shape[1], sum(x.shape[2] for x in pieces)
+    t = gm.shape[1]
     w, inv_s = _ws_stats(site, leaf_value)
     u = max(u, _unit_roundoff(w, inv_s))
     rho = jnp.sum(jnp.square(w), axis=0) / n
     sigma = jnp.sum(w, axis=0)
     # Powers of two per example, as in _gram_norms (Z = X W' scales with X).
-    e_x, e_g = _pow2_exponent(pieces), _pow2_exponent([gm])
-    sx = [jnp.ldexp(x, -e_x[:, None, None]) for x in pieces]
+    e_x, e_g = xs.e_x, _pow2_exponent([gm])
     sz, sg = jnp.ldexp(zm, -e_x[:, None, None]), jnp.ldexp(gm, -e_g[:, None, None])
-    x_gram = sum(jnp.matmul(x, jnp.swapaxes(x, 1, 2), precision=_HIGHEST) for x in sx)
-    kg = jnp.matmul(x_gram, sg, precision=_HIGHEST)  # (B, T, d_out)
+    kg = jnp.matmul(xs.gram, sg, precision=_HIGHEST)  # (B, T, d_out)
     g_sq = jnp.sum(sg * kg, axis=1)  # ||g'_c||^2, (B, d_out)
-    rows = sum(jnp.sum(x, axis=-1) for x in sx)  # sum of each position's inputs, (B, T)
-    s_c = jnp.einsum("bt,btc->bc", rows, sg, precision=_HIGHEST)
+    s_c = jnp.einsum("bt,btc->bc", xs.rows, sg, precision=_HIGHEST)  # rows: sum of each position's inputs
     beta = jnp.sum(sz * sg, axis=1)
     est = g_sq - jnp.square(s_c) / n - (2 - rho) * jnp.square(beta) / n
     est = est + 2 * s_c * beta * sigma / float(n) ** 2 - jnp.square(beta * sigma) / float(n) ** 3
-    x_norm = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=-1) for x in sx))  # (B, T)
-    x_abs = sum(jnp.sum(jnp.abs(x), axis=-1) for x in sx)  # (B, T): sum_k |x_tk| >= |sum of x_t|
+    x_norm = jnp.sqrt(xs.sq)  # (B, T)
+    x_abs = xs.abs  # (B, T): sum_k |x_tk| >= |sum of x_t|
     g_abs = jnp.abs(sg)
     grow = 1 + 2 * (n + t + 8) * u  # covers the rounding of these magnitudes themselves
     q_c = jnp.einsum("bt,btc->bc", x_norm, g_abs, precision=_HIGHEST) * grow + t * 2.0**-60 * math.sqrt(n)
@@ -1107,9 +1154,7 @@ def _ws_gram_norms(site: _Site, leaf_value, pieces, gm, zm, u, mask, example_pie
     err = err + 4 * abs_s * abs_beta * sigma_abs / float(n) ** 2 + 2 * jnp.square(abs_beta * sigma_abs) / float(n) ** 3
     err = err + 8 * u * (jnp.abs(g_sq) + jnp.square(abs_s) / n + 2 * jnp.square(abs_beta) / n)  # the last few ops
     # Underflow as in _gram_norms, for each of the terms.
-    nonzero = jnp.any(sg != 0, axis=(1, 2)) & functools.reduce(
-        jnp.logical_or, [jnp.any(x != 0, axis=(1, 2)) for x in sx]
-    )
+    nonzero = jnp.any(sg != 0, axis=(1, 2)) & xs.nonzero
     underflow = jnp.where(nonzero, 8 * t * t * (4 * n + 1) * (n + 1) * _TINY, 0.0)
     slack = 2 * err + underflow[:, None]  # twice: the gamma denominators and second-order terms
     inv_s2 = jnp.square(inv_s)
@@ -1124,7 +1169,7 @@ def _ws_gram_norms(site: _Site, leaf_value, pieces, gm, zm, u, mask, example_pie
     bound = jnp.square(jnp.sqrt(inner) * (1 + 2 * (n + 8) * u) + additive)
     unscale = jnp.ldexp(jnp.ones((), sq.dtype), 2 * (e_x + e_g))
     finite = jnp.all(jnp.isfinite(q_c), axis=-1)
-    return _trusted_or_direct(site, leaf_value, pieces, gm, sq * unscale, bound * unscale, finite, mask, example_pieces)
+    return _trusted_or_direct(site, leaf_value, n, gm, sq * unscale, bound * unscale, finite, mask, example_pieces)
 
 
 def site_weighted_sum(site: _Site, leaf_value, operands, g_weighted):
