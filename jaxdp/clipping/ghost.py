@@ -34,7 +34,11 @@ records its other operand. One backward pass to the probes (not to the
 parameters) gives every ``g_i``; the norms follow per parameter; the clipped sum
 is then, per parameter, one *weighted* backward pass ``sum_i w_i X_i^T G_i``, or,
 where the per-example gradient was formed for its norm, the weighted sum of those
-(book-keeping: no second pass through the network).
+(book-keeping: no second pass through the network). What is formed from a convolution's
+im2col matrix (k times its input: the direct products, the Gram forms' statistics of X) is
+formed in chunks of examples, in a loop, so that the matrix never exists for the whole batch
+(:func:`_patch_chunk`): XLA's CPU scheduler would otherwise build every layer's in the
+forward pass and hold them all to the end of the step.
 
 Soundness is checked, not assumed: each parameter leaf must reach exactly one such
 operation through shape-only steps (reshape, transpose, broadcast, dtype casts,
