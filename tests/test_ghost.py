@@ -384,14 +384,15 @@ def test_direct_per_example_gradients_are_put_back_in_each_layout(monkeypatch):
     """The direct path's gradients, summed as normed, equal vmap's in every layout (a wrong layout
     would permute the sum), and every kernel here took that path."""
     direct = set()
-    to_leaf = ghost._to_leaf  # private: the one place that sees which sites formed per-example gradients
+    choose = ghost._choose_form  # private: decides which sites form per-example gradients (the direct form)
 
-    def spy(site, leaf_value, blocks):
-        if blocks.shape[0] > 1:  # per-example blocks (the Gram sites' fallback maps one summed block)
+    def spy(site, *a):
+        out = choose(site, *a)
+        if out[0] == "direct":
             direct.add(site.leaf)
-        return to_leaf(site, leaf_value, blocks)
+        return out
 
-    monkeypatch.setattr(ghost, "_to_leaf", spy)
+    monkeypatch.setattr(ghost, "_choose_form", spy)
     x = np.random.default_rng(7).normal(size=(6, 48 + 64)).astype(np.float32)
     loss_fn, params, x, y = _nnx_problem(DirectLayouts(nnx.Rngs(0)), x, 3)
     _assert_ghost_equals_vmap(loss_fn, params, x, y, jnp.ones((6,)).at[2].set(0.0), clip=0.05)
