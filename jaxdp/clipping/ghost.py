@@ -702,11 +702,11 @@ def _x_stats(pieces) -> _XStats:
 
 
 def _site_x_stats(site: _Site, x, pieces) -> _XStats:
-    """:func:`_x_stats` of the site's pieces; for a convolution whose pieces outgrow its input, formed from the
-    input in chunks of :func:`_patch_chunk` examples. Formed whole, XLA's CPU backend fused the Gram matrix of X
-    with G's side, so the pieces (k times X, and their scaled copies) were held from the forward pass until G
-    existed (WRN-16-4, batch 32: 112 MB of its peak)."""
-    if site.eqn.primitive.name != "conv_general_dilated" or len(pieces) == 1:
+    """:func:`_x_stats` of the site's pieces; for a convolution, laid out again from its input, in chunks of
+    :func:`_patch_chunk` examples where its pieces outgrow it (however many pieces hold them). Formed whole,
+    XLA's CPU backend fused the Gram matrix of X with G's side, so the pieces (k times X, and their scaled
+    copies) were held from the forward pass until G existed (WRN-16-4, batch 32: 112 MB of its peak)."""
+    if site.eqn.primitive.name != "conv_general_dilated":
         return _x_stats(pieces)
     return _by_chunks(
         lambda xc: _x_stats([_wide_value(p) for p in _conv_layout(site, xc, None)[0]]), [x], _patch_chunk(site, x)
