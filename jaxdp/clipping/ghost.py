@@ -529,6 +529,13 @@ def _dense_layout(site: _Site, x, g):
     return [xm], gm
 
 
+def _conv_window(site: _Site) -> tuple[list[int], list[int], int]:
+    """A convolution site's (kernel window, output positions per spatial dim, input channels)."""
+    _, rhs_spec, out_spec = site.eqn.params["dimension_numbers"]
+    rhs_shape = site.eqn.invars[1].aval.shape
+    return [rhs_shape[d] for d in rhs_spec[2:]], [site.out_shape[d] for d in out_spec[2:]], rhs_shape[rhs_spec[1]]
+
+
 def _conv_layout(site: _Site, x, g):
     """(pieces, G) for a convolution, or None: ``pieces[k]`` (B, T, C) is the input seen at window offset k
     (G None where g is None).
@@ -539,20 +546,18 @@ def _conv_layout(site: _Site, x, g):
     p = site.eqn.params
     if site.pos != 1 or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
         return None
-    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    lhs_spec, _, out_spec = p["dimension_numbers"]
     if lhs_spec[0] != 0 or out_spec[0] != 0:
         return None
     if any(d != 1 for d in p["lhs_dilation"]):
         return None
-    rhs_shape = site.eqn.invars[1].aval.shape
-    window = [rhs_shape[d] for d in rhs_spec[2:]]
+    window, out_spatial, _ = _conv_window(site)
     b = x.shape[0]
     lhs = x.reshape((b * x.shape[1], *x.shape[2:]))  # fold the examples into the conv's batch dim
     # (batch, spatial..., channels), padded; then one strided slice per window offset
     # (kh * kw copies of the input: cheaper on CPU than a patch-extracting convolution).
     lhs = jnp.transpose(lhs, [lhs_spec[0], *lhs_spec[2:], lhs_spec[1]])
     lhs = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in p["padding"]), (0, 0, 0)])
-    out_spatial = [site.out_shape[d] for d in out_spec[2:]]
     strides, dil = p["window_strides"], p["rhs_dilation"]
     pieces = []
     for offset in np.ndindex(*window):
@@ -590,10 +595,8 @@ def _conv_patches_t(site: _Site, x) -> jax.Array:
     fast with the positions contracted along the last axis of X as along the middle one.
     """
     p = site.eqn.params
-    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-    rhs_shape = site.eqn.invars[1].aval.shape
-    window = [rhs_shape[d] for d in rhs_spec[2:]]
-    out_spatial = [site.out_shape[d] for d in out_spec[2:]]
+    lhs_spec = p["dimension_numbers"][0]
+    window, out_spatial, _ = _conv_window(site)
     b, n = x.shape[0], x.shape[1]  # examples, and the convolution's own batch within one example
     lhs = jnp.transpose(x.reshape((b * n, *x.shape[2:])), list(lhs_spec))  # (N, C, S_0, ...)
     lhs = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype), [(0, 0, 0), (0, 0, 0), *((lo, hi, 0) for lo, hi in p["padding"])])
@@ -622,11 +625,8 @@ def _patch_chunk(site: _Site, x) -> int:
     """
     b = x.shape[0]
     x_size = math.prod(x.shape[1:])
-    p = site.eqn.params
-    rhs_shape = site.eqn.invars[1].aval.shape
-    _, rhs_spec, out_spec = p["dimension_numbers"]
-    taps = math.prod(rhs_shape[d] for d in rhs_spec[2:])
-    patches = taps * rhs_shape[rhs_spec[1]] * math.prod(site.out_shape[d] for d in out_spec[2:])
+    window, out_spatial, channels = _conv_window(site)
+    patches = math.prod(window) * channels * math.prod(out_spatial)
     if patches <= x_size:
         return b
     return max(1, min(b, (b * x_size) // patches))
