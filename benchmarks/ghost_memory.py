@@ -19,12 +19,11 @@ import math
 import re
 
 import jax
-from profile_ghost import batch_of  # this folder: run as a script
+from profile_ghost import DEFAULT, batch_of  # this folder: run as a script
 
 import jaxdp
 from jaxdp.bench.models import split_model
 
-DEFAULT = (("mnist_cnn", 256), ("transformer", 256), ("wrn16_4", 32))
 _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1}
 _ALIASES = ("bitcast", "get-tuple-element")
 _FREE = ("bitcast", "parameter", "get-tuple-element", "tuple", "constant")
