@@ -837,6 +837,29 @@ def test_tiny_inputs_against_huge_output_gradients_stay_within_the_bound():
     np.testing.assert_allclose(g_g, g_v, rtol=1e-4, atol=1e-5)
 
 
+def test_power_of_two_scaling_is_exact_over_the_whole_exponent_range():
+    """ghost._scaled (two multiplies, in place of jnp.ldexp's per-element frexp and power) scales each example by
+    2^-e exactly, for every float32 exponent e an example's largest value can have: its largest value lands in
+    [0.5, 1) and every normal value equals the float64 result bit for bit. At e > 126 a single factor 2^-e is
+    subnormal, and a CPU that treats it as zero would scale every value to 0; a subnormal input may be kept or
+    flushed (as XLA's CPU products flush it), never scaled wrong."""
+    rng = np.random.default_rng(0)
+    es = np.arange(-125, 129)  # the largest value 0.75 * 2^e normal (below, this CPU's max reads it as 0: e = 0)
+    mantissa = rng.uniform(0.5, 1.0, (len(es), 256)) * rng.choice([-1.0, 1.0], (len(es), 256))
+    a = np.ldexp(mantissa * np.ldexp(1.0, rng.integers(-40, 1, (len(es), 256))), es[:, None]).astype(np.float32)
+    a[:, 0] = np.ldexp(0.75, es).astype(np.float32)  # each example's largest value
+    e = ghost._pow2_exponent([jnp.asarray(a)])
+    np.testing.assert_array_equal(np.asarray(e), es)
+    got = np.asarray(jax.jit(ghost._scaled)(jnp.asarray(a), e))
+    exact = np.ldexp(a.astype(np.float64), -es[:, None])
+    normal = np.abs(a) >= np.finfo(np.float32).tiny
+    np.testing.assert_array_equal(got[normal], exact[normal].astype(np.float32))
+    np.testing.assert_array_equal(got[:, 0], 0.75)
+    sub = ~normal
+    assert sub.any()
+    assert np.all((got[sub] == 0) | (got[sub] == exact[sub].astype(np.float32)))
+
+
 def test_distinct_tokens_are_not_over_clipped():
     """Only same-token pairs round in the embedding formula: with distinct tokens and every example clipped,
     the sum is vmap's to 5e-4 (the slack over all pairs gave 4e-3 here, 2% at V=10000, d=768, T=256)."""
