@@ -268,6 +268,38 @@ def test_batch_argnums_names_the_batched_arguments():
             batch_argnums(bad, 3)
 
 
+def test_scaled_sum_is_one_product_when_every_dropped_example_is_finite():
+    """core.scaled_sum with ``finite`` (from each example's sum of squares): one product of the factors with the
+    gradients when every dropped example is finite, where a dropped (masked) example adds 0 * g = 0 exactly,
+    whatever its values; the select otherwise, where a dropped NaN/inf adds exactly zero. The product is taken
+    only as claimed: told a NaN example is finite, the sum is NaN (the contract the callers keep)."""
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(8, 3, 5)).astype(np.float32)
+    factor = jnp.asarray(rng.uniform(0.1, 1.0, 8), jnp.float32)
+    keep = jnp.asarray([True, True, False, True, True, False, True, True])
+    expected = np.einsum("b,bij->ij", np.where(np.asarray(keep), np.asarray(factor), 0.0), g.astype(np.float64))
+
+    def total(per_example, finite):
+        return np.asarray(jax.jit(core.scaled_sum)(jnp.asarray(per_example), factor, keep, finite))
+
+    def finite_of(per_example):
+        return jnp.isfinite(core.sq_norm_per_example(jnp.asarray(per_example)))
+
+    huge, zero = g.copy(), g.copy()
+    huge[[2, 5]], zero[[2, 5]] = 1e15, 0.0  # squares finite: "finite" holds
+    np.testing.assert_allclose(total(huge, finite_of(huge)), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(total(huge, finite_of(huge)), total(zero, finite_of(zero)))  # exactly zero
+    bad = g.copy()
+    bad[2, 0, 0], bad[5, 1, 2] = np.nan, np.inf
+    np.testing.assert_allclose(total(bad, finite_of(bad)), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(total(bad, None), expected, rtol=1e-5, atol=1e-6)
+    assert bool(finite_of(huge).all())
+    assert np.isnan(total(bad, jnp.ones(8, bool))).any()  # the product, when told (wrongly) that all are finite
+    low = total(huge.astype(jnp.bfloat16), finite_of(huge.astype(jnp.bfloat16)))  # summed in float32
+    assert low.dtype == np.float32
+    np.testing.assert_allclose(low, expected, rtol=2e-2, atol=2e-2)
+
+
 def test_clip_factors_use_the_bound_keep_finite_unmasked_and_count():
     """The core, alone: factors from the bounds, norms from the estimates, a slightly negative estimate is
     kept (not dropped as NaN), NaN is dropped and counted, a masked example is neither kept nor counted."""

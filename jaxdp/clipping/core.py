@@ -177,17 +177,38 @@ def clip_factors(
     return ClipFactors(factors, keep, norms, stats)
 
 
-def scaled_sum(per_example: jax.Array, factor: jax.Array, keep: jax.Array) -> jax.Array:
-    """``sum_i factor_i * g_i`` over the kept examples of a (B, ...) leaf."""
+def scaled_sum(
+    per_example: jax.Array, factor: jax.Array, keep: jax.Array, finite: jax.Array | None = None
+) -> jax.Array:
+    """``sum_i factor_i * g_i`` over the kept examples of a (B, ...) leaf.
+
+    ``finite`` (optional, (B,) bool): examples whose gradient is known to hold no NaN/inf (a finite sum of its
+    squares, :func:`sq_norm_per_example`, says so). When every example is kept or known finite, the sum is one
+    product of the factors (0 for a dropped example) with the gradients: a dropped example then contributes
+    ``0 * g = 0`` exactly. Otherwise each example's scaled gradient is selected (``where``), so that a dropped
+    example's NaN/inf contributes exactly zero: that select wrote a copy of the whole batch's gradients before
+    their sum (DP MNIST CNN, batch 256: 8 MB for its second convolution, a quarter of that layer's norm cost).
+    """
     # Scale and sum in at least float32: in bfloat16 the rounding of
     # g * (C / ||g||) can land above C (measured: 1.0028 for C = 1).
     per_example = per_example.astype(jnp.promote_types(per_example.dtype, jnp.float32))
     w = jnp.where(keep, factor, 0.0).astype(per_example.real.dtype)
     shape = (-1,) + (1,) * (per_example.ndim - 1)
-    # `where` (not a multiply) so a NaN/inf gradient of a dropped example
-    # contributes exactly zero instead of NaN.
-    contrib = jnp.where(keep.reshape(shape), per_example * w.reshape(shape), jnp.zeros((), per_example.dtype))
-    return jnp.sum(contrib, axis=0)
+
+    def selected():
+        # `where` (not a multiply) so a NaN/inf gradient of a dropped example
+        # contributes exactly zero instead of NaN.
+        contrib = jnp.where(keep.reshape(shape), per_example * w.reshape(shape), jnp.zeros((), per_example.dtype))
+        return jnp.sum(contrib, axis=0)
+
+    if finite is None or jnp.iscomplexobj(per_example):
+        return selected()
+
+    def product():
+        flat = per_example.reshape(per_example.shape[0], -1)
+        return jnp.matmul(w, flat, precision=jax.lax.Precision.HIGHEST).reshape(per_example.shape[1:])
+
+    return jax.lax.cond(jnp.all(keep | finite), product, selected)
 
 
 def per_example_norms(per_example_grads: PyTree) -> jax.Array:

@@ -1451,7 +1451,7 @@ def chunk(
     summed = [jnp.zeros(leaf.shape, jnp.promote_types(leaf.dtype, jnp.float32)) for leaf in leaves]
     for k, site in enumerate(sites):
         if k in materialised:  # the gradients whose norms were taken, scaled and summed (as on the vmap path)
-            total_k = scaled_sum(materialised[k], factors[site.leaf], keep)
+            total_k = scaled_sum(materialised[k], factors[site.leaf], keep, jnp.isfinite(leaf_sq[site.leaf]))
         elif k in fallbacks:  # norms from each example's own X^T G when fb.use: then sum those products
             w, fb = jnp.where(keep, factors[site.leaf], 0.0), fallbacks[k]
             # The weighted backward runs outside the cond, and is discarded when fb.use: inside a cond

@@ -129,5 +129,5 @@ def chunk(
     factors, keep, norms, stats = clip_factors(
         leaf_sq, mask, l2_clip_norm=l2_clip_norm, per_layer=per_layer, leaf_bound=leaf_bound
     )
-    summed = [scaled_sum(leaf, f, keep) for leaf, f in zip(leaves, factors, strict=True)]
+    summed = [scaled_sum(leaf, f, keep, jnp.isfinite(sq)) for leaf, f, sq in zip(leaves, factors, leaf_sq, strict=True)]
     return ChunkSum(jax.tree_util.tree_unflatten(treedef, summed), loss, aux, norms, stats)
