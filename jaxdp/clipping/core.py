@@ -205,8 +205,7 @@ def scaled_sum(
         return selected()
 
     def product():
-        flat = per_example.reshape(per_example.shape[0], -1)
-        return jnp.matmul(w, flat, precision=jax.lax.Precision.HIGHEST).reshape(per_example.shape[1:])
+        return jnp.tensordot(w, per_example, axes=1, precision=jax.lax.Precision.HIGHEST)
 
     return jax.lax.cond(jnp.all(keep | finite), product, selected)
 
