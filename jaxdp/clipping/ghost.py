@@ -1432,7 +1432,7 @@ def chunk(
         sq, bound, per_ex, fallback = site_norms(site, leaves[site.leaf], operands[k], cotangents[k], mask)
         leaf_sq[site.leaf], leaf_bound[site.leaf] = sq, bound
         if per_ex is not None:
-            materialised[k] = per_ex
+            materialised[k] = per_ex, sq  # sq finite: per_ex holds no NaN/inf (scaled_sum may take one product)
         if fallback is not None:
             fallbacks[k] = fallback
     factors, keep, norms, stats = clip_factors(
@@ -1451,7 +1451,8 @@ def chunk(
     summed = [jnp.zeros(leaf.shape, jnp.promote_types(leaf.dtype, jnp.float32)) for leaf in leaves]
     for k, site in enumerate(sites):
         if k in materialised:  # the gradients whose norms were taken, scaled and summed (as on the vmap path)
-            total_k = scaled_sum(materialised[k], factors[site.leaf], keep, jnp.isfinite(leaf_sq[site.leaf]))
+            per_ex, sq = materialised[k]
+            total_k = scaled_sum(per_ex, factors[site.leaf], keep, jnp.isfinite(sq))
         elif k in fallbacks:  # norms from each example's own X^T G when fb.use: then sum those products
             w, fb = jnp.where(keep, factors[site.leaf], 0.0), fallbacks[k]
             # The weighted backward runs outside the cond, and is discarded when fb.use: inside a cond
