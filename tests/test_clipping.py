@@ -300,6 +300,35 @@ def test_scaled_sum_is_one_product_when_every_dropped_example_is_finite():
     np.testing.assert_allclose(low, expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("shape", [(10, 5, 20), (64, 3, 3, 32), (256, 288, 64)])
+def test_scaled_sum_bits_do_not_depend_on_what_dropped_examples_hold(shape):
+    """Which way core.scaled_sum sums (one product, or rows zeroed first) depends on the dropped examples' data:
+    are they finite? The two ways must give the same bits, or a masked example's NaN would show in the rounding
+    of the sum (it did: the select-and-sum rounded in another order than the product at XLA's default level)."""
+    rng = np.random.default_rng(sum(shape))
+    g = rng.normal(size=shape).astype(np.float32)
+    b = shape[0]
+    factor = jnp.asarray(rng.uniform(0.1, 1.0, b), jnp.float32)
+    keep = jnp.asarray(rng.uniform(size=b) < 0.7)
+    fn = jax.jit(core.scaled_sum)
+
+    def total(per_example):
+        per_example = jnp.asarray(per_example)
+        return np.asarray(fn(per_example, factor, keep, jnp.isfinite(core.sq_norm_per_example(per_example))))
+
+    dropped = ~np.asarray(keep)
+    finite_rows, nan_rows, zero_rows = g.copy(), g.copy(), g.copy()
+    finite_rows[dropped] = rng.normal(size=finite_rows[dropped].shape) * 1e6
+    nan_rows[dropped] = np.nan
+    nan_rows[np.flatnonzero(dropped)[0]] = np.inf
+    zero_rows[dropped] = 0.0
+    reference = total(finite_rows)
+    expected = np.einsum("b,b...->...", np.where(dropped, 0.0, np.asarray(factor, np.float64)), g.astype(np.float64))
+    np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
+    for other in (nan_rows, zero_rows, g):
+        np.testing.assert_array_equal(total(other), reference)
+
+
 def test_clip_factors_use_the_bound_keep_finite_unmasked_and_count():
     """The core, alone: factors from the bounds, norms from the estimates, a slightly negative estimate is
     kept (not dropped as NaN), NaN is dropped and counted, a masked example is neither kept nor counted."""

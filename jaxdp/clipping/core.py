@@ -185,9 +185,10 @@ def scaled_sum(
     ``finite`` (optional, (B,) bool): examples whose gradient is known to hold no NaN/inf (a finite sum of its
     squares, :func:`sq_norm_per_example`, says so). When every example is kept or known finite, the sum is one
     product of the factors (0 for a dropped example) with the gradients: a dropped example then contributes
-    ``0 * g = 0`` exactly. Otherwise each example's scaled gradient is selected (``where``), so that a dropped
-    example's NaN/inf contributes exactly zero: that select wrote a copy of the whole batch's gradients before
-    their sum (DP MNIST CNN, batch 256: 8 MB for its second convolution, a quarter of that layer's norm cost).
+    ``0 * g = 0`` exactly. Otherwise the dropped examples' rows are set to zero first (a copy of the whole batch's
+    gradients: DP MNIST CNN, batch 256, 8 MB for its second convolution) and the same product taken, so that a
+    dropped NaN/inf contributes exactly zero and the result is bit for bit the same whichever way ran: what the
+    dropped (masked) examples hold never shows in the sum, not even in its rounding.
     """
     # Scale and sum in at least float32: in bfloat16 the rounding of
     # g * (C / ||g||) can land above C (measured: 1.0028 for C = 1).
@@ -204,10 +205,21 @@ def scaled_sum(
     if finite is None or jnp.iscomplexobj(per_example):
         return selected()
 
-    def product():
-        return jnp.tensordot(w, per_example, axes=1, precision=jax.lax.Precision.HIGHEST)
+    def product(g):
+        return jnp.tensordot(w, g, axes=1, precision=jax.lax.Precision.HIGHEST)
 
-    return jax.lax.cond(jnp.all(keep | finite), product, selected)
+    def zeroed_product():
+        # The dropped examples' rows set to zero, written out (the barrier keeps XLA from fusing the select into
+        # the product), then the very same product as the branch above. Which branch runs depends on the dropped
+        # examples' data (are they finite?), so the two must agree bit for bit: a finite dropped row adds
+        # w_i * g_i = +-0 to the sum, a zeroed row adds 0 * 0, and the products and their order are the same.
+        # The `where` + sum above rounds in another order (seen at XLA's default optimisation level). The barrier
+        # is a guard: without it the bits agreed on this CPU too, but a select fused into the product could be
+        # emitted as another kernel with another order.
+        zeroed = jnp.where(keep.reshape(shape), per_example, jnp.zeros((), per_example.dtype))
+        return product(jax.lax.optimization_barrier(zeroed))
+
+    return jax.lax.cond(jnp.all(keep | finite), lambda: product(per_example), zeroed_product)
 
 
 def per_example_norms(per_example_grads: PyTree) -> jax.Array:
