@@ -209,13 +209,14 @@ def scaled_sum(
         return jnp.tensordot(w, g, axes=1, precision=jax.lax.Precision.HIGHEST)
 
     def zeroed_product():
-        # The dropped examples' rows set to zero, written out (the barrier keeps XLA from fusing the select into
-        # the product), then the very same product as the branch above. Which branch runs depends on the dropped
-        # examples' data (are they finite?), so the two must agree bit for bit: a finite dropped row adds
-        # w_i * g_i = +-0 to the sum, a zeroed row adds 0 * 0, and the products and their order are the same.
+        # The dropped examples' rows set to zero, written out, then the very same product as the branch above.
+        # Which branch runs depends on the dropped examples' data (are they finite?), so the two must agree bit
+        # for bit: a finite dropped row adds w_i * g_i = +-0 to the sum, a zeroed row adds 0 * 0, and the products
+        # and their order are the same.
         # The `where` + sum above rounds in another order (seen at XLA's default optimisation level). The barrier
-        # is a guard: without it the bits agreed on this CPU too, but a select fused into the product could be
-        # emitted as another kernel with another order.
+        # asks that the select not be fused into the product (another kernel, maybe another order); XLA's CPU
+        # backend keeps the dot apart from the select with or without it (checked in the compiled HLO), and the
+        # test (test_scaled_sum_bits_do_not_depend_on_what_dropped_examples_hold) checks the bits either way.
         zeroed = jnp.where(keep.reshape(shape), per_example, jnp.zeros((), per_example.dtype))
         return product(jax.lax.optimization_barrier(zeroed))
 
