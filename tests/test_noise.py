@@ -138,6 +138,33 @@ def test_standard_normal_like_is_the_draw_add_noise_uses():
         standard_normal_like(key, {"n": jnp.zeros(2, jnp.int32)})
 
 
+def test_the_draw_never_depends_on_what_the_leaves_hold():
+    """standard_normal_like waits for the tree (a cond on one value of each leaf, so XLA cannot draw the noise
+    while the gradient is still being formed) but draws the same z whatever the leaves hold: a NaN in the value
+    it looks at, an empty leaf, jitted or not. And z is the plain draw: one key split per leaf, N(0, 1) each."""
+    key = jax.random.key(11)
+    tree = {"a": jnp.ones((3, 4)), "b": jnp.zeros(5, jnp.bfloat16), "c": jnp.zeros(2, jnp.complex64)}
+    nan_tree = {"a": tree["a"].at[0, 0].set(jnp.nan), "b": tree["b"].at[0].set(jnp.inf), "c": tree["c"] * jnp.nan}
+    keys = jax.random.split(key, 3)  # leaves in tree order: a, b, c
+    kr, ki = jax.random.split(keys[2])
+    plain = {
+        "a": jax.random.normal(keys[0], (3, 4)),
+        "b": jax.random.normal(keys[1], (5,)),
+        "c": jax.lax.complex(jax.random.normal(kr, (2,)), jax.random.normal(ki, (2,))),
+    }
+    jitted = jax.jit(standard_normal_like)
+    for t in (tree, nan_tree):
+        for z in (standard_normal_like(key, t), jitted(key, t)):
+            for name in plain:
+                np.testing.assert_array_equal(np.asarray(z[name]), np.asarray(plain[name]))
+    empty = {"e": jnp.zeros((0, 3)), "a": tree["a"]}
+    z = jitted(key, empty)
+    assert z["e"].shape == (0, 3)
+    np.testing.assert_array_equal(z["a"], jax.random.normal(jax.random.split(key, 2)[0], (3, 4)))
+    only_empty = standard_normal_like(key, {"e": jnp.zeros(0)})
+    assert only_empty["e"].shape == (0,)
+
+
 def test_check_privatize_args_returns_stddev_batch_and_key():
     stddev, batch, key = check_privatize_args(0.5, 2.0, np.int64(16), 7)
     assert stddev == 1.0 and batch == 16 and type(batch) is int
