@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_cnn_problem, tree_allclose
+from conftest import make_cnn_problem, tree_allclose, tree_equal
 from flax import nnx
 from test_clipping import reference_clipped_sum
 
@@ -1145,6 +1145,24 @@ def test_the_gram_form_is_taken_where_twice_its_cost_is_below_the_direct_one(nam
     assert {r["form"] for r in kernels} == {"gram", "direct"}
     for r in kernels:
         assert (r["form"] == "gram") == (2 * r["gram_cost"] < r["direct_cost"]), r
+
+
+def test_a_dropped_examples_nan_changes_no_bit_of_the_ghost_sum():
+    """Two choices on the ghost path read the examples' data: the direct sites' gradients are formed after the
+    backward (a cond on one value of every site's output gradient, which example 0 holds), and core.scaled_sum
+    takes one product or zeroes the dropped rows first (are the dropped examples finite?). Neither shows: example
+    0 holding NaN (dropped as non-finite) and example 0 holding finite garbage, masked, give the same bits, and
+    the vmap path's sum with example 0 masked."""
+    loss_fn, params, x, y = problem("dp_mnist_cnn")
+    assert "direct" in {r["form"] for r in jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0).explain_ghost(params, x, y)}
+    fn = jax.jit(jaxdp.clipped_grad(loss_fn, l2_clip_norm=0.2, clipping_impl="ghost"))
+    ones, without_0 = jnp.ones(x.shape[0]), jnp.ones(x.shape[0]).at[0].set(0.0)
+    g_nan, aux = fn(params, x.at[0].set(jnp.nan), y, example_mask=ones)
+    assert int(aux.num_nonfinite) == 1
+    g_masked, _ = fn(params, x.at[0].set(3.0), y, example_mask=without_0)
+    assert tree_equal(g_nan, g_masked)
+    g_vmap, _ = _run(loss_fn, params, x, y, without_0, "vmap", per_layer=False, clip=0.2)
+    tree_allclose(g_nan, g_vmap, rtol=RTOL, atol=1e-6)
 
 
 class StandardisedTable(nnx.Module):
