@@ -67,6 +67,7 @@ import numpy as np
 
 from jaxdp.clipping.core import ChunkSum, clip_factors, scaled_sum, sq_norm_and_bound, two_stage_sum
 from jaxdp.clipping.reparam import standardize_kernel
+from jaxdp.schedule import after
 
 PyTree = Any
 
@@ -864,6 +865,14 @@ def _layout_of(site: _Site):
 _GRAM_OVERHEAD = 2
 
 
+def _split_output(site: _Site, operands):
+    """``(operands, z)``: a standardised kernel on the Gram form recorded its consumer's output last (``z``);
+    ``None`` for every other site."""
+    if site.keeps_output:
+        return operands[:-1], operands[-1]
+    return operands, None
+
+
 def _choose_form(site: _Site, operands, g):
     """How a site's per-example norms are taken: ``(form, layout, (T, d_in, d_out) or None)``.
 
@@ -924,8 +933,7 @@ def site_norms(site: _Site, leaf_value, operands, g, mask=None):
     the general path), it is returned and summed as is, like the vmap path: the only slack is the
     rounding of its own sum of squares.
     """
-    if site.keeps_output:  # a standardised kernel on the Gram form: its consumer's output was recorded last
-        operands, z = operands[:-1], operands[-1]
+    operands, z = _split_output(site, operands)
     form, layout, _ = _choose_form(site, operands, g)
     if form in ("gram", "ws_gram", "direct"):
         pieces, gm = layout
@@ -1428,23 +1436,20 @@ def chunk(
     leaf_sq = [jnp.zeros((size,), jnp.float32) for _ in leaves]
     leaf_bound = list(leaf_sq)
     materialised, fallbacks = {}, {}
-    # The direct sites' kept gradients are formed after the whole backward pass: the same computation in both
-    # branches of a cond on one value of every site's output gradient (the values never depend on it). Formed
-    # as soon as their G existed, as XLA's CPU scheduler chose, they were held through the rest of the
-    # backward beside the earlier layers' activations: WRN-16-4's stage-2 kernels, 18 MB each at batch 32; its
-    # private step planned 311 MB against the non-private step's 234 MB (now 246 MB).
-    probe = [jnp.real(jnp.ravel(c)[0]).astype(jnp.float32) for c in cotangents if c.size]
-    after_backward = jnp.any(jnp.isnan(jnp.stack(probe))) if probe else None
+    # The direct sites' kept gradients are formed only once every site's output gradient exists
+    # (jaxdp.schedule.after: the same computation whatever those hold). Formed as soon as their own G existed,
+    # as XLA's CPU scheduler chose, they were held through the rest of the backward beside the earlier layers'
+    # activations: WRN-16-4's stage-2 kernels, 18 MB each at batch 32; its private step planned 311 MB against
+    # the non-private step's 234 MB (now 246 MB).
     for k, site in enumerate(sites):
-        ops_k = operands[k][:-1] if site.keeps_output else operands[k]
-        if after_backward is not None and _choose_form(site, ops_k, cotangents[k])[0] == "direct":
 
-            def norms_k(ops, g, site=site):
-                return site_norms(site, leaves[site.leaf], ops, g, mask)
+        def norms_k(ops, g, site=site):
+            return site_norms(site, leaves[site.leaf], ops, g, mask)
 
-            sq, bound, per_ex, fallback = jax.lax.cond(after_backward, norms_k, norms_k, operands[k], cotangents[k])
+        if _choose_form(site, _split_output(site, operands[k])[0], cotangents[k])[0] == "direct":
+            sq, bound, per_ex, fallback = after(cotangents, norms_k, operands[k], cotangents[k])
         else:
-            sq, bound, per_ex, fallback = site_norms(site, leaves[site.leaf], operands[k], cotangents[k], mask)
+            sq, bound, per_ex, fallback = norms_k(operands[k], cotangents[k])
         leaf_sq[site.leaf], leaf_bound[site.leaf] = sq, bound
         if per_ex is not None:
             materialised[k] = per_ex, sq  # sq finite: per_ex holds no NaN/inf (scaled_sum may take one product)

@@ -18,6 +18,7 @@ import optax
 
 from jaxdp import rules
 from jaxdp.keys import as_key
+from jaxdp.schedule import after
 
 PyTree = Any
 
@@ -96,17 +97,11 @@ def standard_normal_like(key: jax.Array, tree: PyTree) -> PyTree:
                 out.append(jax.random.normal(k, leaf.shape, real_dtype))
         return out
 
-    # The same draw in both branches of a cond on one value of each leaf: the noise never depends on the leaves'
-    # values (a NaN among them changes nothing), but it cannot be drawn before every leaf exists. Drawn
-    # unconditioned, XLA's CPU scheduler drew it while the gradient was still being formed and held its
-    # buffers (the threefry bits, twice the model's size) at the step's peak: 44 MB of WRN-16-4's private step
-    # at batch 32. An optimization barrier does not do this (XLA's CPU backend drops it before it schedules),
-    # nor does a cond on the key alone (a cheap cond becomes a select of two equal values, then the key).
-    probe = [jnp.real(jnp.ravel(leaf)[0]).astype(jnp.float32) for leaf in leaves if leaf.size]
-    if not probe:  # only empty leaves: nothing to wait for
-        out = draw(key)
-    else:
-        out = jax.lax.cond(jnp.any(jnp.isnan(jnp.stack(probe))), draw, draw, key)
+    # Drawn only once every leaf exists (jaxdp.schedule.after: the same draw whatever the leaves hold). Drawn as
+    # soon as the key existed, XLA's CPU scheduler drew it while the gradient was still being formed and held
+    # its buffers (the threefry bits, twice the model's size) at the step's peak: 44 MB of WRN-16-4's private
+    # step at batch 32.
+    out = after(leaves, draw, key)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
