@@ -830,8 +830,18 @@ def _position_weight(x_sq, d_in: int, gm, u) -> jax.Array:
 
 
 def _example_blocks(pieces, gm):
-    """Per-example X^T G in blocks, (B, d_in, d_out), at HIGHEST precision."""
-    return jnp.concatenate([jnp.einsum("btd,bte->bde", x, gm, precision=_HIGHEST) for x in pieces], axis=1)
+    """Per-example X^T G in blocks, (B, d_in, d_out), at HIGHEST precision.
+
+    Each block of X is first copied to (B, d, T), positions last, behind an optimization barrier: XLA's CPU
+    dot contracted the positions along the middle axis of (B, T, d) at about half speed, and without the
+    barrier its algebraic simplifier folds the transpose back into the dot. Measured (2 cores, B = 256,
+    T = 32, 64 x 64): 0.60 ms per product as (B, T, d), 0.44 ms with the copy (0.35 ms the product alone);
+    the transformer's private step (twelve such products) went from 0.77 to 0.93 of its non-private
+    step's speed, with the same result bit for bit. (A convolution's products already read X as
+    (B, K C, T): :func:`_conv_patches_t`.)
+    """
+    pieces = jax.lax.optimization_barrier([jnp.swapaxes(x, 1, 2) for x in pieces])
+    return jnp.concatenate([jnp.einsum("bdt,bte->bde", x, gm, precision=_HIGHEST) for x in pieces], axis=1)
 
 
 def _one_block(example_pieces, gm, i):
