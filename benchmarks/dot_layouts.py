@@ -55,10 +55,15 @@ def _time(fns: dict, args, repeats: int) -> dict[str, tuple[float, str]]:
     return {k: (v.seconds * 1e3, _kernel(jitted[k])) for k, v in t.items()}
 
 
+def _normal(seed: int, *shapes) -> list[jax.Array]:
+    """Standard normal arrays of the given shapes, one key each."""
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    return [jax.random.normal(k, s) for k, s in zip(keys, shapes, strict=True)]
+
+
 def dense_layouts(b: int, t: int, d: int, e: int, repeats: int) -> dict[str, tuple[float, str]]:
     """(ms per call, kernel) of the dense per-example product in each layout of X."""
-    kx, kg = jax.random.split(jax.random.key(0))
-    x, g = jax.random.normal(kx, (b, t, d)), jax.random.normal(kg, (b, t, e))
+    x, g = _normal(0, (b, t, d), (b, t, e))
     x_dt = jnp.swapaxes(x, 1, 2).copy()
     fns = {
         "positions in the middle": lambda x, g, x_dt: jnp.einsum("btd,bte->bde", x, g, precision=_HIGHEST),
@@ -77,8 +82,7 @@ def dense_layouts(b: int, t: int, d: int, e: int, repeats: int) -> dict[str, tup
 
 def conv_orders(b: int, p: int, t: int, d: int, repeats: int) -> dict[str, tuple[float, str]]:
     """(ms per call, kernel) of a convolution's per-example product, im2col (B, p, T) given, in three operand orders."""
-    kx, kg = jax.random.split(jax.random.key(1))
-    cols, g = jax.random.normal(kx, (b, p, t)), jax.random.normal(kg, (b, t, d))
+    cols, g = _normal(1, (b, p, t), (b, t, d))
     g_dt = jnp.swapaxes(g, 1, 2).copy()
     fns = {
         "bpt,btd->bpd (jaxdp)": lambda c, g, g_dt: jnp.einsum("bpt,btd->bpd", c, g, precision=_HIGHEST),
@@ -102,14 +106,8 @@ def mnist_cnn_products(batch: int, repeats: int) -> dict[str, float]:
     x, y = jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
     grad = jax.jit(jax.grad(loss_fn))
     ghost = jax.jit(jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0, clipping_impl="ghost"))
-    ks = jax.random.split(jax.random.key(2), 4)
     # conv1: 8x8 window on 1 channel, 14x14 positions, 16 out; conv2: 4x4 on 16 channels, 5x5 positions, 32 out.
-    ops = (
-        jax.random.normal(ks[0], (batch, 64, 196)),
-        jax.random.normal(ks[1], (batch, 196, 16)),
-        jax.random.normal(ks[2], (batch, 256, 25)),
-        jax.random.normal(ks[3], (batch, 25, 32)),
-    )
+    ops = _normal(2, (batch, 64, 196), (batch, 196, 16), (batch, 256, 25), (batch, 25, 32))
     products = jax.jit(
         lambda c1, g1, c2, g2: (
             jnp.einsum("bpt,btd->bpd", c1, g1, precision=_HIGHEST),
